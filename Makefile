@@ -1,0 +1,35 @@
+# `make train` and `make test` install into .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+export WANDB_MODE ?= offline
+
+.PHONY: install train test test-all fuzz bench report clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) train.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+fuzz: $(STAMP)
+	$(PY) -m pytest -q tests/test_fuzz.py $(ARGS)
+
+bench: $(STAMP)
+	$(PY) scripts/bench.py quantizers --compare vector-quantize-pytorch
+
+clean:
+	rm -rf $(VENV) runs multirun outputs wandb

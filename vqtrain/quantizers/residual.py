@@ -1,0 +1,134 @@
+"""Residual quantization (SoundStream, Zeghidour et al. 2021): level l quantizes
+what levels < l left over, and the output is the sum of the levels' codes.
+
+Any base quantizer works (`rvq` of VQ, `rsimvq` of SimVQ, `rfsq` of FSQ with
+per-level scaling). Quantizer dropout trains every prefix of levels so that
+decoding from the first k levels works (bitrate scalability); its random
+depth comes from (seed, step[, rank]), so ranks never need to talk about it.
+Every level runs on every rank at every step (possibly on zero rows), so
+levels' collective operations always match across ranks.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from vqtrain.quantizers.base import Quantizer, check_choice, check_positive_int, zero
+from vqtrain.quantizers.fsq import FSQ, fsq_levels
+from vqtrain.utils import exists, rank
+
+
+class ResidualQuantizer(Quantizer):
+    def __init__(
+        self,
+        dim: int,
+        quantizer: Callable[..., Quantizer] | None = None,
+        num_levels: int = 8,
+        codebook_size: int | None = None,
+        codebook_dim: int | None = None,
+        shared_codebook: bool = False,
+        dropout: float = 0.0,
+        dropout_min_levels: int = 1,
+        dropout_mode: str = "sample",
+        seed: int = 0,
+    ):
+        super().__init__(dim)
+        self.num_levels = check_positive_int("num_levels", num_levels)
+        self.code_dim = check_positive_int("codebook_dim", codebook_dim) if exists(codebook_dim) else dim
+        projected = self.code_dim != dim
+        self.project_in = nn.Linear(dim, self.code_dim) if projected else nn.Identity()
+        self.project_out = nn.Linear(self.code_dim, dim) if projected else nn.Identity()
+
+        self.level_factory = quantizer
+        self.level_kwargs = {} if codebook_size is None else {"codebook_size": codebook_size}
+        levels = [self.make_level(0)] * num_levels if shared_codebook else [self.make_level(l) for l in range(num_levels)]
+        self.levels = nn.ModuleList(levels)
+        if any(level.num_index_columns != 1 for level in self.levels):
+            raise ValueError("residual levels must have one codebook each (groups=1, num_codebooks=1)")
+        self.codebook_sizes = [level.codebook_size for level in self.levels]
+
+        if not (0.0 <= dropout <= 1.0):
+            raise ValueError(f"quantizer dropout must lie in [0, 1], got {dropout}")
+        if not (1 <= dropout_min_levels <= num_levels):
+            raise ValueError(f"dropout_min_levels must lie in [1, num_levels={num_levels}], got {dropout_min_levels}")
+        self.dropout = float(dropout)
+        self.dropout_min_levels = dropout_min_levels
+        self.dropout_mode = check_choice("dropout_mode", dropout_mode, {"sample", "batch"})
+        self.seed = int(seed)
+        self.register_buffer("step", torch.tensor(0, dtype=torch.long))
+
+    def make_level(self, level: int) -> Quantizer:
+        if self.level_factory is None:
+            raise ValueError("ResidualQuantizer needs `quantizer`: a factory for its levels (a Hydra _partial_)")
+        return self.level_factory(dim=self.code_dim, **self.level_kwargs)
+
+    def depths(self, sample_ids: Tensor, num_samples: int) -> Tensor | None:
+        """Levels used per row in this training step, or None for all of them."""
+        if not (self.training and self.dropout > 0):
+            return None
+        per_sample = self.dropout_mode == "sample"
+        generator = torch.Generator().manual_seed(hash((self.seed, int(self.step), rank() if per_sample else 0)) % 2**63)
+        draws = num_samples if per_sample else 1
+        drop = torch.rand(draws, generator=generator) < self.dropout
+        depth = torch.randint(self.dropout_min_levels, self.num_levels + 1, (draws,), generator=generator)
+        depth = torch.where(drop, depth, torch.full_like(depth, self.num_levels)).to(sample_ids.device)
+        return depth[sample_ids] if per_sample else depth.expand(sample_ids.shape[0])
+
+    def quantize_rows(self, x: Tensor, sample_ids: Tensor, num_samples: int):
+        depth = self.depths(sample_ids, num_samples)
+        if self.updating:
+            self.step += 1
+        residual = self.project_in(x)
+        total = torch.zeros_like(residual)
+        indices = torch.full((x.shape[0], self.num_levels), -1, dtype=torch.long, device=x.device)
+        losses = {"commitment": zero(x.device), "codebook": zero(x.device)}
+        loss = zero(x.device)
+        for l, level in enumerate(self.levels):
+            active = None if depth is None else depth > l
+            rows = residual if active is None else residual[active]
+            out, idx, level_losses, level_loss = level.quantize_rows(rows, sample_ids if active is None else sample_ids[active], num_samples)
+            if active is None:
+                total = total + out
+                indices[:, l] = idx[:, 0]
+                residual = residual - out.detach()
+            else:
+                total = total.index_put((active,), total[active] + out)
+                indices[active, l] = idx[:, 0]
+                residual = residual.index_put((active,), rows - out.detach())
+            for name, value in level_losses.items():
+                losses[f"{name}/level{l}"] = value
+            losses["commitment"] = losses["commitment"] + level_losses["commitment"]
+            losses["codebook"] = losses["codebook"] + level_losses["codebook"]
+            loss = loss + level_loss
+        return self.project_out(total), indices, losses, loss
+
+    def decode_rows(self, indices: Tensor, num_levels: int | None = None) -> Tensor:
+        total = torch.zeros(indices.shape[0], self.code_dim, device=indices.device)
+        for l, level in enumerate(self.levels[: num_levels or self.num_levels]):
+            used = indices[:, l] >= 0
+            total = total.index_put((used,), total[used] + level.decode_rows(indices[used, l : l + 1]))
+        return self.project_out(total)
+
+    def indices_to_codes(self, indices: Tensor, num_levels: int | None = None) -> Tensor:
+        """Decode with the first `num_levels` levels only (all by default)."""
+        if exists(num_levels):
+            if not (1 <= num_levels <= self.num_levels):
+                raise ValueError(f"num_levels must lie in [1, {self.num_levels}], got {num_levels}")
+            indices = indices.clone()
+            indices[..., num_levels:] = -1
+        return super().indices_to_codes(indices)
+
+
+class ResidualFSQ(ResidualQuantizer):
+    """Residual FSQ: level l quantizes the residual scaled up by (L - 1)^l per
+    channel, so later levels resolve ever finer detail of the same range."""
+
+    def __init__(self, dim: int, levels: list[int] | None = None, num_levels: int = 4, codebook_size: int | None = None, **kwargs):
+        self.fsq_levels = fsq_levels(levels, codebook_size)
+        super().__init__(dim, num_levels=num_levels, codebook_dim=len(self.fsq_levels), **kwargs)
+
+    def make_level(self, level: int) -> Quantizer:
+        scale = [(l - 1) ** -level for l in self.fsq_levels]
+        return FSQ(self.code_dim, self.fsq_levels, scale=scale)

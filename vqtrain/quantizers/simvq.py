@@ -1,0 +1,54 @@
+"""SimVQ (Zhu et al. 2024, arXiv:2411.02038): the codebook is a frozen Gaussian
+basis C (std d^-0.5) times a learnable linear map W, so every code moves with
+W even when it is never selected; that is what keeps the whole codebook alive.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from vqtrain.quantizers.search import DEFAULT_CHUNK_ELEMENTS
+from vqtrain.quantizers.vq import VectorQuantizer
+
+
+class SimVQ(VectorQuantizer):
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        groups: int = 1,
+        learn_basis: bool = False,
+        distance: str = "euclidean",
+        estimator: str = "rotation",
+        commitment_weight: float = 0.25,
+        codebook_weight: float = 1.0,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ):
+        self.learn_basis = bool(learn_basis)
+        super().__init__(
+            dim,
+            codebook_size,
+            groups=groups,
+            distance=distance,
+            learning="gradient",
+            estimator=estimator,
+            commitment_weight=commitment_weight,
+            codebook_weight=codebook_weight,
+            chunk_elements=chunk_elements,
+        )
+        # W as in nn.Linear's default init, one per group: codes = C @ W^T
+        bound = 1 / math.sqrt(self.code_dim)
+        self.transform = nn.Parameter(torch.empty(groups, self.code_dim, self.code_dim).uniform_(-bound, bound))
+
+    def _init_codebook(self, codebook: Tensor) -> None:
+        basis = codebook * self.code_dim**-0.5
+        if self.learn_basis:
+            self.basis = nn.Parameter(basis)
+        else:
+            self.register_buffer("basis", basis)
+
+    @property
+    def embed(self) -> Tensor:
+        return torch.bmm(self.basis, self.transform.transpose(1, 2))

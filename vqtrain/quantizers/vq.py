@@ -1,0 +1,224 @@
+"""Vector quantization (VQ-VAE, van den Oord et al. 2017) with the usual tricks.
+
+Options: euclidean or cosine distance; codebook learned by EMA or by gradient;
+k-means init; dead-code restart; low-dimensional (projected) codebooks; several
+groups, each with its own codebook; straight-through or rotation-trick
+gradients; per-code update weights (0 freezes a code).
+
+Dead codes: a code is restarted when its share of the assignments, averaged
+by an EMA over steps (`usage_decay`), falls below `dead_code_threshold / K`,
+i.e. below that fraction of the share it would get if all K codes were used
+equally. The threshold is therefore independent of batch size and token count.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vqtrain.quantizers.base import (
+    ESTIMATORS,
+    Quantizer,
+    check_choice,
+    check_positive_int,
+    check_weight,
+    mse,
+    zero,
+)
+from vqtrain.quantizers.search import (
+    DEFAULT_CHUNK_ELEMENTS,
+    bincount_groups,
+    gather_codes,
+    kmeans,
+    nearest_codes,
+    sum_by_code,
+)
+from vqtrain.utils import all_reduce_sum, broadcast, exists, gather_rows, l2norm, rank
+
+
+def check_fraction(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or not (0 < value < 1):
+        raise ValueError(f"{name} must lie in the open interval (0, 1), got {value!r}")
+    return float(value)
+
+
+class VectorQuantizer(Quantizer):
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        codebook_dim: int | None = None,
+        groups: int = 1,
+        distance: str = "euclidean",
+        learning: str = "ema",
+        decay: float = 0.99,
+        epsilon: float = 1e-5,
+        commitment_weight: float = 0.25,
+        codebook_weight: float = 1.0,
+        estimator: str = "ste",
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        kmeans_max_samples: int = 65536,
+        dead_code_threshold: float = 0.0,
+        usage_decay: float = 0.99,
+        frozen_codes: list[int] | None = None,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ):
+        super().__init__(dim)
+        self.num_codes = check_positive_int("codebook_size", codebook_size)
+        self.groups = check_positive_int("groups", groups)
+        self.distance = check_choice("distance", distance, {"euclidean", "cosine"})
+        self.learning = check_choice("learning", learning, {"ema", "gradient"})
+        self.estimator = check_choice("estimator", estimator, set(ESTIMATORS))
+        self.decay = check_fraction("decay", decay)
+        self.usage_decay = check_fraction("usage_decay", usage_decay)
+        self.epsilon = check_weight("epsilon", epsilon)
+        self.weights = {
+            "commitment": check_weight("commitment_weight", commitment_weight),
+            "codebook": check_weight("codebook_weight", codebook_weight),
+        }
+        self.kmeans_init = bool(kmeans_init)
+        self.kmeans_iters = check_positive_int("kmeans_iters", kmeans_iters)
+        self.kmeans_max_samples = check_positive_int("kmeans_max_samples", kmeans_max_samples)
+        self.dead_code_threshold = check_weight("dead_code_threshold", dead_code_threshold)
+        if self.dead_code_threshold >= 1:
+            raise ValueError(f"dead_code_threshold is a fraction of the uniform share and must be < 1, got {dead_code_threshold}")
+        self.chunk_elements = check_positive_int("chunk_elements", chunk_elements)
+
+        if exists(codebook_dim):
+            self.code_dim = check_positive_int("codebook_dim", codebook_dim)
+            self.project_in = nn.Linear(dim, groups * self.code_dim)
+            self.project_out = nn.Linear(groups * self.code_dim, dim)
+        else:
+            if dim % groups:
+                raise ValueError(f"dim ({dim}) must be divisible by groups ({groups}), or set codebook_dim")
+            self.code_dim = dim // groups
+            self.project_in = self.project_out = nn.Identity()
+        self.codebook_sizes = [self.num_codes] * groups
+
+        shape = (groups, self.num_codes, self.code_dim)
+        self._init_codebook(torch.randn(shape))
+        update_weight = torch.ones(groups, self.num_codes)
+        if exists(frozen_codes):
+            frozen = torch.as_tensor(list(frozen_codes), dtype=torch.long)
+            if frozen.numel() and (frozen.min() < 0 or frozen.max() >= self.num_codes):
+                raise ValueError(f"frozen_codes must lie in [0, {self.num_codes}), got {list(frozen_codes)}")
+            update_weight[:, frozen] = 0.0
+        self.register_buffer("update_weight", update_weight)
+        self.register_buffer("usage", torch.full((groups, self.num_codes), 1.0 / self.num_codes))
+        self.register_buffer("initted", torch.tensor(not self.kmeans_init))
+
+    def _init_codebook(self, codebook: Tensor) -> None:
+        if self.learning == "gradient":
+            self.embed = nn.Parameter(codebook)
+            self.embed.register_hook(lambda grad: grad * self.update_weight.unsqueeze(-1))
+        else:
+            self.register_buffer("embed", codebook)
+            self.register_buffer("cluster_size", torch.ones(codebook.shape[:2]))
+            self.register_buffer("embed_sum", codebook.clone())
+
+    @property
+    def codebook(self) -> Tensor:
+        """(G, K, d) codes used for lookup (l2-normalised for cosine distance)."""
+        return l2norm(self.embed) if self.distance == "cosine" else self.embed
+
+    def set_update_weight(self, weight: Tensor) -> None:
+        """Per-code update weight in [0, 1], shape (K,) or (G, K); 0 freezes a code."""
+        weight = torch.as_tensor(weight, dtype=torch.float32).expand_as(self.update_weight)
+        if bool(((weight < 0) | (weight > 1)).any()):
+            raise ValueError("update weights must lie in [0, 1]")
+        self.update_weight.copy_(weight)
+
+    # -- forward -----------------------------------------------------------
+    def to_code_space(self, x: Tensor) -> Tensor:
+        """(N, D) -> (G, N, d)."""
+        h = self.project_in(x).view(x.shape[0], self.groups, self.code_dim).transpose(0, 1)
+        return l2norm(h) if self.distance == "cosine" else h
+
+    def from_code_space(self, h: Tensor) -> Tensor:
+        """(G, N, d) -> (N, D)."""
+        return self.project_out(h.transpose(0, 1).reshape(h.shape[1], -1))
+
+    def quantize_rows(self, x: Tensor, sample_ids: Tensor, num_samples: int):
+        h = self.to_code_space(x)
+        if self.updating and not bool(self.initted):
+            self._kmeans_init(h.detach())
+        codebook = self.codebook
+        indices = nearest_codes(h.detach(), codebook.detach(), self.distance == "cosine", self.chunk_elements)
+        q = gather_codes(codebook, indices)
+        losses = {"commitment": mse(h, q.detach())}
+        losses["codebook"] = mse(h.detach(), q) if self.learning == "gradient" else zero(x.device)
+        if self.updating:
+            self._update_statistics(h.detach(), indices)
+        out = ESTIMATORS[self.estimator](h, q) if torch.is_grad_enabled() else q
+        return self.from_code_space(out), indices.T, losses, self.weigh(losses, self.weights)
+
+    def decode_rows(self, indices: Tensor) -> Tensor:
+        if bool((indices < 0).any()):
+            raise IndexError("grouped VQ decodes whole positions: -1 must mark every group of a position or none")
+        return self.from_code_space(gather_codes(self.codebook, indices.T))
+
+    # -- codebook statistics (training forward only) ---------------------
+    @torch.no_grad()
+    def _kmeans_init(self, h: Tensor) -> None:
+        """Initialise from the real vectors of the first training batch, all ranks pooled."""
+        pooled = gather_rows(h.transpose(0, 1).contiguous()).transpose(0, 1)  # (G, N_all, d)
+        if pooled.shape[1] == 0:
+            return  # nothing real seen yet: try again on the next batch
+        seed = int(torch.randint(2**62, ()))  # drawn on every rank: RNG streams stay aligned
+        if rank() == 0:
+            generator = torch.Generator().manual_seed(seed)
+            if pooled.shape[1] > self.kmeans_max_samples:
+                keep = torch.randperm(pooled.shape[1], generator=generator)[: self.kmeans_max_samples]
+                pooled = pooled[:, keep.to(h.device)]
+            centroids, counts = kmeans(pooled, self.num_codes, self.kmeans_iters, self.distance == "cosine", generator)
+        else:
+            centroids = torch.empty_like(self.embed)
+            counts = torch.empty(self.update_weight.shape, device=h.device)
+        broadcast(centroids)
+        broadcast(counts)
+        self._replace_codes(self.update_weight > 0, centroids, counts.clamp_min(1))
+        self.initted.fill_(True)
+
+    @torch.no_grad()
+    def _update_statistics(self, h: Tensor, indices: Tensor) -> None:
+        counts = all_reduce_sum(bincount_groups(indices, self.num_codes))
+        total = counts.sum(-1, keepdim=True)
+        if not bool((total > 0).all()):
+            return  # no real rows anywhere: nothing to learn from
+        if self.learning == "ema":
+            sums = all_reduce_sum(sum_by_code(h, indices, self.num_codes))
+            self.cluster_size.lerp_(counts, 1 - self.decay)
+            self.embed_sum.lerp_(sums, 1 - self.decay)
+            size = self.cluster_size.sum(-1, keepdim=True)
+            smoothed = (self.cluster_size + self.epsilon) / (size + self.num_codes * self.epsilon) * size
+            target = self.embed_sum / smoothed.unsqueeze(-1)
+            if self.distance == "cosine":
+                target = l2norm(target)
+            weight = self.update_weight.unsqueeze(-1)
+            self.embed.copy_(torch.where(weight > 0, self.embed.lerp(target, weight), self.embed))
+        self.usage.lerp_(counts / total, 1 - self.usage_decay)
+        if self.dead_code_threshold > 0:
+            self._restart_dead_codes(h)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, h: Tensor) -> None:
+        """Move dead codes onto real encoder outputs of this step (sampled on rank 0)."""
+        dead = (self.usage < self.dead_code_threshold / self.num_codes) & (self.update_weight > 0)
+        if not bool(dead.any()):
+            return
+        pooled = gather_rows(h.transpose(0, 1).contiguous()).transpose(0, 1)
+        if pooled.shape[1] == 0:
+            return
+        picks = torch.randint(pooled.shape[1], dead.shape, device=h.device)
+        broadcast(picks)
+        replacement = gather_codes(pooled, picks)
+        sizes = self.cluster_size.mean(-1, keepdim=True).expand_as(dead) if self.learning == "ema" else None
+        self._replace_codes(dead, replacement, sizes)
+        self.usage[dead] = 1.0 / self.num_codes
+
+    def _replace_codes(self, where: Tensor, codes: Tensor, cluster_size: Tensor | None) -> None:
+        """Set the codes selected by `where` (G, K), keeping EMA statistics consistent."""
+        self.embed.data.copy_(torch.where(where.unsqueeze(-1), codes, self.embed.data))
+        if self.learning == "ema":
+            self.cluster_size.copy_(torch.where(where, cluster_size, self.cluster_size))
+            self.embed_sum.copy_(torch.where(where.unsqueeze(-1), codes * self.cluster_size.unsqueeze(-1), self.embed_sum))
