@@ -116,8 +116,9 @@ class ResidualQuantizer(Quantizer):
         if exists(num_levels):
             if not (1 <= num_levels <= self.num_levels):
                 raise ValueError(f"num_levels must lie in [1, {self.num_levels}], got {num_levels}")
-            indices = indices.clone()
-            indices[..., num_levels:] = -1
+            if num_levels < self.num_levels:  # (a single level has no level dimension to cut)
+                indices = indices.clone()
+                indices[..., num_levels:] = -1
         return super().indices_to_codes(indices)
 
 

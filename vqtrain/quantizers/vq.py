@@ -35,6 +35,11 @@ from vqtrain.quantizers.search import (
 from vqtrain.utils import all_reduce_sum, broadcast, exists, gather_rows, l2norm, rank
 
 
+def scale_gradient(x: Tensor, weight: Tensor) -> Tensor:
+    """Value exactly `x`; gradient to `x` multiplied by `weight`."""
+    return x.detach() + (x - x.detach()) * weight
+
+
 def check_fraction(name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or not (0 < value < 1):
         raise ValueError(f"{name} must lie in the open interval (0, 1), got {value!r}")
@@ -110,7 +115,6 @@ class VectorQuantizer(Quantizer):
     def _init_codebook(self, codebook: Tensor) -> None:
         if self.learning == "gradient":
             self.embed = nn.Parameter(codebook)
-            self.embed.register_hook(lambda grad: grad * self.update_weight.unsqueeze(-1))
         else:
             self.register_buffer("embed", codebook)
             self.register_buffer("cluster_size", torch.ones(codebook.shape[:2]))
@@ -118,8 +122,15 @@ class VectorQuantizer(Quantizer):
 
     @property
     def codebook(self) -> Tensor:
-        """(G, K, d) codes used for lookup (l2-normalised for cosine distance)."""
-        return l2norm(self.embed) if self.distance == "cosine" else self.embed
+        """(G, K, d) codes used for lookup (l2-normalised for cosine distance).
+
+        A learned codebook's gradient is scaled per code by `update_weight` here,
+        in the graph, so frozen codes stay frozen in copies of the module too
+        (a hook on the parameter is lost by `copy.deepcopy` and pickling)."""
+        embed = self.embed
+        if isinstance(embed, nn.Parameter):
+            embed = scale_gradient(embed, self.update_weight.unsqueeze(-1))
+        return l2norm(embed) if self.distance == "cosine" else embed
 
     def set_update_weight(self, weight: Tensor) -> None:
         """Per-code update weight in [0, 1], shape (K,) or (G, K); 0 freezes a code."""

@@ -1,0 +1,45 @@
+"""Hydra resolvers and run-level checks: imported before any config is composed."""
+from __future__ import annotations
+
+import netrc
+import os
+import secrets
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+RUN_ID_ENV = "VQTRAIN_RUN_ID"
+
+
+def run_id() -> str:
+    """A run directory name that cannot collide and survives requeues.
+
+    Under SLURM it is the job (and array task) id, so a requeued job finds its
+    own directory and resumes. Elsewhere: date, time and random hex, kept in
+    the environment so processes started by this one (DDP ranks) agree."""
+    if RUN_ID_ENV not in os.environ:
+        job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        if job:
+            os.environ[RUN_ID_ENV] = f"slurm-{job}" + (f"_{task}" if task else "")
+        else:
+            os.environ[RUN_ID_ENV] = time.strftime("%Y-%m-%d_%H-%M-%S_") + secrets.token_hex(3)
+    return os.environ[RUN_ID_ENV]
+
+
+def wandb_offline() -> bool:
+    """Offline unless the user is logged in (an API key in the environment or ~/.netrc)."""
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return True
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    try:
+        return netrc.netrc(Path.home() / ".netrc").authenticators("api.wandb.ai") is None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return True
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("run_id", run_id, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)

@@ -1,0 +1,83 @@
+"""Codebook health: utilization, perplexity, dead codes, usage histograms.
+
+Indices come straight from the quantizer: (B, ...) or (B, ..., Q), -1 at
+padding, which is never counted. Each index column (a residual level, a group,
+an FSQ codebook) is its own codebook; the headline figures average over them.
+Counts are summed across ranks (torchmetrics' sync), last-use steps take the max.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from vqtrain.utils import is_distributed
+
+
+def count_codes(indices: Tensor, codebook_sizes: list[int]) -> Tensor:
+    """indices (..., Q) or (...) -> int64 counts (Q, max K); -1 ignored."""
+    columns, width = len(codebook_sizes), max(codebook_sizes)
+    flat = indices.reshape(-1, columns)
+    offsets = torch.arange(columns, device=flat.device) * width
+    valid = flat >= 0
+    return torch.bincount((flat + offsets)[valid], minlength=columns * width).view(columns, width)
+
+
+def usage_summary(counts: Tensor, codebook_sizes: list[int]) -> dict[str, Tensor]:
+    """Counts (Q, K) -> per-codebook utilization (fraction of codes used), perplexity
+    (exp of the usage entropy) and dead codes (unused), plus their mean / sum."""
+    sizes = torch.tensor(codebook_sizes, device=counts.device, dtype=torch.float32)
+    counts = counts.float()
+    used = (counts > 0).sum(-1).float()
+    probs = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+    per_codebook = {"utilization": used / sizes, "perplexity": entropy.exp(), "dead_codes": sizes - used}
+    return {
+        "utilization": per_codebook["utilization"].mean(),
+        "perplexity": per_codebook["perplexity"].mean(),
+        "dead_codes": per_codebook["dead_codes"].sum(),
+        "per_codebook": per_codebook,
+    }
+
+
+class CodebookUsage(Metric):
+    """Code counts over a window (an epoch, or a number of training steps)."""
+
+    full_state_update = False
+
+    def __init__(self, codebook_sizes: list[int], persistent: bool = False):
+        super().__init__()
+        self.codebook_sizes = list(codebook_sizes)
+        self.add_state("counts", torch.zeros(len(codebook_sizes), max(codebook_sizes), dtype=torch.long), dist_reduce_fx="sum", persistent=persistent)
+
+    def update(self, indices: Tensor) -> None:
+        self.counts += count_codes(indices, self.codebook_sizes)
+
+    def compute(self) -> dict[str, Tensor]:
+        return usage_summary(self.counts, self.codebook_sizes)
+
+
+class LastUse(nn.Module):
+    """The last step each code was used at, kept in checkpoints: a code is dead
+    when it went unused for the last `window` steps."""
+
+    def __init__(self, codebook_sizes: list[int], window: int):
+        super().__init__()
+        if window < 1:
+            raise ValueError(f"dead_code_window must be >= 1, got {window}")
+        self.codebook_sizes = list(codebook_sizes)
+        self.window = window
+        self.register_buffer("last_step", torch.full((len(codebook_sizes), max(codebook_sizes)), -1, dtype=torch.long))
+        sizes = torch.tensor(codebook_sizes)[:, None]
+        self.register_buffer("real_code", torch.arange(max(codebook_sizes))[None] < sizes, persistent=False)
+
+    def update(self, indices: Tensor, step: int) -> None:
+        used = count_codes(indices, self.codebook_sizes) > 0
+        self.last_step.masked_fill_(used, step)
+
+    def dead_codes(self, step: int) -> Tensor:
+        last = self.last_step.clone()
+        if is_distributed():
+            torch.distributed.all_reduce(last, op=torch.distributed.ReduceOp.MAX)
+        alive = (last >= 0) & (last > step - self.window)
+        return (self.real_code & ~alive).sum()

@@ -1,0 +1,209 @@
+"""The discrete autoencoder: encoder -> quantizer -> decoder, as one LightningModule.
+
+loss = reconstruction + the quantizer's weighted terms (codebook, commitment,
+anything method-specific). Every stage logs `{stage}/loss`, `recon_loss`,
+`codebook_loss`, `commitment_loss`, `utilization`, `perplexity`, `dead_codes`.
+Training usage figures cover the last `usage_window` steps; validation and test
+figures cover the whole epoch. A dead code went unused for `dead_code_window`
+training steps (in validation and test: over the whole epoch).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from functools import partial
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from vqtrain.losses import ReconstructionLoss
+from vqtrain.metrics import CodebookUsage, LastUse
+from vqtrain.quantizers import Quantizer, QuantizerOutput
+from vqtrain.utils import ceil_div, default, exists, lengths_to_mask, mask_to_lengths
+
+log = logging.getLogger(__name__)
+
+STAGES = ("train", "val", "test")
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate factor: linear warmup, then cosine decay to `min_lr_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class DiscreteAutoencoder(L.LightningModule):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        quantizer: Quantizer,
+        decoder: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        latent_dim: int,
+        scheduler: dict | None = None,
+        reconstruction: nn.Module | None = None,
+        usage_window: int = 100,
+        dead_code_window: int = 1000,
+        compile: bool = False,
+        nonfinite: str = "raise",
+    ):
+        super().__init__()
+        dims = {"encoder.out_channels": encoder.out_channels, "quantizer.dim": quantizer.dim, "decoder.in_channels": decoder.in_channels}
+        if any(d != latent_dim for d in dims.values()):
+            raise ValueError(f"latent dims must all equal model.latent_dim={latent_dim}, got {dims}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"model.nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if usage_window < 1:
+            raise ValueError(f"model.usage_window must be >= 1, got {usage_window}")
+        self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
+        self.optimizer_factory = optimizer
+        self.scheduler = scheduler
+        self.reconstruction = default(reconstruction, ReconstructionLoss())
+        self.usage_window = usage_window
+        self.compile_nets = compile
+        self.nonfinite = nonfinite
+
+        sizes = quantizer.codebook_sizes
+        for stage in STAGES:  # train usage is kept in checkpoints: a resumed window continues
+            setattr(self, f"{stage}_usage", CodebookUsage(sizes, persistent=stage == "train"))
+        self.last_use = LastUse(sizes, dead_code_window)
+        self.register_buffer("skipped_items", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self.latest_usage: dict[str, dict[str, Tensor]] = {}
+        self.run_config: dict | None = None  # the resolved run config, saved in checkpoints
+
+    # -- the model ---------------------------------------------------------
+    def encode(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x -> channel-last latents (B, ..., D), latent mask, sample lengths."""
+        lengths = mask_to_lengths(mask) if exists(mask) else None
+        z = self.encoder(x, lengths)
+        latent_mask = lengths_to_mask(ceil_div(lengths, self.encoder.stride), z.shape[-1]) if exists(lengths) else None
+        return rearrange(z, "b d ... -> b ... d"), latent_mask, lengths
+
+    def decode(self, quantized: Tensor, lengths: Tensor | None = None, size: int | None = None) -> Tensor:
+        """Channel-last codes (B, ..., D) -> signal; audio is cut to `size` and masked by `lengths`."""
+        return self.decoder(rearrange(quantized, "b ... d -> b d ..."), lengths, size)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, QuantizerOutput]:
+        z, latent_mask, lengths = self.encode(x, mask)
+        self.check_finite("encoder output", z, latent_mask)
+        out = self.quantizer(z, latent_mask)
+        return self.decode(out.quantized, lengths, x.shape[-1]), out
+
+    # -- steps -------------------------------------------------------------
+    def check_finite(self, name: str, tensor: Tensor, mask: Tensor | None = None) -> None:
+        values = tensor if not exists(mask) else tensor[mask]
+        if not bool(torch.isfinite(values).all()):
+            raise FloatingPointError(f"non-finite {name} at step {self.global_step}")
+
+    def shared_step(self, batch: dict, stage: str) -> tuple[Tensor, QuantizerOutput] | None:
+        self.skipped_items += batch["skipped"].sum()
+        if "x" not in batch:
+            return None
+        x, mask = batch["x"], batch.get("mask")
+        try:
+            self.check_finite("input batch['x']", x, mask[:, None].expand_as(x) if exists(mask) else None)
+            x_hat, out = self(x, mask)
+            recon = self.reconstruction(x_hat, x, mask)
+            loss = recon + out.loss
+            self.check_finite(f"{stage} loss", loss)
+        except FloatingPointError as error:
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"{error} (model.nonfinite=skip skips such steps instead)") from error
+            self.skipped_steps += 1
+            log.warning("%s: step skipped (%d so far)", error, int(self.skipped_steps))
+            return None
+
+        metrics = {"recon_loss": recon}
+        for key, value in out.losses.items():
+            name, _, level = key.partition("/")
+            metrics[f"{name}_loss" + (f"/{level}" if level else "")] = value
+        training = stage == "train"
+        self.log_dict(
+            {f"{stage}/{k}": v.detach() for k, v in metrics.items()},
+            on_step=training, on_epoch=not training, sync_dist=not training, batch_size=x.shape[0],
+        )
+        self.log(f"{stage}/loss", loss.detach(), on_step=training, on_epoch=not training, sync_dist=not training, batch_size=x.shape[0], prog_bar=True)
+        self.usage(stage).update(out.indices)
+        return loss, out
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        result = self.shared_step(batch, "train")
+        self.log_dict({"data/skipped_items": self.skipped_items.float(), "train/skipped_steps": self.skipped_steps.float()}, on_step=True)
+        if result is None:
+            return None
+        loss, out = result
+        self.last_use.update(out.indices, self.global_step)
+        if (self.global_step + 1) % self.usage_window == 0:
+            self.log_usage("train", dead_codes=self.last_use.dead_codes(self.global_step))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.shared_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.shared_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_usage("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_usage("test")
+
+    def usage(self, stage: str) -> CodebookUsage:
+        return getattr(self, f"{stage}_usage")
+
+    def log_usage(self, stage: str, dead_codes: Tensor | None = None) -> None:
+        usage = self.usage(stage)
+        summary = usage.compute()
+        summary["counts"] = usage.counts.clone()
+        usage.reset()
+        self.latest_usage[stage] = summary
+        figures = {name: summary[name] for name in ("utilization", "perplexity", "dead_codes")}
+        if exists(dead_codes):
+            figures["dead_codes"] = dead_codes
+        if len(self.quantizer.codebook_sizes) > 1:
+            for name, values in summary["per_codebook"].items():
+                figures.update({f"{name}/codebook{i}": v for i, v in enumerate(values)})
+        self.log_dict({f"{stage}/{k}": v.float() for k, v in figures.items()}, on_step=stage == "train", on_epoch=stage != "train")
+
+    # -- optimisation --------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.compile_nets:
+            self.encoder.compile()
+            self.decoder.compile()
+
+    def configure_optimizers(self) -> Any:
+        quantizer_params = {id(p) for p in self.quantizer.parameters()}
+        groups = [
+            {"params": [p for p in self.parameters() if id(p) not in quantizer_params]},
+            # codebooks must not decay: frozen codes stay put, unused codes keep their place
+            {"params": list(self.quantizer.parameters()), "weight_decay": 0.0},
+        ]
+        optimizer = self.optimizer_factory([g for g in groups if g["params"]])
+        if not self.scheduler:
+            return optimizer
+        schedule = partial(
+            warmup_cosine,
+            warmup_steps=self.scheduler.get("warmup_steps", 0),
+            total_steps=self.trainer.estimated_stepping_batches,
+            min_lr_ratio=self.scheduler.get("min_lr_ratio", 0.1),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints -------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["vqtrain_config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = (checkpoint.get("vqtrain_config") or {}).get("quantizer")
+        current = (self.run_config or {}).get("quantizer")
+        if exists(saved) and exists(current) and saved != current:
+            diff = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)}
+            raise ValueError(f"checkpoint was trained with another quantizer config; differing keys (checkpoint, now): {diff}")

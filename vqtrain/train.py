@@ -1,0 +1,70 @@
+"""Training entry point: compose the config, build everything, fit, test.
+
+    python train.py quantizer=fsq data=mnist trainer.max_steps=200
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vqtrain.config import register_resolvers
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+register_resolvers()
+
+
+def resume_path(cfg: DictConfig) -> str | None:
+    """An explicit `ckpt_path`, else with resume=auto the run directory's last.ckpt."""
+    if cfg.ckpt_path:
+        if not Path(cfg.ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        return str(cfg.ckpt_path)
+    if cfg.resume not in ("auto", "never"):
+        raise ValueError(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
+    last = Path(cfg.paths.output_dir) / "last.ckpt"
+    if cfg.resume == "auto" and last.is_file():
+        log.info("resuming from %s", last)
+        return str(last)
+    return None
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    if cfg.seed is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    loggers = [instantiate(l) for l in (cfg.logger or {}).values() if l is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg))
+        if cfg.test and not trainer.interrupted:
+            trainer.test(model, datamodule=datamodule)
+    finally:
+        finish_wandb()
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def finish_wandb() -> None:
+    """One wandb run per job, also in multirun sweeps."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
