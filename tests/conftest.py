@@ -1,0 +1,38 @@
+"""Shared fixtures: real data from ../shared/data (skipped with a reason when absent), offline wandb."""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+FSDD = SHARED_DATA / "fsdd" / "recordings"
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding MNIST/raw/ with the shared gzipped files gunzipped, as torchvision reads them."""
+    archives = sorted((SHARED_DATA / "MNIST" / "raw").glob("*.gz"))
+    if len(archives) != 4:
+        pytest.skip(f"real MNIST absent: expected 4 *.gz files in {SHARED_DATA / 'MNIST' / 'raw'}")
+    root = tmp_path_factory.mktemp("data")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for archive in archives:
+        with gzip.open(archive) as source, open(raw / archive.stem, "wb") as target:
+            shutil.copyfileobj(source, target)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fsdd_root() -> Path:
+    if not FSDD.is_dir() or not any(FSDD.glob("*.wav")):
+        pytest.skip(f"real FSDD absent: expected WAV files in {FSDD}")
+    return FSDD

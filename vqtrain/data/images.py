@@ -1,0 +1,296 @@
+"""Image data: embedded procedural shapes, MNIST, CIFAR-10 and any folder of images.
+
+Every item is {"x": float32 (C, H, W) in [-1, 1], "index": position in its split}.
+`channels` and `image_size` are fixed at construction, because the model
+configs interpolate `${data.channels}` before any data is read.
+"""
+from __future__ import annotations
+
+import hashlib
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import datasets
+from torchvision.transforms.v2 import functional as TF
+
+from .common import DataModule, UnreadableItem
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+LUMINANCE = torch.tensor([0.299, 0.587, 0.114])
+
+
+def to_signed(image: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return image.float() / 127.5 - 1
+
+
+def fit_image(x: Tensor, image_size: int, channels: int, pad: bool = False) -> Tensor:
+    """(C, h, w) in [-1, 1] -> (channels, image_size, image_size), padding with
+    background (-1, keeps the native resolution) or resizing a square image."""
+    if x.shape[0] != channels:
+        x = x.repeat(3, 1, 1) if channels == 3 else torch.einsum("chw,c->hw", x, LUMINANCE)[None]
+    height, width = x.shape[-2:]
+    if pad:
+        top, left = (image_size - height) // 2, (image_size - width) // 2
+        return F.pad(x, (left, image_size - width - left, top, image_size - height - top), value=-1.0)
+    if (height, width) != (image_size, image_size):
+        x = F.interpolate(x[None], size=(image_size, image_size), mode="bilinear", antialias=True)[0]
+    return x
+
+
+class TensorImages(Dataset):
+    """In-memory uint8 (N, C, h, w) images, converted per item by `fit`."""
+
+    def __init__(self, images: Tensor, fit: Callable[[Tensor], Tensor]):
+        self.images = images
+        self.fit = fit
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"x": self.fit(to_signed(self.images[index])), "index": index}
+
+
+class ImageFiles(Dataset):
+    """Image files, decoded on access: resized (shorter side) and center-cropped to a square."""
+
+    def __init__(self, files: list[Path], image_size: int, channels: int):
+        self.files = files
+        self.image_size = image_size
+        self.mode = "RGB" if channels == 3 else "L"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert(self.mode)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise UnreadableItem(f"{path}: {error}") from error
+        image = TF.center_crop(TF.resize(image, [self.image_size]), [self.image_size])
+        return {"x": to_signed(TF.pil_to_tensor(image)), "index": index}
+
+
+class ImageDataModule(DataModule):
+    """Base of the image data modules: subclasses build the (train, val, test) sets."""
+
+    modality = "image"
+    pad = False  # fit in-memory images to image_size by padding with background instead of resizing
+
+    def __init__(self, image_size: int, channels: int, **loader_options: Any):
+        """loader_options: batch_size, num_workers, strict, pin_memory (see DataModule)."""
+        super().__init__(**loader_options)
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        if image_size < 1:
+            raise ValueError(f"data.image_size must be >= 1, got {image_size}")
+        self.image_size = image_size
+        self.channels = channels
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set, self.val_set, self.test_set = self.build_splits()
+
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        raise NotImplementedError
+
+    def fit(self) -> Callable[[Tensor], Tensor]:
+        """Per-item conversion of in-memory images to `channels` x `image_size`^2."""
+        return partial(fit_image, image_size=self.image_size, channels=self.channels, pad=self.pad)
+
+
+# --- shapes: the embedded default, no files --------------------------------
+
+def draw_shapes(count: int, image_size: int, seed: int, max_shapes: int = 3, chunk: int = 1024) -> Tensor:
+    """uint8 (count, 1, S, S): 1..max_shapes filled circles, squares and upward
+    triangles on black, each with random position, size and brightness."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.cat([
+        _draw_shapes(min(chunk, count - start), image_size, max_shapes, generator)
+        for start in range(0, count, chunk)
+    ])
+
+
+def _draw_shapes(count: int, size: int, max_shapes: int, generator: torch.Generator) -> Tensor:
+    def uniform(low: float, high: float) -> Tensor:
+        return low + (high - low) * torch.rand(count, max_shapes, 1, 1, generator=generator)
+
+    radius = uniform(0.1, 0.25) * size
+    pixels = torch.arange(size) + 0.5
+    dx = pixels - (radius + uniform(0, 1) * (size - 2 * radius))  # (N, K, 1, S): shapes lie fully inside
+    dy = pixels[:, None] - (radius + uniform(0, 1) * (size - 2 * radius))  # (N, K, S, 1)
+    kind = torch.randint(3, (count, max_shapes, 1, 1), generator=generator)
+    brightness = uniform(0.35, 1.0)
+    shapes_per_image = torch.randint(1, max_shapes + 1, (count, 1, 1, 1), generator=generator)
+    present = torch.arange(max_shapes)[:, None, None] < shapes_per_image
+
+    circle = dx**2 + dy**2 <= radius**2
+    square = (dx.abs() <= 0.85 * radius) & (dy.abs() <= 0.85 * radius)
+    triangle = (dy.abs() <= radius) & (2 * dx.abs() <= dy + radius)  # apex up, base as wide as the diameter
+    mask = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle)) & present
+    image = (mask * brightness).amax(dim=1, keepdim=True)
+    return (image * 255).round().to(torch.uint8)
+
+
+class ShapesDataModule(ImageDataModule):
+    """Procedurally drawn grayscale shapes, generated in memory: the default
+    data, no download. Each split has its own generator seed (3 * seed + 0, 1, 2),
+    so a split does not change with the sizes of the others or overlap another seed's."""
+
+    def __init__(self, image_size: int = 32, channels: int = 1, num_train: int = 8192, num_val: int = 1024,
+                 num_test: int = 1024, seed: int = 0, **loader_options: Any):
+        super().__init__(image_size, channels, **loader_options)
+        if min(num_train, num_val, num_test) < 1:
+            raise ValueError(f"data.num_train/num_val/num_test must be >= 1, got {num_train}/{num_val}/{num_test}")
+        self.sizes = (num_train, num_val, num_test)
+        self.seed = seed
+
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        train, val, test = (
+            TensorImages(draw_shapes(count, self.image_size, 3 * self.seed + offset), self.fit())
+            for offset, count in enumerate(self.sizes)
+        )
+        return train, val, test
+
+
+# --- torchvision data sets ---------------------------------------------------
+
+class TorchvisionDataModule(ImageDataModule):
+    """A torchvision data set read from `root`: train = its official training
+    images but the last `val_size`, val = those last `val_size` (so the official
+    test set stays untouched for final numbers), test = the official test set."""
+
+    dataset_class: type
+    native_size: int
+
+    def __init__(self, root: str, image_size: int, channels: int, download: bool = False, val_size: int = 5000,
+                 **loader_options: Any):
+        super().__init__(image_size, channels, **loader_options)
+        if self.pad and image_size < self.native_size:
+            raise ValueError(f"data.image_size must be >= {self.native_size} (images are padded, not shrunk), "
+                             f"got {image_size}")
+        if val_size < 1:
+            raise ValueError(f"data.val_size must be >= 1, got {val_size}")
+        self.root = root
+        self.download = download
+        self.val_size = val_size
+
+    def expected_files(self) -> str:
+        raise NotImplementedError
+
+    def images(self, train: bool) -> Tensor:
+        """uint8 (N, C, h, w) images of the official training or test set."""
+        raise NotImplementedError
+
+    def load(self, train: bool):
+        """The torchvision data set, or an error naming the files to put where."""
+        try:
+            return self.dataset_class(self.root, train=train, download=self.download)
+        except RuntimeError as error:
+            if self.download:
+                raise
+            raise FileNotFoundError(
+                f"{self.dataset_class.__name__} not found: expected {self.expected_files()}. "
+                f"Set data.download=true to fetch it, or set data.root to the folder holding it."
+            ) from error
+
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        train, test = self.images(train=True), self.images(train=False)
+        if self.val_size >= len(train):
+            raise ValueError(f"data.val_size={self.val_size} leaves no training images (of {len(train)})")
+        cut = len(train) - self.val_size
+        fit = self.fit()
+        return TensorImages(train[:cut], fit), TensorImages(train[cut:], fit), TensorImages(test, fit)
+
+
+class MNISTDataModule(TorchvisionDataModule):
+    """MNIST digits, padded with background from 28 to `image_size` (default 32,
+    so that encoders halving the resolution per stage divide it evenly)."""
+
+    dataset_class = datasets.MNIST
+    native_size = 28
+    pad = True
+
+    def __init__(self, root: str, image_size: int = 32, channels: int = 1, **options: Any):
+        super().__init__(root, image_size, channels, **options)
+
+    def expected_files(self) -> str:
+        raw = Path(self.root) / "MNIST" / "raw"
+        return f"the four gunzipped IDX files {raw}/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte"
+
+    def images(self, train: bool) -> Tensor:
+        return self.load(train).data[:, None]
+
+
+class CIFAR10DataModule(TorchvisionDataModule):
+    """CIFAR-10, resized when `image_size` is not 32."""
+
+    dataset_class = datasets.CIFAR10
+    native_size = 32
+
+    def __init__(self, root: str, image_size: int = 32, channels: int = 3, **options: Any):
+        super().__init__(root, image_size, channels, **options)
+
+    def expected_files(self) -> str:
+        folder = Path(self.root) / datasets.CIFAR10.base_folder
+        return f"the extracted python batches {folder}/{{data_batch_1..5,test_batch,batches.meta}}"
+
+    def images(self, train: bool) -> Tensor:
+        return torch.from_numpy(self.load(train).data).permute(0, 3, 1, 2)
+
+
+# --- any folder of images ------------------------------------------------------
+
+def list_images(folder: Path) -> list[Path]:
+    """Every image file under `folder`, recursively, in a stable order."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data.root: no folder {folder} (expected a folder tree of images)")
+    files = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+    if not files:
+        raise FileNotFoundError(f"no images with extensions {', '.join(IMAGE_EXTENSIONS)} under {folder}")
+    return files
+
+
+def hash_fraction(path: Path) -> float:
+    """A stable pseudo-random number in [0, 1) from a path: the split survives adding files."""
+    return int.from_bytes(hashlib.sha1(path.as_posix().encode()).digest()[:8], "big") / 2**64
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """Any folder tree of images (ImageNet layout or flat), resized and center-cropped
+    to `image_size`. With `train/` and `val/` subfolders those are the splits (and
+    `test/` if present, else val); otherwise a deterministic `val_fraction` of the
+    files, chosen by a hash of the relative path, is val (and test)."""
+
+    def __init__(self, root: str, image_size: int = 64, channels: int = 3, val_fraction: float = 0.05,
+                 **loader_options: Any):
+        super().__init__(image_size, channels, **loader_options)
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        self.root = Path(root)
+        self.val_fraction = val_fraction
+
+    def split_files(self) -> tuple[list[Path], list[Path], list[Path]]:
+        if (self.root / "train").is_dir() and (self.root / "val").is_dir():
+            train, val = list_images(self.root / "train"), list_images(self.root / "val")
+            return train, val, list_images(self.root / "test") if (self.root / "test").is_dir() else val
+        files = list_images(self.root)
+        val = [path for path in files if hash_fraction(path.relative_to(self.root)) < self.val_fraction]
+        train = [path for path in files if hash_fraction(path.relative_to(self.root)) >= self.val_fraction]
+        if not val or not train:
+            raise ValueError(f"data.val_fraction={self.val_fraction} splits the {len(files)} images under "
+                             f"{self.root} into {len(train)} train / {len(val)} val: change it or add images")
+        return train, val, val
+
+    def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
+        train, val, test = (ImageFiles(files, self.image_size, self.channels) for files in self.split_files())
+        return train, val, test
