@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 RUN_ID_ENV = "VQTRAIN_RUN_ID"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def run_id() -> str:
@@ -43,3 +44,26 @@ def wandb_offline() -> bool:
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("run_id", run_id, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
+
+
+def compose(overrides: list[str] = (), output_dir: str | Path | None = None):
+    """The training config as `python train.py OVERRIDES` would compose it, for
+    notebooks and tests: `vqtrain.train.train(compose(["quantizer=fsq"], "/tmp/run"))`.
+
+    `${hydra:...}` interpolations resolve as in a real run; the output directory
+    is `output_dir` (a fresh run directory name under runs/ when None)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.cwd = os.getcwd()
+        cfg.hydra.runtime.output_dir = str(output_dir) if output_dir is not None else cfg.hydra.run.dir
+    HydraConfig.instance().set_config(cfg)
+    return cfg

@@ -12,10 +12,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vqtrain.config import register_resolvers
+from vqtrain.config import CONFIG_DIR, register_resolvers
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 register_resolvers()
 
@@ -43,7 +42,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     loggers = [instantiate(l) for l in (cfg.logger or {}).values() if l is not None]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # data modules that shard batches across ranks themselves (audio bucketing) opt out of Lightning's sampler
+    distributed_sampler = getattr(datamodule, "use_distributed_sampler", True)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, use_distributed_sampler=distributed_sampler)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg))
         if cfg.test and not trainer.interrupted:
@@ -61,7 +62,7 @@ def finish_wandb() -> None:
         wandb.finish()
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     train(cfg)
 

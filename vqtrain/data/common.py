@@ -7,7 +7,9 @@ batch were unreadable and dropped (the model logs the running total).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -91,3 +93,8 @@ class DataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.loader(self.test_set if self.test_set is not None else self.val_set, shuffle=False)
+
+
+def hash_fraction(path: Path) -> float:
+    """A stable pseudo-random number in [0, 1) from a path: the split survives adding files."""
+    return int.from_bytes(hashlib.sha1(path.as_posix().encode()).digest()[:8], "big") / 2**64

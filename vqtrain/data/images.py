@@ -6,7 +6,6 @@ configs interpolate `${data.channels}` before any data is read.
 """
 from __future__ import annotations
 
-import hashlib
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +18,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms.v2 import functional as TF
 
-from .common import DataModule, UnreadableItem
+from .common import DataModule, UnreadableItem, hash_fraction
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 LUMINANCE = torch.tensor([0.299, 0.587, 0.114])
@@ -258,11 +257,6 @@ def list_images(folder: Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no images with extensions {', '.join(IMAGE_EXTENSIONS)} under {folder}")
     return files
-
-
-def hash_fraction(path: Path) -> float:
-    """A stable pseudo-random number in [0, 1) from a path: the split survives adding files."""
-    return int.from_bytes(hashlib.sha1(path.as_posix().encode()).digest()[:8], "big") / 2**64
 
 
 class ImageFolderDataModule(ImageDataModule):
