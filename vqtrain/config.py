@@ -66,4 +66,6 @@ def compose(overrides: list[str] = (), output_dir: str | Path | None = None):
         cfg.hydra.runtime.cwd = os.getcwd()
         cfg.hydra.runtime.output_dir = str(output_dir) if output_dir is not None else cfg.hydra.run.dir
     HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra  # as in a real run: the job's config holds no hydra node
     return cfg

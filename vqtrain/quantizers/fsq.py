@@ -65,7 +65,7 @@ class FSQ(Quantizer):
         self.register_buffer("_half_width", torch.div(levels_t, 2, rounding_mode="floor"), persistent=False)
         self.register_buffer("_basis", torch.cumprod(torch.tensor([1] + levels[:-1]), 0).long(), persistent=False)
 
-        code_dim = len(levels) * num_codebooks
+        self.code_dim = code_dim = len(levels) * num_codebooks
         projected = dim != code_dim
         self.project_in = nn.Linear(dim, code_dim) if projected else nn.Identity()
         self.project_out = nn.Linear(code_dim, dim) if projected else nn.Identity()
@@ -84,11 +84,11 @@ class FSQ(Quantizer):
         codes = rounded / self._half_width
         out = straight_through(bounded / self._half_width, codes) if torch.is_grad_enabled() else codes
         indices = ((rounded + self._half_width).long() * self._basis).sum(-1)
-        out = self.project_out((out * self._scale).reshape(x.shape[0], -1))
+        out = self.project_out((out * self._scale).reshape(x.shape[0], self.code_dim))
         losses = {"commitment": zero(x.device), "codebook": zero(x.device)}
         return out, indices, losses, zero(x.device)
 
     def decode_rows(self, indices: Tensor) -> Tensor:
         digits = (indices.unsqueeze(-1) // self._basis) % self._levels.long()
         codes = (digits - self._half_width) / self._half_width
-        return self.project_out((codes * self._scale).reshape(indices.shape[0], -1))
+        return self.project_out((codes * self._scale).reshape(indices.shape[0], self.code_dim))

@@ -147,7 +147,7 @@ class VectorQuantizer(Quantizer):
 
     def from_code_space(self, h: Tensor) -> Tensor:
         """(G, N, d) -> (N, D)."""
-        return self.project_out(h.transpose(0, 1).reshape(h.shape[1], -1))
+        return self.project_out(h.transpose(0, 1).reshape(h.shape[1], self.groups * self.code_dim))
 
     def quantize_rows(self, x: Tensor, sample_ids: Tensor, num_samples: int):
         h = self.to_code_space(x)
