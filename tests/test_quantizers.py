@@ -693,6 +693,7 @@ def test_fsq_bf16_training_forward_matches_float32_indices(name):
         (lambda: VectorQuantizer(DIM, 4, estimator="gumbel"), "estimator"),
         (lambda: VectorQuantizer(DIM, 4, dead_code_threshold=1.0), "dead_code_threshold"),
         (lambda: VectorQuantizer(DIM, 4, frozen_codes=[4]), "frozen_codes"),
+        (lambda: VectorQuantizer(DIM, 4, epsilon=0.0), "epsilon"),
         (lambda: SimVQ(DIM, 0), "codebook_size"),
         (lambda: ResidualFSQ(DIM, levels=[5, 5], dropout=1.5), "dropout"),
         (lambda: ResidualFSQ(DIM, levels=[5, 5], dropout=-0.1), "dropout"),
@@ -706,6 +707,11 @@ def test_fsq_bf16_training_forward_matches_float32_indices(name):
 def test_bad_config_raises_naming_the_key(build, key):
     with pytest.raises(ValueError, match=key):
         build()
+
+
+def test_simvq_refuses_to_freeze_single_codes():
+    with pytest.raises(NotImplementedError, match="SimVQ"):
+        SimVQ(DIM, 4).set_update_weight(torch.zeros(4))
 
 
 def test_fsq_codebook_size_uses_recommended_levels():

@@ -49,6 +49,9 @@ class SimVQ(VectorQuantizer):
         else:
             self.register_buffer("basis", basis)
 
+    def set_update_weight(self, weight: Tensor) -> None:
+        raise NotImplementedError("SimVQ codes all move with the shared map W: single codes cannot be frozen")
+
     @property
     def embed(self) -> Tensor:
         return torch.bmm(self.basis, self.transform.transpose(1, 2))

@@ -77,6 +77,8 @@ class VectorQuantizer(Quantizer):
         self.decay = check_fraction("decay", decay)
         self.usage_decay = check_fraction("usage_decay", usage_decay)
         self.epsilon = check_weight("epsilon", epsilon)
+        if self.epsilon == 0:
+            raise ValueError("epsilon (Laplace smoothing) must be > 0: unused codes would divide 0 by 0")
         self.weights = {
             "commitment": check_weight("commitment_weight", commitment_weight),
             "codebook": check_weight("codebook_weight", codebook_weight),
