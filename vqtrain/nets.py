@@ -106,6 +106,17 @@ class Upsample1d(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=self.stride, mode="nearest"))
 
 
+def residual_stack1d(channels: int) -> nn.ModuleList:
+    return nn.ModuleList([ResBlock(channels, nn.Conv1d, 1), ResBlock(channels, nn.Conv1d, 3)])
+
+
+def masked_stack(blocks: nn.ModuleList, x: Tensor, lengths: Tensor | None, stride: int) -> Tensor:
+    """Run blocks, re-zeroing the padding after each: every conv sees zeros past the end."""
+    for block in blocks:
+        x = mask_time(block(x), lengths, stride)
+    return x
+
+
 def check_strides(strides: list[int]) -> list[int]:
     strides = list(strides)
     if not strides or any(not isinstance(s, int) or s < 1 for s in strides):
@@ -125,7 +136,7 @@ class ConvEncoder1d(nn.Module):
         self.stem = nn.Conv1d(in_channels, hidden_channels, 7, padding=3)
         blocks, downs, channels = [], [], hidden_channels
         for s in self.strides:
-            blocks.append(nn.Sequential(ResBlock(channels, nn.Conv1d, 1), ResBlock(channels, nn.Conv1d, 3)))
+            blocks.append(residual_stack1d(channels))
             downs.append(nn.Sequential(nn.ELU(), Downsample1d(channels, channels * 2, s)))
             channels *= 2
         self.blocks, self.downs = nn.ModuleList(blocks), nn.ModuleList(downs)
@@ -135,7 +146,7 @@ class ConvEncoder1d(nn.Module):
         x = mask_time(self.stem(mask_time(x, lengths, 1)), lengths, 1)
         stride = 1
         for block, down, s in zip(self.blocks, self.downs, self.strides):
-            x = mask_time(block(x), lengths, stride)
+            x = masked_stack(block, x, lengths, stride)
             stride *= s
             x = mask_time(down(x), lengths, stride)
         return mask_time(self.head(x), lengths, stride)
@@ -154,7 +165,7 @@ class ConvDecoder1d(nn.Module):
         for s in self.strides:
             ups.append(nn.Sequential(nn.ELU(), Upsample1d(channels, channels // 2, s)))
             channels //= 2
-            blocks.append(nn.Sequential(ResBlock(channels, nn.Conv1d, 1), ResBlock(channels, nn.Conv1d, 3)))
+            blocks.append(residual_stack1d(channels))
         self.ups, self.blocks = nn.ModuleList(ups), nn.ModuleList(blocks)
         self.head = nn.Sequential(nn.ELU(), nn.Conv1d(channels, out_channels, 7, padding=3))
 
@@ -164,7 +175,7 @@ class ConvDecoder1d(nn.Module):
         for up, block, s in zip(self.ups, self.blocks, self.strides):
             stride //= s
             x = mask_time(up(x), lengths, stride)
-            x = mask_time(block(x), lengths, stride)
+            x = masked_stack(block, x, lengths, stride)
         x = self.head(x)
         if exists(size):
             x = x[..., :size]

@@ -1,0 +1,130 @@
+"""scripts/collapse_report.py on a real (tiny) multirun sweep: the files, one table
+row per run with its method and size, and numbers that are those of metrics.csv."""
+from __future__ import annotations
+
+import base64
+import csv
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vqtrain.report import describe, find_run_dirs, load_run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.num_train=32", "data.num_val=8", "data.num_test=8", "data.batch_size=8", "data.image_size=16",
+    "model.latent_dim=8", "model.encoder.hidden_channels=8", "model.decoder.hidden_channels=8",
+    "model.usage_window=2", "trainer.log_every_n_steps=2", "trainer.val_check_interval=3", "trainer.max_steps=6",
+    "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+]
+RUNS = {("fsq", 256), ("fsq", 1024), ("vq", 256), ("vq", 1024)}
+# summary.md column -> metric whose last logged value it shows
+METRICS = {"val utilization": "val/utilization", "val perplexity": "val/perplexity", "val dead codes": "val/dead_codes",
+           "val recon loss": "val/recon_loss", "test recon loss": "test/recon_loss"}
+FILES = ["utilization.png", "tradeoff.png", "summary.md", "report.html"]
+
+
+def environment(root: Path) -> dict[str, str]:
+    env = {**os.environ, "WANDB_MODE": "offline", "VQTRAIN_ROOT": str(root)}
+    env.pop("VQTRAIN_RUN_ID", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four 6-step runs: vq and fsq at two codebook sizes, as `train.py -m` lays them out."""
+    root = tmp_path_factory.mktemp("sweep")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "-m", "quantizer=vq,fsq", "quantizer.codebook_size=256,1024",
+         *TINY, f"hydra.sweep.dir={root / 'multirun'}"],
+        cwd=root, env=environment(root), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "multirun"
+
+
+def report(*args: str | Path, root: Path) -> str:
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "collapse_report.py"), *map(str, args)],
+                            cwd=root, env=environment(root), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def read_table(summary: Path) -> list[dict[str, str]]:
+    lines = [line for line in summary.read_text().splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def last_logged(metrics_csv: Path, key: str) -> float | None:
+    with metrics_csv.open() as file:
+        values = [float(row[key]) for row in csv.DictReader(file) if row.get(key)]
+    return values[-1] if values else None
+
+
+def test_report_has_a_row_per_run_with_the_logged_numbers(sweep: Path):
+    assert "4 runs" in report(sweep, root=sweep.parent)
+    out = sweep / "report"
+    assert all((out / name).stat().st_size > 0 for name in FILES)
+    rows = read_table(out / "summary.md")
+    assert {(row["method"], int(row["codebook size"])) for row in rows} == RUNS and len(rows) == 4
+    for row in rows:
+        run_dir = sweep / row["run"]
+        overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+        assert f"quantizer={row['method']}" in overrides and f"codebook_size={row['codebook size']}" in overrides
+        assert row["data"] == "shapes" and row["steps"] == "6"
+        for column, key in METRICS.items():
+            expected = last_logged(run_dir / "metrics.csv", key)
+            assert expected is not None and math.isclose(float(row[column]), expected, rel_tol=1e-3, abs_tol=1e-6), (column, row)
+
+
+def test_html_embeds_both_plots_and_the_table(sweep: Path):
+    report(sweep, "--out", sweep.parent / "html", root=sweep.parent)
+    page = (sweep.parent / "html" / "report.html").read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 2 and all(base64.b64decode(image).startswith(b"\x89PNG") for image in images)
+    assert page.count("<tr>") == 1 + 4
+
+
+def test_training_utilization_series_is_the_logged_one(sweep: Path):
+    run_dirs = find_run_dirs([sweep])
+    assert len(run_dirs) == 4
+    for run_dir in run_dirs:
+        steps, values = load_run(run_dir).series("train/utilization")
+        with (run_dir / "metrics.csv").open() as file:
+            logged = [(int(row["step"]), float(row["train/utilization"])) for row in csv.DictReader(file) if row["train/utilization"]]
+        assert list(zip(steps, values)) == logged and steps == [1, 3, 5]  # every usage window of 2 steps
+
+
+def test_failed_runs_keep_a_row_and_are_named_in_the_notes(sweep: Path, tmp_path: Path):
+    broken = tmp_path / "broken"
+    for name, keep_lines in [("early", 2), ("empty", 0)]:  # early: header and the first training row only
+        shutil.copytree(sweep / "0", broken / name)
+        metrics = broken / name / "metrics.csv"
+        metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:keep_lines]))
+    out = tmp_path / "report"
+    assert "6 runs" in report(sweep, broken, "--out", out, root=tmp_path)
+    assert all((out / name).stat().st_size > 0 for name in FILES)
+    rows = read_table(out / "summary.md")
+    assert len(rows) == 6
+    early, empty = (next(row for row in rows if row["run"].endswith(f"broken/{name}")) for name in ("early", "empty"))
+    assert early["val utilization"] == early["test recon loss"] == "-" and early["steps"] == "2"
+    assert all(empty[column] == "-" for column in [*METRICS, "steps"])
+    notes = (out / "summary.md").read_text().split("## Notes")[1]
+    assert re.search(r"broken/early: no val/utilization, val/recon_loss", notes)
+    assert re.search(r"broken/empty: no metrics logged", notes)
+
+
+def test_method_and_size_come_from_the_config_choices_and_overrides():
+    fsq = {"quantizer": {"_target_": "vqtrain.quantizers.FSQ", "codebook_size": None, "levels": [8, 5, 5, 5]}, "data": {}}
+    assert describe(fsq, {"quantizer": "fsq", "data": "mnist"}, []) == ("fsq", 1000, "mnist")
+    vq = {"quantizer": {"_target_": "vqtrain.quantizers.VectorQuantizer", "codebook_size": 512}, "data": {"_target_": "x.Shapes"}}
+    overrides = ["quantizer=vq", "quantizer.codebook_size=512", "quantizer.learning=gradient", "trainer.max_steps=5"]
+    assert describe(vq, {}, overrides) == ("vq learning=gradient", 512, "Shapes")
+    assert describe(vq, {}, []) == ("VectorQuantizer", 512, "Shapes")

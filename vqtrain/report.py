@@ -1,0 +1,284 @@
+"""Codebook collapse report: compare quantizers and codebook sizes across runs.
+
+Reads run directories (a `metrics.csv` from the CSV logger beside Hydra's
+`.hydra/`) or wandb runs, and writes utilization.png (training utilization over
+steps, a panel per codebook size), tradeoff.png (final validation utilization
+and reconstruction loss against codebook size), summary.md and a
+self-contained report.html. Runs that failed midway keep a table row with
+what they logged; what is missing is named in the notes.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+TRAIN_UTILIZATION = "train/utilization"
+# table columns beside method, data and size: (header, metric whose last value is shown, format)
+COLUMNS = [
+    ("val utilization", "val/utilization", ".4g"),
+    ("val perplexity", "val/perplexity", ".4g"),
+    ("val dead codes", "val/dead_codes", ".0f"),
+    ("val recon loss", "val/recon_loss", ".4g"),
+    ("test recon loss", "test/recon_loss", ".4g"),
+]
+# a run lacking one of these is named in the notes (test metrics are optional: test=false)
+EXPECTED = [TRAIN_UTILIZATION, "val/utilization", "val/recon_loss"]
+SIZE_KEYS = ("codebook_size", "levels")
+
+
+@dataclass
+class Run:
+    """One training run: what it was (method, codebook size, data) and its metric rows."""
+
+    name: str
+    method: str
+    codebook_size: int | None
+    dataset: str
+    rows: list[dict[str, float]] = field(default_factory=list)  # sparse, each with "step"
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        points = [(int(row["step"]), row[key]) for row in self.rows if key in row]
+        return [step for step, _ in points], [value for _, value in points]
+
+    def final(self, key: str) -> float | None:
+        values = self.series(key)[1]
+        return values[-1] if values else None
+
+    @property
+    def steps(self) -> int | None:
+        """Training steps up to the last logged one (logged steps count from 0)."""
+        steps = [row["step"] for row in self.rows if any(key.startswith("train/") for key in row)]
+        return int(max(steps)) + 1 if steps else None
+
+
+# -- reading runs -------------------------------------------------------------
+
+def find_run_dirs(roots: Iterable[str | Path]) -> list[Path]:
+    """Every folder below `roots` (or a root itself) holding metrics.csv and .hydra/config.yaml."""
+    found = {
+        metrics.parent
+        for root in roots
+        for metrics in Path(root).rglob("metrics.csv")
+        if (metrics.parent / ".hydra" / "config.yaml").is_file()
+    }
+    return sorted(found, key=lambda path: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))])
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """Lightning's CSV log: a row per logging step, filled only where something was logged."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return []
+    with path.open(newline="") as file:
+        return [
+            {key: float(value) for key, value in row.items() if key and value not in (None, "")}
+            for row in csv.DictReader(file)
+            if row.get("step")
+        ]
+
+
+def describe(config: Mapping[str, Any], choices: Mapping[str, Any], overrides: Iterable[str]) -> tuple[str, int | None, str]:
+    """(method, codebook size, dataset) of a run. The method is the quantizer
+    config's name plus any `quantizer.*` overrides besides the size, so that
+    sweeps over a quantizer setting stay apart."""
+    quantizer = config.get("quantizer") or {}
+    overrides = list(overrides)
+    method = choices.get("quantizer") or next(
+        (o.split("=", 1)[1] for o in overrides if o.startswith("quantizer=")), None
+    ) or str(quantizer.get("_target_", "unknown")).rsplit(".", 1)[-1]
+    settings = [
+        f"{match[1]}={match[2]}"
+        for o in overrides
+        if (match := re.fullmatch(r"[+~]*quantizer\.([^=]+)=(.*)", o)) and match[1] not in SIZE_KEYS
+    ]
+    if settings:
+        method = f"{method} {' '.join(sorted(settings))}"
+    size = quantizer.get("codebook_size")
+    if size is None and quantizer.get("levels"):
+        size = math.prod(quantizer["levels"])
+    dataset = choices.get("data") or str((config.get("data") or {}).get("_target_", "unknown")).rsplit(".", 1)[-1]
+    return method, None if size is None else int(size), dataset
+
+
+def select(config: Any, key: str) -> Any:
+    value = OmegaConf.select(config, key)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def load_run(folder: Path) -> Run:
+    hydra_dir = folder / ".hydra"
+    config = OmegaConf.load(hydra_dir / "config.yaml")
+    # only these keys are resolved: others (paths) may need Hydra's own resolvers
+    plain = {
+        "quantizer": {key: select(config, f"quantizer.{key}") for key in ("_target_", *SIZE_KEYS)},
+        "data": {"_target_": select(config, "data._target_")},
+    }
+    hydra = yaml.safe_load((hydra_dir / "hydra.yaml").read_text()) if (hydra_dir / "hydra.yaml").is_file() else {}
+    choices = ((hydra or {}).get("hydra", {}).get("runtime") or {}).get("choices") or {}
+    overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) if (hydra_dir / "overrides.yaml").is_file() else []
+    method, size, dataset = describe(plain, choices, overrides or [])
+    return Run(str(folder), method, size, dataset, read_metrics(folder / "metrics.csv"))
+
+
+def load_wandb_runs(path: str) -> list[Run]:
+    """Runs of a wandb ENTITY/PROJECT: the config is the resolved run config
+    (WandbConfigLogger), whose `tags` start with the quantizer and data names."""
+    import wandb
+
+    runs = []
+    for remote in wandb.Api().runs(path):
+        config = dict(remote.config)
+        tags = config.get("tags") or []
+        choices = dict(zip(("quantizer", "data"), tags))
+        rows = [
+            {"step": row["trainer/global_step"]} | {key: value for key, value in row.items()
+                                                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
+            for row in remote.scan_history()
+            if row.get("trainer/global_step") is not None
+        ]
+        method, size, dataset = describe(config, choices, [])
+        runs.append(Run(f"{path}/{remote.id}", method, size, dataset, rows))
+    return runs
+
+
+# -- the report ---------------------------------------------------------------
+
+class Lines:
+    """Line label (the method, with the data set when runs span several) and
+    color per run, the same in every figure."""
+
+    def __init__(self, runs: list[Run]):
+        self.several_datasets = len({run.dataset for run in runs}) > 1
+        palette = colormaps["tab10"]
+        self.colors = {name: palette(i % 10) for i, name in enumerate(sorted({self.label(run) for run in runs}))}
+
+    def label(self, run: Run) -> str:
+        return f"{run.method} ({run.dataset})" if self.several_datasets else run.method
+
+
+def notes(runs: list[Run]) -> list[str]:
+    """What each run is missing, and so where it is left out."""
+    found = []
+    for run in runs:
+        if not run.rows:
+            found.append(f"{run.name}: no metrics logged (failed before the first log?); left out of the plots")
+            continue
+        if missing := [key for key in EXPECTED if run.final(key) is None]:
+            found.append(f"{run.name}: no {', '.join(missing)}; left out where needed")
+        if run.codebook_size is None:
+            found.append(f"{run.name}: codebook size unknown; left out of the plots")
+    return found
+
+
+def plot_utilization(runs: list[Run], lines: Lines, path: Path) -> None:
+    runs = sorted((run for run in runs if run.codebook_size is not None and run.final(TRAIN_UTILIZATION) is not None), key=lines.label)
+    sizes = sorted({run.codebook_size for run in runs}) or [None]
+    figure = Figure(figsize=(4.5 * len(sizes), 3.6), layout="constrained")
+    axes = figure.subplots(1, len(sizes), squeeze=False, sharey=True)[0]
+    for ax, size in zip(axes, sizes):
+        for run in (run for run in runs if run.codebook_size == size):
+            ax.plot(*run.series(TRAIN_UTILIZATION), label=lines.label(run), color=lines.colors[lines.label(run)])
+        ax.set_title(f"K = {size}" if size else "no runs with training utilization")
+        ax.set_yscale("log")  # collapse spans orders of magnitude
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize="small")
+    axes[0].set_ylabel("training utilization")
+    figure.savefig(path, dpi=100)
+
+
+def plot_tradeoff(runs: list[Run], lines: Lines, path: Path) -> None:
+    figure = Figure(figsize=(10, 3.8), layout="constrained")
+    axes = figure.subplots(1, 2)
+    for ax, (key, title) in zip(axes, [("val/utilization", "final val utilization"), ("val/recon_loss", "final val recon loss")]):
+        for name, color in lines.colors.items():
+            points = sorted((run.codebook_size, run.final(key)) for run in runs
+                            if lines.label(run) == name and run.codebook_size is not None and run.final(key) is not None)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=name, color=color)
+        ax.set_xscale("log", base=2)
+        if key == "val/utilization":
+            ax.set_yscale("log")
+        ax.set_xlabel("codebook size K")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize="small")
+    figure.savefig(path, dpi=100)
+
+
+def table(runs: list[Run], root: Path | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the summary, sorted by data, method and size; '-' where nothing was logged."""
+    def cell(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    def name(run: Run) -> str:
+        try:
+            return str(Path(run.name).relative_to(root)) if root else run.name
+        except ValueError:
+            return run.name
+
+    header = ["method", "data", "codebook size", *(title for title, _, _ in COLUMNS), "steps", "run"]
+    ordered = sorted(runs, key=lambda run: (run.dataset, run.method, run.codebook_size or 0, run.name))
+    rows = [
+        [run.method, run.dataset, cell(run.codebook_size, "d"), *(cell(run.final(key), spec) for _, key, spec in COLUMNS),
+         cell(run.steps, "d"), name(run)]
+        for run in ordered
+    ]
+    return header, rows
+
+
+def markdown(header: list[str], rows: list[list[str]], found: list[str]) -> str:
+    text = ["# Codebook collapse report", "", f"{len(rows)} runs. Final figures are the last logged values; "
+            "recon loss is the time-domain MSE (plus the STFT term where model.reconstruction.stft_weight > 0).", "",
+            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    text += ["| " + " | ".join(row) + " |" for row in rows]
+    if found:
+        text += ["", "## Notes", "", *(f"- {note}" for note in found)]
+    return "\n".join(text) + "\n"
+
+
+def html_page(header: list[str], rows: list[list[str]], found: list[str], images: dict[str, Path]) -> str:
+    def tag(name: str, cells: list[str]) -> str:
+        return "<tr>" + "".join(f"<{name}>{html.escape(c)}</{name}>" for c in cells) + "</tr>"
+
+    figures = "".join(
+        f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,'
+        f'{base64.b64encode(path.read_bytes()).decode()}">'
+        for title, path in images.items()
+    )
+    notes_html = "<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in found) + "</ul>" if found else ""
+    return (
+        '<!doctype html><html><head><meta charset="utf-8"><title>Codebook collapse report</title>'
+        "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px}td{text-align:right}</style></head><body>"
+        f"<h1>Codebook collapse report</h1>{figures}<h2>Final figures</h2>"
+        f"<table>{tag('th', header)}{''.join(tag('td', row) for row in rows)}</table>{notes_html}</body></html>\n"
+    )
+
+
+def write_report(runs: list[Run], out: Path, root: Path | None = None) -> Path:
+    """All four files into `out`; run names in the table relative to `root`. Returns report.html."""
+    out.mkdir(parents=True, exist_ok=True)
+    images = {"Training utilization": out / "utilization.png", "Utilization and reconstruction against codebook size": out / "tradeoff.png"}
+    lines = Lines(runs)
+    plot_utilization(runs, lines, images["Training utilization"])
+    plot_tradeoff(runs, lines, images["Utilization and reconstruction against codebook size"])
+    header, rows = table(runs, root)
+    found = notes(runs)
+    (out / "summary.md").write_text(markdown(header, rows, found))
+    page = out / "report.html"
+    page.write_text(html_page(header, rows, found, images))
+    return page
