@@ -8,12 +8,9 @@ Writes utilization.png, tradeoff.png, summary.md and report.html (see vqtrain/re
 """
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-
-from vqtrain.report import find_run_dirs, load_run, load_wandb_runs, write_report  # noqa: E402
+from vqtrain.report import find_run_dirs, load_run, load_wandb_runs, write_report
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,14 +44,17 @@ def wandb_offline() -> bool:
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("run_id", run_id, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
+    # ${hydra:runtime.cwd} is unset while a sweep is launched: multirun paths need their own
+    OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
 
 
 def compose(overrides: list[str] = (), output_dir: str | Path | None = None):
     """The training config as `python train.py OVERRIDES` would compose it, for
     notebooks and tests: `vqtrain.train.train(compose(["quantizer=fsq"], "/tmp/run"))`.
 
-    `${hydra:...}` interpolations resolve as in a real run; the output directory
-    is `output_dir` (a fresh run directory name under runs/ when None)."""
+    The result is fully resolved (`${hydra:...}` as in a real run), so it stays
+    valid after another compose; the output directory is `output_dir` (a fresh
+    run directory name under runs/ when None)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -68,4 +71,5 @@ def compose(overrides: list[str] = (), output_dir: str | Path | None = None):
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg.hydra  # as in a real run: the job's config holds no hydra node
+    OmegaConf.resolve(cfg)
     return cfg

@@ -1,0 +1,33 @@
+"""Decode a token shard back to PNG images or WAV clips, named after the items.
+
+    python scripts/decode.py ckpt_path=runs/<run>/last.ckpt tokens=tokens/shard-00000.pt out=recon/ [num_levels=2] [device=cpu]
+"""
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from omegaconf import MISSING
+
+from vqtrain.tokenizer import decode_shard, default_device, load_tokenizer, parse_args
+
+
+@dataclass
+class Args:
+    ckpt_path: str = MISSING
+    tokens: str = MISSING
+    out: str = MISSING
+    num_levels: Optional[int] = None
+    device: Optional[str] = None
+
+
+def main(argv: list[str]) -> None:
+    args, overrides = parse_args(Args, argv)
+    if overrides:
+        raise SystemExit(f"unknown arguments {overrides}: decoding takes only {list(Args.__dataclass_fields__)}")
+    tokenizer = load_tokenizer(args.ckpt_path, args.device or default_device())
+    written = decode_shard(tokenizer, args.tokens, args.out, args.num_levels)
+    print(f"{len(written)} files written to {args.out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
