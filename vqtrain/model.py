@@ -20,9 +20,20 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vqtrain.losses import ReconstructionLoss
-from vqtrain.metrics import CodebookUsage, LastUse
+from vqtrain.metrics import CodebookUsage, LastUse, usage_summary
 from vqtrain.quantizers import Quantizer, QuantizerOutput
-from vqtrain.utils import ceil_div, default, exists, lengths_to_mask, mask_to_lengths
+from vqtrain.utils import (
+    all_reduce_max,
+    all_reduce_sum,
+    ceil_div,
+    default,
+    exists,
+    lengths_to_mask,
+    mask_to_lengths,
+    rank,
+    rng_states,
+    set_rng_states,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +87,17 @@ class DiscreteAutoencoder(L.LightningModule):
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self.latest_usage: dict[str, dict[str, Tensor]] = {}
         self.run_config: dict | None = None  # the resolved run config, saved in checkpoints
+        self.resumed_rng_states: dict | None = None  # from the checkpoint resumed, until training starts
 
     # -- the model ---------------------------------------------------------
     def encode(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """x -> channel-last latents (B, ..., D), latent mask, sample lengths."""
-        lengths = mask_to_lengths(mask) if exists(mask) else None
+        if exists(mask):
+            lengths = mask_to_lengths(mask)
+        elif x.ndim == 3:  # unpadded audio: every sample is real, and the tail past length must still be cut
+            lengths = torch.full((x.shape[0],), x.shape[-1], device=x.device)
+        else:
+            lengths = None
         z = self.encoder(x, lengths)
         latent_mask = lengths_to_mask(ceil_div(lengths, self.encoder.stride), z.shape[-1]) if exists(lengths) else None
         return rearrange(z, "b d ... -> b ... d"), latent_mask, lengths
@@ -160,8 +177,9 @@ class DiscreteAutoencoder(L.LightningModule):
 
     def log_usage(self, stage: str, dead_codes: Tensor | None = None) -> None:
         usage = self.usage(stage)
-        summary = usage.compute()
-        summary["counts"] = usage.counts.clone()
+        with usage.sync_context():  # counts summed over ranks (compute() would leave only this rank's behind)
+            summary = usage_summary(usage.counts, usage.codebook_sizes)
+            summary["counts"] = usage.counts.clone()
         usage.reset()
         self.latest_usage[stage] = summary
         figures = {name: summary[name] for name in ("utilization", "perplexity", "dead_codes")}
@@ -200,6 +218,12 @@ class DiscreteAutoencoder(L.LightningModule):
     # -- checkpoints -------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["vqtrain_config"] = self.run_config
+        checkpoint["rng_states"] = rng_states()  # ranks draw alike: rank 0's states serve them all
+        # Every rank runs this hook and rank 0 writes the file: its usage state must be the run's,
+        # not its own (the usage window is a sum over ranks, the last use a max).
+        state = checkpoint["state_dict"]
+        state["train_usage.counts"] = all_reduce_sum(self.train_usage.counts.clone())
+        state["last_use.last_step"] = all_reduce_max(self.last_use.last_step.clone())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = (checkpoint.get("vqtrain_config") or {}).get("quantizer")
@@ -207,3 +231,15 @@ class DiscreteAutoencoder(L.LightningModule):
         if exists(saved) and exists(current) and saved != current:
             diff = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)}
             raise ValueError(f"checkpoint was trained with another quantizer config; differing keys (checkpoint, now): {diff}")
+        self.resumed_rng_states = checkpoint.get("rng_states")
+        if rank() != 0:  # the window's counts of all ranks: one rank carries them on
+            counts = checkpoint["state_dict"]["train_usage.counts"]
+            checkpoint["state_dict"]["train_usage.counts"] = torch.zeros_like(counts)
+
+    def on_train_start(self) -> None:
+        """A resumed run continues the random streams where its checkpoint left
+        them: here, after the sanity check and data set-up that a run never
+        stopped would not have repeated, before the first training batch."""
+        if exists(self.resumed_rng_states):
+            set_rng_states(self.resumed_rng_states)
+            self.resumed_rng_states = None

@@ -95,15 +95,19 @@ class Downsample1d(nn.Module):
 
 
 class Upsample1d(nn.Module):
-    """Nearest-neighbour upsampling and a conv: exactly T * stride positions."""
+    """Transposed conv (computed at the input rate) with exactly T * stride outputs."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
-        self.stride = stride
-        self.conv = nn.Conv1d(in_channels, out_channels, 2 * stride + 1, padding=stride)
+        padding = (stride + 1) // 2
+        self.conv = (
+            nn.ConvTranspose1d(in_channels, out_channels, 2 * stride, stride=stride, padding=padding, output_padding=2 * padding - stride)
+            if stride > 1
+            else nn.Conv1d(in_channels, out_channels, 3, padding=1)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=self.stride, mode="nearest"))
+        return self.conv(x)
 
 
 def residual_stack1d(channels: int) -> nn.ModuleList:

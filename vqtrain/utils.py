@@ -1,6 +1,10 @@
 """Small helpers shared across the package."""
 from __future__ import annotations
 
+import random
+from typing import Any
+
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -52,6 +56,12 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
+def all_reduce_max(t: Tensor) -> Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def broadcast(t: Tensor, src: int = 0) -> Tensor:
     if is_distributed():
         dist.broadcast(t, src)
@@ -72,3 +82,26 @@ def gather_rows(t: Tensor) -> Tensor:
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded)
     return torch.cat([g[:c] for g, c in zip(gathered, counts)])
+
+
+# --- random number generators: saved in checkpoints for exact resumes --------
+
+def rng_states() -> dict[str, Any]:
+    """The global generators' states, as tensors and plain values (checkpoints
+    load with weights_only). CUDA: the current device's, if CUDA was used."""
+    name, keys, *rest = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(states["python"])

@@ -1,0 +1,188 @@
+"""Scaling out: data parallelism, mixed precision, compilation.
+
+Real 2-process gloo runs on CPU: ranks see different data, yet every codebook
+statistic must stay bitwise equal across ranks (counts and sums are all-reduced,
+k-means and restarts are decided on rank 0 and broadcast), and the 2-rank run
+must match one process that sees both ranks' batches concatenated: proof that
+the reductions are the right sums. Then the CLI's DDP, bf16 and compile paths.
+"""
+from __future__ import annotations
+
+import math
+import socket
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from test_train import QUANTIZERS, column, read_metrics, run_cli
+from vqtrain.config import compose
+from vqtrain.metrics import CodebookUsage
+from vqtrain.quantizers import Quantizer, ResidualQuantizer, SimVQ, VectorQuantizer
+from vqtrain.train import train
+
+IN, DIM, CODES, STEPS, BATCH = 6, 4, 16, 8, 24
+
+# EMA codebooks with k-means init and dead-code restarts (the rows drift, so codes die)
+TRICKS = partial(VectorQuantizer, decay=0.8, kmeans_init=True, kmeans_iters=3, dead_code_threshold=0.5, usage_decay=0.5)
+FACTORIES: dict[str, Callable[[], Quantizer]] = {
+    "vq_ema": lambda: VectorQuantizer(DIM, CODES, decay=0.8),
+    "vq": lambda: TRICKS(DIM, CODES),
+    "simvq": lambda: SimVQ(DIM, CODES),  # learned by gradient: relies on DDP's gradient averaging
+    # quantizer dropout drawn per sample and rank ...
+    "rvq": lambda: ResidualQuantizer(DIM, TRICKS, num_levels=3, codebook_size=CODES, dropout=0.5, dropout_mode="sample"),
+    # ... or once per step for all ranks, which one process can reproduce
+    "rvq_batch_dropout": lambda: ResidualQuantizer(DIM, TRICKS, num_levels=3, codebook_size=CODES, dropout=0.5, dropout_mode="batch"),
+}
+
+
+class Autoencoder(nn.Module):
+    """The smallest model with a gradient path through the quantizer."""
+
+    def __init__(self, quantizer: Quantizer):
+        super().__init__()
+        self.encoder, self.quantizer, self.decoder = nn.Linear(IN, DIM), quantizer, nn.Linear(DIM, IN)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.quantizer(self.encoder(x))
+        return (self.decoder(out.quantized) - x).pow(2).mean() + out.loss, out.indices
+
+
+def batch(step: int, rank: int) -> Tensor:
+    """(BATCH, 2, IN) rows, different per rank and drifting over steps so that codes die and restart."""
+    generator = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(BATCH, 2, IN, generator=generator) + 0.5 * step * (1 + rank)
+
+
+def run_steps(name: str, batches: Callable[[int], Tensor], distributed: bool) -> dict[str, Tensor]:
+    """STEPS SGD steps; returns the final state and how often codes were (re)placed."""
+    torch.manual_seed(0)
+    model = Autoencoder(FACTORIES[name]())
+    replaced = count_code_replacements(model.quantizer)
+    # broadcast_buffers=False: the quantizer must keep its own buffers in sync, not DDP
+    wrapped = DistributedDataParallel(model, broadcast_buffers=False) if distributed else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    usage = CodebookUsage(model.quantizer.codebook_sizes)
+    for step in range(STEPS):
+        loss, indices = wrapped(batches(step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        usage.update(indices)
+    summary = usage.compute()  # counts summed over ranks
+    return {**model.state_dict(), "replaced": torch.tensor(replaced()), "perplexity": summary["perplexity"], "utilization": summary["utilization"]}
+
+
+def count_code_replacements(quantizer: Quantizer) -> Callable[[], int]:
+    """A counter of k-means inits and dead-code restarts (both replace codes)."""
+    levels = [m for m in quantizer.modules() if isinstance(m, VectorQuantizer) and not isinstance(m, SimVQ)]
+    calls = [0]
+    for level in levels:
+        def counted(*args, original=level._replace_codes):
+            calls[0] += 1
+            return original(*args)
+        level._replace_codes = counted
+    return lambda: calls[0]
+
+
+def worker(rank: int, world: int, port: int, name: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save(run_steps(name, lambda step: batch(step, rank), distributed=True), Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], list[dict[str, Tensor]]]:
+    """Final states of both ranks of a 2-process run, one run per quantizer."""
+    runs: dict[str, list[dict[str, Tensor]]] = {}
+
+    def run(name: str) -> list[dict[str, Tensor]]:
+        if name not in runs:
+            out = tmp_path_factory.mktemp(name)
+            # fork: children reuse the imported torch (spawn would re-import for seconds)
+            mp.start_processes(worker, args=(2, free_port(), name, str(out)), nprocs=2, start_method="fork")
+            runs[name] = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+        return runs[name]
+
+    return run
+
+
+@pytest.mark.parametrize("name", ["vq", "simvq", "rvq"])
+def test_ranks_with_different_data_keep_identical_codebooks(name: str, two_ranks):
+    rank0, rank1 = two_ranks(name)
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), f"{name}: {key} differs between ranks"
+    if name != "simvq":  # k-means init once per codebook, then dead-code restarts
+        assert int(rank0["replaced"]) > len(FACTORIES[name]().codebook_sizes), "no dead code was restarted"
+
+
+@pytest.mark.parametrize("name", ["vq_ema", "vq", "simvq", "rvq_batch_dropout"])
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(name: str, two_ranks):
+    """DDP averages equal-sized ranks' mean losses = the mean over the joint batch;
+    EMA sums are all-reduced; k-means and restarts pool rows in rank order = concat order."""
+    rank0, _ = two_ranks(name)
+    single = run_steps(name, lambda step: torch.cat([batch(step, 0), batch(step, 1)]), distributed=False)
+    for key, value in single.items():
+        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {key}: {m}")
+
+
+# --- the CLI and the trainer's precision and compilation switches -------------
+
+TINY = ["model.latent_dim=8", "model.encoder.hidden_channels=8", "model.decoder.hidden_channels=8", "data.num_train=32",
+        "data.num_val=16", "data.num_test=16", "data.batch_size=8", "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false", "callbacks.reconstructions=null"]
+
+
+@pytest.mark.slow
+def test_cli_ddp_run_keeps_one_run_directory(tmp_path: Path):
+    """Lightning's DDP launcher re-runs train.py for rank 1 with hydra.run.dir set to
+    rank 0's directory (and VQTRAIN_RUN_ID inherited): both ranks write one run."""
+    result = run_cli("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=3",
+                     "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", *TINY, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "last.ckpt").is_file()
+    assert column(read_metrics(run_dir), "train/loss")
+    assert (run_dir / "train_ddp_process_1.log").is_file()  # rank 1 ran in this directory
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_bf16_mixed_trains_every_quantizer_without_nan(quantizer: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    seen: list[torch.dtype] = []
+    forward = Quantizer.forward
+
+    def recording(self: Quantizer, z: Tensor, mask: Tensor | None = None):
+        seen.append(z.dtype)
+        return forward(self, z, mask)
+
+    monkeypatch.setattr(Quantizer, "forward", recording)
+    train(compose([f"quantizer={quantizer}", "trainer.precision=bf16-mixed", "trainer.max_steps=3",
+                       "trainer.limit_val_batches=0", "test=false", *TINY], tmp_path))
+    assert torch.bfloat16 in seen  # autocast really ran the encoder in bf16
+    rows = read_metrics(tmp_path)
+    for name in ("loss", "recon_loss", "commitment_loss", "codebook_loss"):
+        values = column(rows, f"train/{name}")
+        assert len(values) == 3 and all(math.isfinite(v) for v in values), (name, values)
+
+
+@pytest.mark.slow
+def test_compiled_encoder_and_decoder_train(tmp_path: Path):
+    metrics = train(compose(["model.compile=true", "trainer.max_steps=3", "trainer.val_check_interval=3",
+                                 "trainer.limit_val_batches=1", "test=false", *TINY], tmp_path))
+    assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/loss"])
