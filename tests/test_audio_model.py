@@ -112,12 +112,13 @@ def read_column(run_dir: Path, name: str) -> list[float]:
         return [float(r[name]) for r in csv.DictReader(f) if r.get(name)]
 
 
-@pytest.mark.parametrize("quantizer", QUANTIZERS)
+@pytest.mark.parametrize("quantizer", [pytest.param(q, marks=pytest.mark.slow) if q != "fsq" else q for q in QUANTIZERS])
 def test_short_fsdd_run_beats_silence(quantizer: str, fsdd_root: Path, tmp_path: Path):
     cfg = compose(
         ["data=fsdd", f"data.root={fsdd_root}", f"data.cache_dir={tmp_path / 'cache'}", f"quantizer={quantizer}",
          "quantizer.codebook_size=256", "trainer.max_steps=60", "trainer.val_check_interval=60", "trainer.limit_val_batches=4",
-         "test=false", "trainer.enable_progress_bar=false", "optimizer.lr=2e-3", "model.scheduler=null"],
+         "data.batch_size=16", "data.max_length=1.0", "test=false", "trainer.enable_progress_bar=false", "optimizer.lr=2e-3",
+         "model.scheduler=null", "callbacks.reconstructions=null"],
         tmp_path,
     )
     metrics = train(cfg)

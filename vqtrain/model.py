@@ -24,6 +24,7 @@ from vqtrain.metrics import CodebookUsage, LastUse, usage_summary
 from vqtrain.quantizers import Quantizer, QuantizerOutput
 from vqtrain.utils import (
     all_reduce_max,
+    all_reduce_min,
     all_reduce_sum,
     ceil_div,
     default,
@@ -114,8 +115,11 @@ class DiscreteAutoencoder(L.LightningModule):
 
     # -- steps -------------------------------------------------------------
     def check_finite(self, name: str, tensor: Tensor, mask: Tensor | None = None) -> None:
+        """Raise if any real value is NaN/Inf on any rank: ranks decide together,
+        so a skipped step never leaves the others waiting in a collective."""
         values = tensor if not exists(mask) else tensor[mask]
-        if not bool(torch.isfinite(values).all()):
+        finite = all_reduce_min(torch.isfinite(values).all().to(torch.int32))
+        if not bool(finite):
             raise FloatingPointError(f"non-finite {name} at step {self.global_step}")
 
     def shared_step(self, batch: dict, stage: str) -> tuple[Tensor, QuantizerOutput] | None:

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vqtrain.config import CONFIG_DIR, register_resolvers
+from vqtrain.faults import check_config
 
 log = logging.getLogger(__name__)
 
@@ -20,21 +21,27 @@ register_resolvers()
 
 
 def resume_path(cfg: DictConfig) -> str | None:
-    """An explicit `ckpt_path`, else with resume=auto the run directory's last.ckpt."""
+    """An explicit `ckpt_path`, else with resume=auto the run directory's newest
+    checkpoint to continue from: last.ckpt, a last-v<n>.ckpt (ModelCheckpoint's
+    name when last.ckpt is not its own, as in a moved run directory), or an
+    hpc_ckpt_<n>.ckpt that Lightning saved on SLURM's requeue signal."""
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
         return str(cfg.ckpt_path)
     if cfg.resume not in ("auto", "never"):
         raise ValueError(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
-    last = Path(cfg.paths.output_dir) / "last.ckpt"
-    if cfg.resume == "auto" and last.is_file():
-        log.info("resuming from %s", last)
-        return str(last)
+    run_dir = Path(cfg.paths.output_dir)
+    saved = [path for pattern in ("last*.ckpt", "hpc_ckpt_*.ckpt") for path in run_dir.glob(pattern) if path.is_file()]
+    if cfg.resume == "auto" and saved:
+        newest = max(saved, key=lambda path: path.stat().st_mtime_ns)
+        log.info("resuming from %s", newest)
+        return str(newest)
     return None
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    check_config(cfg)
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)

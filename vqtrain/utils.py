@@ -62,6 +62,12 @@ def all_reduce_max(t: Tensor) -> Tensor:
     return t
 
 
+def all_reduce_min(t: Tensor) -> Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 def broadcast(t: Tensor, src: int = 0) -> Tensor:
     if is_distributed():
         dist.broadcast(t, src)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -38,6 +39,9 @@ DECODE_ERRORS = (sf.SoundFileError, RuntimeError, OSError)
 CACHE_VERSION = 1
 # libsndfile's WAV header dump says "data : <declared> (should be <present>)" when the data chunk is cut short
 TRUNCATED = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+# torchaudio's resampling kernel has about (old / g) * (new / g) taps, g = gcd(old, new): at most 441 * 640
+# between standard rates (11.025 to 16 kHz), but minutes and gigabytes per clip for a corrupt header's rate
+MAX_RESAMPLING_TAPS = 2**20
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,14 @@ class AudioHeader:
     @property
     def duration(self) -> float:
         return self.frames / self.sample_rate
+
+
+def resampling_problem(orig_rate: int, new_rate: int) -> str | None:
+    """Why clips at `orig_rate` cannot be resampled to `new_rate`, or None."""
+    divisor = math.gcd(orig_rate, new_rate)
+    if (orig_rate // divisor) * (new_rate // divisor) > MAX_RESAMPLING_TAPS:
+        return f"its sample rate {orig_rate} Hz takes too long to resample to {new_rate} Hz (a corrupt header?)"
+    return None
 
 
 def resampled_length(frames: int, orig_rate: int, new_rate: int) -> int:
@@ -169,6 +181,9 @@ class AudioFolder(Dataset):
         self.root = Path(root).expanduser()
         files = list_audio(self.root) if files is None else [self.relative(file) for file in files]
         headers = read_headers(self.root, files, cache_dir)
+        for relative, header in headers.items():
+            if isinstance(header, AudioHeader) and (problem := resampling_problem(header.sample_rate, sample_rate)):
+                headers[relative] = problem
         unusable = {relative: reason for relative, reason in headers.items() if isinstance(reason, str)}
         if unusable:
             listing = "; ".join(f"{self.root / relative}: {reason}" for relative, reason in list(unusable.items())[:5])

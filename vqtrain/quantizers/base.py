@@ -134,6 +134,9 @@ class Quantizer(nn.Module):
         if exists(mask):
             keep = mask.reshape(-1)
             rows, sample_ids = rows[keep], sample_ids[keep]
+        # a NaN or Inf would get some code silently and could poison codebook statistics for good
+        if not bool(torch.isfinite(rows).all()):
+            raise FloatingPointError(f"{type(self).__name__} input has NaN or Inf values at real (unmasked) positions")
 
         with torch.autocast(z.device.type, enabled=False):
             quantized, indices, losses, loss = self.quantize_rows(rows.float(), sample_ids, lead[0])
@@ -158,6 +161,8 @@ class Quantizer(nn.Module):
         """Indices as returned by `forward` -> float32 codes (B, ..., D); zeros where -1.
 
         In eval mode this is exactly `forward(z).quantized` for float32 `z`."""
+        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+            raise TypeError(f"indices must be integers, got {indices.dtype}")  # 2.7 or True would decode as a code
         columns = self.num_index_columns
         if columns > 1 and indices.shape[-1] != columns:
             raise ValueError(f"expected indices with a last dimension of {columns}, got {tuple(indices.shape)}")

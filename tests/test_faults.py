@@ -1,0 +1,382 @@
+"""Bad configs, bad data, non-finite numbers, kills and stop signals: each ends in
+a clear error, a counted skip or a run that can continue, never a silent wrong result."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+
+from vqtrain.config import compose
+from vqtrain.data.audio import AudioFolder
+from vqtrain.data.images import TensorImages
+from vqtrain.faults import AtomicCheckpointIO, forward_sigusr1
+from vqtrain.train import resume_path, train
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = [
+    "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+    "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "callbacks.reconstructions=null", "test=false",
+    "model.encoder.hidden_channels=16", "model.decoder.hidden_channels=16", "model.latent_dim=16", "quantizer.codebook_size=64",
+]
+SHAPES = ["data.num_train=32", "data.num_val=16", "data.num_test=16", "data.batch_size=16"]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict[str, str]], name: str) -> list[float]:
+    return [float(r[name]) for r in rows if r.get(name) not in (None, "")]
+
+
+def global_step(checkpoint: Path) -> int:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
+
+
+# --- configs ------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, message", [
+    (["quantizer=fsq", "quantizer.codebook_size=null", "quantizer.levels=[1,4]"], "FSQ levels must be a non-empty list of integers >= 2"),
+    (["quantizer=fsq", "quantizer.codebook_size=null", "quantizer.levels=[]"], "FSQ levels must be a non-empty list of integers >= 2"),
+    (["quantizer.codebook_size=0"], "codebook_size must be an integer >= 1, got 0"),
+    (["quantizer.decay=1.0"], "decay must lie in the open interval (0, 1), got 1.0"),
+    (["quantizer=rvq", "quantizer.quantizer.decay=0"], "decay must lie in the open interval (0, 1), got 0"),
+    (["quantizer.commitment_weight=-0.5"], "commitment_weight must be a finite number >= 0, got -0.5"),
+    (["model.latent_dim=32", "model.encoder.out_channels=16"], "latent dims must all equal model.latent_dim=32"),
+    (["data=fsdd", "model.latent_dim=32", "quantizer.dim=8"], "latent dims must all equal model.latent_dim=32"),
+])
+def test_invalid_model_settings_fail_at_start_naming_the_key(overrides: list[str], message: str, tmp_path: Path):
+    with pytest.raises(Exception, match=re.escape(message)) as error:
+        train(compose([*FAST, *overrides], tmp_path / "run"))
+    assert "full_key: model" in str(error.value)  # Hydra adds where in the config the failing object lives
+    assert not (tmp_path / "run").exists()  # nothing was trained or written
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.lr=0", "optimizer.lr=0 (must be a finite number > 0)"),
+    ("model.scheduler.min_lr_ratio=-0.5", "model.scheduler.min_lr_ratio=-0.5 (must be a number in [0, 1])"),
+    ("model.scheduler.warmup_steps=-1", "model.scheduler.warmup_steps=-1 (must be an integer >= 0)"),
+    ("trainer.max_steps=0", "trainer.max_steps=0 (must be -1 (no limit) or an integer >= 1)"),
+    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1 (must be null or a finite number >= 0)"),
+    ("trainer.val_check_interval=0", "trainer.val_check_interval=0 (must be an integer >= 1"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 (must be an integer >= 1)"),
+    ("seed=-1", "seed=-1 (must be null or an integer in [0, 2^32))"),
+    ("data.image_size=30", "data.image_size=30 (must be divisible by 2^model.encoder.num_downsamples = 4)"),
+])
+def test_settings_that_would_silently_misbehave_are_refused(override: str, message: str, tmp_path: Path):
+    """Lightning and torch accept these: lr 0 or a negative clip value trains nothing or backwards."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(compose([*FAST, override], tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_offending_key_is_named_at_once(tmp_path: Path):
+    with pytest.raises(ValueError, match=r"optimizer\.lr=-1 .*; trainer\.max_steps='many'"):
+        train(compose([*FAST, "optimizer.lr=-1", "trainer.max_steps=many"], tmp_path))
+
+
+def test_cli_refuses_a_bad_config_naming_the_key(tmp_path: Path):
+    env = {**os.environ, "WANDB_MODE": "offline", "VQTRAIN_ROOT": str(tmp_path)}
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "quantizer.codebook_size=0"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "codebook_size must be an integer >= 1, got 0" in result.stderr and "full_key: model.quantizer" in result.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+# --- data -----------------------------------------------------------------------
+
+RATE = 8000
+BAD_FILES = ["bad/empty.wav", "bad/random.wav", "bad/text.flac", "bad/truncated.wav"]
+
+
+@pytest.fixture
+def audio_root(tmp_path: Path) -> Path:
+    """Eight 50 ms clips (clip0 lands in train, clip1 in val with val_fraction=0.3) and four unusable files."""
+    root = tmp_path / "audio"
+    (root / "bad").mkdir(parents=True)
+    t = np.arange(RATE // 20) / RATE
+    for i in range(8):
+        sf.write(root / f"clip{i}.wav", (0.5 * np.sin(2 * np.pi * 220 * (i + 1) * t)).astype(np.float32), RATE)
+    (root / "bad" / "empty.wav").write_bytes(b"")
+    (root / "bad" / "random.wav").write_bytes(np.random.default_rng(0).bytes(3000))
+    (root / "bad" / "text.flac").write_text("not audio")
+    whole = (root / "clip1.wav").read_bytes()
+    (root / "bad" / "truncated.wav").write_bytes(whole[: len(whole) // 2])
+    (root / "notes.txt").write_text("ignored: not an audio extension")
+    return root
+
+
+def audio_run(root: Path, cache: Path, *overrides: str) -> list[str]:
+    return ["data=audio_folder", f"data.root={root}", f"data.cache_dir={cache}", f"data.sample_rate={RATE}",
+            "data.max_length=0.05", "data.batch_size=8", "data.split.val_fraction=0.3", *FAST, *overrides]
+
+
+def break_keeping_size_and_mtime(path: Path) -> None:
+    """Unreadable now, yet unchanged for the header cache: it fails at load time, not at the scan."""
+    stat = path.stat()
+    path.write_bytes(bytes(stat.st_size))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_bad_audio_is_skipped_counted_and_logged(audio_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    cache = tmp_path / "cache"
+    AudioFolder(audio_root, RATE, cache_dir=cache)  # the scan, cached
+    break_keeping_size_and_mtime(audio_root / "clip0.wav")
+    run_dir = tmp_path / "run"
+    train(compose(audio_run(audio_root, cache), run_dir))
+    rows = read_metrics(run_dir)
+    assert column(rows, "data/skipped_files") == [len(BAD_FILES)]  # left out at the scan
+    assert column(rows, "data/skipped_items")[-1] == 4  # clip0 is in the one training batch of each of the 4 steps
+    assert all(np.isfinite(column(rows, "train/loss")))
+    for name in BAD_FILES + ["clip0.wav"]:
+        assert name in caplog.text
+
+
+def test_strict_data_turns_a_skip_into_an_error_naming_the_file(audio_root: Path, tmp_path: Path):
+    with pytest.raises(RuntimeError, match=r"data\.strict=true and 3 audio files are unusable: .*bad/empty\.wav"):
+        train(compose(audio_run(audio_root, tmp_path / "cache", "data.strict=true"), tmp_path / "run"))
+
+
+@pytest.mark.parametrize("data, message", [
+    ("audio_folder", r"no folder {root} \(expected a folder tree of \.wav/\.flac/\.ogg files"),
+    ("image_folder", r"no folder {root} \(expected a folder tree of images\)"),
+])
+@pytest.mark.parametrize("empty", [False, True])
+def test_missing_or_empty_data_folder_names_the_path_and_what_was_expected(data: str, message: str, empty: bool, tmp_path: Path):
+    root = tmp_path / "data"
+    if empty:
+        root.mkdir()
+        (root / "readme.txt").write_text("nothing usable here")
+        message = {"audio_folder": r"no audio files under {root} \(expected a folder tree of \.wav",
+                   "image_folder": r"no images with extensions .* under {root}"}[data]
+    overrides = [*FAST, f"data={data}", f"data.root={root}"] + ([f"data.cache_dir={tmp_path}"] if data == "audio_folder" else [])
+    with pytest.raises(FileNotFoundError, match=message.format(root=re.escape(str(root)))):
+        train(compose(overrides, tmp_path / "run"))
+
+
+# --- numerics ---------------------------------------------------------------------
+
+@pytest.fixture
+def poisoned_training_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training image 0 (of the 32) holds a NaN pixel."""
+    original = TensorImages.__getitem__
+
+    def getitem(self: TensorImages, index: int) -> dict:
+        item = original(self, index)
+        if index == 0 and len(self) == 32:
+            item["x"] = item["x"].clone()
+            item["x"][0, 0, 0] = float("nan")
+        return item
+
+    monkeypatch.setattr(TensorImages, "__getitem__", getitem)
+
+
+def test_nonfinite_input_stops_the_run_naming_the_step_and_the_tensor(poisoned_training_image, tmp_path: Path):
+    with pytest.raises(FloatingPointError, match=r"non-finite input batch\['x'\] at step [01] \(model\.nonfinite=skip"):
+        train(compose([*FAST, *SHAPES], tmp_path))
+
+
+def test_nonfinite_input_is_skipped_and_counted_with_policy_skip(poisoned_training_image, tmp_path: Path):
+    train(compose([*FAST, *SHAPES, "model.nonfinite=skip"], tmp_path))
+    rows = read_metrics(tmp_path)
+    assert column(rows, "train/skipped_steps")[-1] == 2  # two epochs of two batches, one poisoned batch each
+    assert all(np.isfinite(column(rows, "train/loss") + column(rows, "val/loss")))
+    model = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert all(bool(torch.isfinite(v).all()) for v in model.values() if v.is_floating_point())
+
+
+class NaNLoss(nn.Module):
+    def forward(self, x_hat: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return (x_hat - x).mean() * float("nan")
+
+
+def test_nonfinite_loss_names_the_step_or_is_skipped(tmp_path: Path):
+    model = instantiate(compose([*FAST], tmp_path).model).train()
+    model.reconstruction = NaNLoss()
+    batch = {"x": torch.randn(2, 1, 32, 32), "skipped": torch.tensor(0)}
+    with pytest.raises(FloatingPointError, match="non-finite train loss at step 0"):
+        model.training_step(batch, 0)
+    model.nonfinite = "skip"
+    assert model.training_step(batch, 0) is None and int(model.skipped_steps) == 1
+
+
+def audio_model(tmp_path: Path, *overrides: str):
+    return instantiate(compose(["data=fsdd", "quantizer=vq_tricks", *FAST, *overrides], tmp_path).model).train()
+
+
+def test_all_padding_batch_gives_zero_losses_and_leaves_the_codebook_alone(tmp_path: Path):
+    model = audio_model(tmp_path)
+    before = {k: v.clone() for k, v in model.quantizer.state_dict().items()}
+    batch = {"x": torch.zeros(2, 1, 400), "mask": torch.zeros(2, 400, dtype=torch.bool),
+             "lengths": torch.zeros(2, dtype=torch.long), "skipped": torch.tensor(0)}
+    loss = model.training_step(batch, 0)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+    after = model.quantizer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no EMA step, k-means init or restart
+    assert not bool(model.quantizer.initted) and model.train_usage.counts.sum() == 0
+
+
+def test_kmeans_init_with_fewer_real_vectors_than_codes(tmp_path: Path):
+    """5 real latent positions for 64 codes: every code becomes a real vector or a mean of some (search.kmeans)."""
+    model = audio_model(tmp_path)
+    lengths = torch.tensor([64, 96])  # latents at stride 32: 2 + 3 real positions
+    mask = torch.arange(96) < lengths[:, None]
+    batch = {"x": torch.randn(2, 1, 96) * mask[:, None], "mask": mask, "lengths": lengths, "skipped": torch.tensor(0)}
+    with torch.no_grad():
+        z, latent_mask, _ = model.encode(batch["x"], mask)
+    real = z[latent_mask]
+    assert len(real) == 5
+    loss = model.training_step(batch, 0)
+    codes = model.quantizer.embed[0]
+    assert bool(model.quantizer.initted) and torch.isfinite(loss)
+    assert bool(((codes >= real.min(0).values - 1e-5) & (codes <= real.max(0).values + 1e-5)).all())
+
+
+# --- runs: atomic checkpoints, signals, resume --------------------------------------
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    checkpoint_io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    checkpoint_io.save_checkpoint({"global_step": 1, "weights": torch.ones(10_000)}, path)
+    save = torch.save
+
+    def killed_mid_write(obj, file) -> None:
+        buffer = io.BytesIO()
+        save(obj, buffer)
+        file.write(buffer.getvalue()[: buffer.tell() // 2])
+        file.flush()
+        assert Path(file.name).parent == tmp_path and Path(file.name) != path
+        assert checkpoint_io.load_checkpoint(path)["global_step"] == 1  # meanwhile, the old one is whole
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_io.save_checkpoint({"global_step": 2, "weights": torch.zeros(10_000)}, path)
+    assert checkpoint_io.load_checkpoint(path)["global_step"] == 1
+    assert list(tmp_path.iterdir()) == [path]  # no half-written file left behind
+    monkeypatch.setattr(torch, "save", save)
+    checkpoint_io.save_checkpoint({"global_step": 3}, path)
+    assert checkpoint_io.load_checkpoint(path)["global_step"] == 3
+
+
+def test_checkpoints_are_atomic_by_default(tmp_path: Path):
+    trainer = instantiate(compose(FAST, tmp_path).trainer)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_resume_auto_takes_the_newest_checkpoint(tmp_path: Path):
+    cfg = OmegaConf.create({"ckpt_path": None, "resume": "auto", "paths": {"output_dir": str(tmp_path)}})
+    assert resume_path(cfg) is None
+    for age, name in enumerate(["hpc_ckpt_2.ckpt", "last.ckpt", "hpc_ckpt_1.ckpt"]):
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, ns=(0, 10**9 * (10 - age)))
+    assert resume_path(cfg) == str(tmp_path / "hpc_ckpt_2.ckpt")  # Lightning's save on SLURM's requeue signal
+    os.utime(tmp_path / "last.ckpt", ns=(0, 10**9 * 11))
+    assert resume_path(cfg) == str(tmp_path / "last.ckpt")
+    assert resume_path(OmegaConf.merge(cfg, {"resume": "never"})) is None
+    with pytest.raises(ValueError, match="resume must be 'auto' or 'never', got 'yes'"):
+        resume_path(OmegaConf.merge(cfg, {"resume": "yes"}))
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    """A CLI run on the shapes data sent SIGTERM once its first checkpoint (step 2) is on disk."""
+    root = tmp_path_factory.mktemp("stopped")
+    run_dir = root / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "VQTRAIN_ROOT": str(root)}
+    command = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run_dir}", *FAST, *SHAPES,
+               "trainer.max_steps=100000"]
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not list(run_dir.glob("step*.ckpt")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(command, process.returncode, output), run_dir
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+def test_sigterm_saves_last_checkpoint_and_exits_cleanly(stopped_run):
+    result, run_dir = stopped_run
+    assert result.returncode == 0, result.stdout[-3000:]
+    step = global_step(run_dir / "last.ckpt")
+    assert step >= 2
+    assert f"saved {run_dir / 'last.ckpt'} at step {step}" in result.stdout
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_resume_auto_continues_from_the_saved_step_and_keeps_the_metrics(stopped_run, tmp_path: Path):
+    """In a moved copy of the run directory, as the same directory would be resumed."""
+    run_dir = copy_of(stopped_run[1], tmp_path)
+    step = global_step(run_dir / "last.ckpt")
+    logged = read_metrics(run_dir)
+    cfg = compose([*FAST, *SHAPES, f"trainer.max_steps={step + 2}"], run_dir)
+    train(cfg)
+    assert global_step(Path(resume_path(cfg))) > step  # (ModelCheckpoint saves at validations, every 2 steps)
+    rows = read_metrics(run_dir)
+    assert rows[: len(logged)] == [{k: r.get(k, "") for k in rows[0]} for r in logged]  # the stopped run's history is kept
+    before = [int(r["step"]) for r in logged if r["train/loss"]]
+    after = [int(r["step"]) for r in rows[len(logged):] if r["train/loss"]]
+    assert before and after and min(after) > max(before)  # more steps, not a restart at 0
+
+
+def test_a_checkpoint_of_another_quantizer_config_is_refused(stopped_run, tmp_path: Path):
+    run_dir = copy_of(stopped_run[1], tmp_path)
+    before = (run_dir / "last.ckpt").read_bytes()
+    with pytest.raises(ValueError, match=r"another quantizer config; differing keys \(checkpoint, now\): \{'codebook_size': \(64, 32\)\}"):
+        train(compose([*FAST, *SHAPES, "quantizer.codebook_size=32", "trainer.max_steps=100"], run_dir))
+    assert (run_dir / "last.ckpt").read_bytes() == before
+
+
+class RaiseSignal(L.Callback):
+    """Sends `signum` to this process after training step `step`."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            signal.raise_signal(self.signum)
+
+
+def test_sigusr1_saves_last_checkpoint_and_stops_like_sigterm(tmp_path: Path):
+    overrides = [*FAST, *SHAPES, "trainer.max_steps=100", f"+callbacks.signal._target_={__name__}.RaiseSignal",
+                 f"+callbacks.signal.signum={int(signal.SIGUSR1)}", "+callbacks.signal.step=3"]
+    with pytest.raises(SystemExit) as stop:
+        train(compose(overrides, tmp_path))
+    assert stop.value.code is None  # exit status 0
+    assert global_step(tmp_path / "last.ckpt") == 3
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # restored when fit ended
+
+
+def test_sigusr1_is_left_to_a_handler_already_installed():
+    """Under SLURM with auto-requeue Lightning owns SIGUSR1 (hpc checkpoint, then requeue)."""
+    requeue = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGUSR1, requeue)
+    try:
+        forward_sigusr1()
+        assert signal.getsignal(signal.SIGUSR1) is requeue
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -1,0 +1,163 @@
+"""What keeps a long run from silently going wrong or getting lost: start-up
+checks of settings no constructor sees, atomic checkpoint writes, a saved
+`last.ckpt` on a scheduler's stop signal, metrics that survive a resume, and
+scan-time data skips in the metrics.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# key -> (test, allowed values): settings that torch or Lightning accept, or refuse
+# without naming them, though they would train nothing, train backwards or log nothing
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "optimizer.lr": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+    "model.scheduler.warmup_steps": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "model.scheduler.min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "trainer.max_steps": (lambda v: v == -1 or v >= 1, "-1 (no limit) or an integer >= 1"),
+    "trainer.max_epochs": (lambda v: v is None or v == -1 or v >= 1, "null, -1 (no limit) or an integer >= 1"),
+    "trainer.gradient_clip_val": (lambda v: v is None or 0 <= v < math.inf, "null or a finite number >= 0"),
+    "trainer.log_every_n_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.val_check_interval": (
+        lambda v: v >= 1 if isinstance(v, int) else 0 < v <= 1,
+        "an integer >= 1 (training steps) or a fraction in (0, 1] of an epoch",
+    ),
+    "seed": (lambda v: v is None or isinstance(v, int) and 0 <= v < 2**32, "null or an integer in [0, 2^32)"),
+}
+ABSENT = object()
+
+
+def passes(test: Callable[[Any], bool], value: Any) -> bool:
+    try:
+        return bool(test(value))
+    except TypeError:  # e.g. a string where a number belongs
+        return False
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse, before anything is built, settings that would not fail by themselves
+    but train nothing or the wrong thing; the message names every offending key."""
+    problems = []
+    for key, (test, allowed) in RULES.items():
+        value = OmegaConf.select(cfg, key, default=ABSENT)
+        if value is not ABSENT and not passes(test, value):
+            problems.append(f"{key}={value!r} (must be {allowed})")
+    image_size = OmegaConf.select(cfg, "data.image_size")
+    downsamples = OmegaConf.select(cfg, "model.encoder.num_downsamples")
+    if isinstance(image_size, int) and isinstance(downsamples, int) and image_size % 2**downsamples:
+        problems.append(f"data.image_size={image_size} (must be divisible by 2^model.encoder.num_downsamples = {2**downsamples})")
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints appear whole or not at all, so a kill during a save leaves the
+    previous `last.ckpt` loadable. Lightning's own save moves a temporary file from
+    the system temp folder, which is a copy (not atomic) when that folder lies on
+    another file system, and nothing is fsynced. Here the temporary file lies next
+    to the target, is fsynced, then renamed over it."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(temporary, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power cut
+        finally:
+            os.close(directory)
+
+
+class GracefulStop(L.Callback):
+    """A scheduler's stop signal costs no training. On SIGTERM Lightning ends
+    `fit` at the next safe point (after a training batch, or within validation)
+    with SIGTERMException, an exit with status 0; this saves `<dirpath>/last.ckpt`
+    there, so that a rerun in the same run directory with `resume=auto` continues.
+    SIGUSR1 does the same, except where Lightning handles it already (SLURM's
+    auto-requeue: an hpc checkpoint, then `scontrol requeue`)."""
+
+    def __init__(self, dirpath: _PATH):
+        self.path = Path(dirpath) / "last.ckpt"
+
+    # after Lightning has registered its signal handlers, which it restores when fit ends
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        forward_sigusr1()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        forward_sigusr1()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            trainer.save_checkpoint(self.path)
+            log.warning("stopped by a signal: saved %s at step %d; rerun in this run directory with resume=auto "
+                        "to continue", self.path, trainer.global_step)
+
+
+def forward_sigusr1() -> None:
+    """Treat SIGUSR1 as SIGTERM, unless something handles it already."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
+        signal.signal(signal.SIGUSR1, lambda *_: signal.raise_signal(signal.SIGTERM))
+
+
+class SkippedFilesLogger(L.Callback):
+    """Files the data module left out when scanning (`skipped_files`: unusable
+    audio) are logged as `data/skipped_files`, next to the model's running count
+    of items skipped at load time (`data/skipped_items`)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        skipped = getattr(trainer.datamodule, "skipped_files", None)
+        if skipped is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics({"data/skipped_files": float(skipped)}, step=trainer.global_step)
+
+
+class AppendingWriter(ExperimentWriter):
+    """Lightning's writer deletes an existing metrics.csv; this one keeps it and its columns."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = next(csv.reader(file), [])
+
+
+class ResumableCSVLogger(CSVLogger):
+    """A CSVLogger whose metrics.csv survives a resume in the same run directory:
+    the resumed run appends its rows. Steps logged after the last checkpoint of a
+    killed run appear twice; the later row is the one training continued from."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
