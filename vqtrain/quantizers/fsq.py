@@ -57,13 +57,19 @@ class FSQ(Quantizer):
         if not bool((scale_t > 0).all()):
             raise ValueError(f"FSQ scale must be > 0, got {scale!r}")
         self.register_buffer("_scale", scale_t, persistent=False)
-        self.eps = eps
+        self.unit_scale = bool((scale_t == 1).all())  # dividing and multiplying by 1 are exact: skipped
         self.codebook_sizes = [math.prod(levels)] * num_codebooks
 
         levels_t = torch.tensor(levels, dtype=torch.float32)
         self.register_buffer("_levels", levels_t, persistent=False)
         self.register_buffer("_half_width", torch.div(levels_t, 2, rounding_mode="floor"), persistent=False)
         self.register_buffer("_basis", torch.cumprod(torch.tensor([1] + levels[:-1]), 0).long(), persistent=False)
+        # bound(h) = tanh(h + shift) * half_l - offset, its constants computed once
+        half_l = (levels_t - 1) * (1 + eps) / 2
+        offset = torch.where(levels_t % 2 == 0, 0.5, 0.0)
+        self.register_buffer("_half_l", half_l, persistent=False)
+        self.register_buffer("_offset", offset, persistent=False)
+        self.register_buffer("_shift", torch.atanh(offset / half_l), persistent=False)
 
         self.code_dim = code_dim = len(levels) * num_codebooks
         projected = dim != code_dim
@@ -72,19 +78,20 @@ class FSQ(Quantizer):
 
     def bound(self, h: Tensor) -> Tensor:
         """Squash to (-L/2, L/2), shifted so that rounding gives exactly L values."""
-        half_l = (self._levels - 1) * (1 + self.eps) / 2
-        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)
-        shift = torch.atanh(offset / half_l)
-        return torch.tanh(h + shift) * half_l - offset
+        return torch.tanh(h + self._shift) * self._half_l - self._offset
 
     def quantize_rows(self, x: Tensor, sample_ids: Tensor, num_samples: int):
-        h = self.project_in(x).view(x.shape[0], self.num_codebooks, len(self.levels)) / self._scale
+        h = self.project_in(x).view(x.shape[0], self.num_codebooks, len(self.levels))
+        if not self.unit_scale:
+            h = h / self._scale
         bounded = self.bound(h)
         rounded = bounded.round()
         codes = rounded / self._half_width
         out = straight_through(bounded / self._half_width, codes) if torch.is_grad_enabled() else codes
-        indices = ((rounded + self._half_width).long() * self._basis).sum(-1)
-        out = self.project_out((out * self._scale).reshape(x.shape[0], self.code_dim))
+        indices = ((rounded.detach() + self._half_width).long() * self._basis).sum(-1)
+        if not self.unit_scale:
+            out = out * self._scale
+        out = self.project_out(out.reshape(x.shape[0], self.code_dim))
         losses = {"commitment": zero(x.device), "codebook": zero(x.device)}
         return out, indices, losses, zero(x.device)
 

@@ -1,0 +1,107 @@
+"""scripts/bench.py runs end to end: every subcommand at tiny sizes (`--quick`), JSON
+written with the expected fields. No timing is asserted: this machine is shared.
+Each run starts Python processes (one per quantizer case): the longer ones are `slow`."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "scripts" / "bench.py"
+
+
+def bench(*args: str, timeout: float = 600) -> str:
+    proc = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_quantizers_quick(tmp_path):
+    out = tmp_path / "q.json"
+    stdout = bench("quantizers", "--quick", "--cases", r"VQ \(EMA\) K=16$", "--out", str(out))
+    report = json.loads(out.read_text())
+    (record,) = report["results"]
+    assert record["status"] == "ok" and record["impl"] == "vqtrain" and record["median_s"] > 0
+    assert record["peak_extra_bytes"] >= 0 and 0 < record["fraction_of_matmul_ceiling"]
+    assert report["matmul"][0]["ceiling_gflops"] > 0 and "GFLOP/s" in stdout
+
+
+@pytest.mark.slow
+def test_quantizers_with_reference(tmp_path):
+    pytest.importorskip("vector_quantize_pytorch")
+    out = tmp_path / "q.json"
+    stdout = bench("quantizers", "--compare", "vector-quantize-pytorch", "--quick", "--cases", r"VQ \(EMA\) K=16$|Residual|FSQ \[8, 5", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["subcommand"] == "quantizers" and "load_avg_end" in report["machine"]
+    cases = {(r["case"], r["impl"]): r for r in report["results"]}
+    assert {case for case, _ in cases} == {"VQ (EMA) K=16", "ResidualVQ 2x16", "FSQ [8, 5, 5, 5]"}
+    for record in cases.values():
+        assert record["status"] == "ok", record
+        assert record["median_s"] > 0 and record["peak_extra_bytes"] >= 0
+    (matmul,) = report["matmul"]
+    assert matmul["size"] == 16 and matmul["ceiling_gflops"] > 0
+    assert 0 < cases[("VQ (EMA) K=16", "vqtrain")]["fraction_of_matmul_ceiling"]
+    assert all(row["speedup"] > 0 for row in report["summary"])
+    assert "speed-up" in stdout and "GFLOP/s" in stdout
+
+
+def test_quantizers_memory_cap_reports_oom(tmp_path):
+    """A cap far below what a case needs: reported as OOM, not a crash."""
+    out = tmp_path / "q.json"
+    bench("quantizers", "--quick", "--cases", r"VQ \(EMA\) K=16$", "--tokens", "65536", "--mem-cap-gb", "0.05", "--out", str(out))
+    (record,) = json.loads(out.read_text())["results"]
+    assert record["status"] == "OOM", record
+
+
+def test_quantizers_skip_what_would_not_fit():
+    """The need of a larger case is the largest smaller one of the same kind and implementation, scaled by K."""
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = [
+        {"impl": "ref", "kind": "vq", "size": 1024, "status": "ok", "peak_extra_bytes": 100},
+        {"impl": "ref", "kind": "vq", "size": 8192, "status": "ok", "peak_extra_bytes": 1000},
+        {"impl": "ours", "kind": "vq", "size": 8192, "status": "ok", "peak_extra_bytes": 10},
+    ]
+    assert module.estimate_need(results, {"kind": "vq", "size": 65536}, "ref") == 8000
+    assert module.estimate_need(results, {"kind": "simvq", "size": 65536}, "ref") is None
+
+
+@pytest.mark.slow
+def test_train_overhead(tmp_path):
+    out = tmp_path / "t.json"
+    stdout = bench("train", "--quick", "--out", str(out))
+    report = json.loads(out.read_text())
+    for kind in ("plain", "lightning"):
+        (run,) = report["runs"][kind]
+        assert run["steps_per_s"] > 0 and run["cpu_seconds_per_step"] >= 0
+    assert math.isfinite(report["overhead_fraction"]) and report["same_batches"]
+    assert "framework overhead" in stdout
+
+
+@pytest.mark.slow
+def test_data_bucketing(tmp_path):
+    """A tiny FSDD-like folder ({digit}_{speaker}_{take}.wav with the val and test speakers)."""
+    root = tmp_path / "recordings"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i, speaker in enumerate(["jackson"] * 12 + ["theo", "george"]):
+        frames = int(rng.integers(400, 4000))
+        sf.write(root / f"{i % 10}_{speaker}_{i}.wav", rng.uniform(-0.5, 0.5, frames).astype(np.float32), 8000)
+    out = tmp_path / "d.json"
+    bench("data", "--quick", "--root", str(root), "--batch-size", "4", "--out", str(out))
+    report = json.loads(out.read_text())
+    by_setting = {r["bucketing"]: r for r in report["results"]}
+    assert set(by_setting) == {True, False}
+    for record in by_setting.values():
+        assert record["clips"] == 12 and record["loader_clips_per_s"] > 0 and record["train_clips_per_s"] > 0
+        assert 0 <= record["padding_fraction"] < 1
+    assert by_setting[True]["padding_fraction"] <= by_setting[False]["padding_fraction"]
