@@ -58,6 +58,7 @@ class FSQ(Quantizer):
             raise ValueError(f"FSQ scale must be > 0, got {scale!r}")
         self.register_buffer("_scale", scale_t, persistent=False)
         self.unit_scale = bool((scale_t == 1).all())  # dividing and multiplying by 1 are exact: skipped
+        self.eps = eps
         self.codebook_sizes = [math.prod(levels)] * num_codebooks
 
         levels_t = torch.tensor(levels, dtype=torch.float32)
