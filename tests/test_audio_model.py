@@ -112,7 +112,8 @@ def read_column(run_dir: Path, name: str) -> list[float]:
         return [float(r[name]) for r in csv.DictReader(f) if r.get(name)]
 
 
-@pytest.mark.parametrize("quantizer", [pytest.param(q, marks=pytest.mark.slow) if q != "fsq" else q for q in QUANTIZERS])
+@pytest.mark.slow
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
 def test_short_fsdd_run_beats_silence(quantizer: str, fsdd_root: Path, tmp_path: Path):
     cfg = compose(
         ["data=fsdd", f"data.root={fsdd_root}", f"data.cache_dir={tmp_path / 'cache'}", f"quantizer={quantizer}",
