@@ -205,6 +205,39 @@ def test_crops_random_in_training_and_from_the_start_otherwise(fsdd, fsdd_cache)
     assert all(x.shape == (1, 800) for x in draws) and not torch.equal(draws[0], draws[1])
 
 
+def test_loudness_normalisation_evens_out_speakers(fsdd, fsdd_cache):
+    """FSDD's validation speaker is about 20 dB quieter than the others; at -20 dBFS
+    every clip has an RMS of 0.1 (unless its peak would pass 1) and keeps its waveform."""
+    files = fsdd.train_set.files[:10] + fsdd.val_set.files[:10]
+    recorded = AudioFolder(FSDD, RATE, files, cache_dir=fsdd_cache)
+    even = AudioFolder(FSDD, RATE, files, normalize_db=-20, cache_dir=fsdd_cache)
+    for index in range(len(files)):
+        x, y = recorded[index]["x"], even[index]["x"]
+        gain = y.abs().max() / x.abs().max()
+        assert torch.allclose(y, x * gain, rtol=1e-5, atol=1e-7)
+        rms = y.pow(2).mean().sqrt()
+        assert torch.isclose(rms, torch.tensor(0.1), rtol=1e-4) or torch.isclose(y.abs().max(), torch.tensor(1.0))
+    rms_by_speaker = {}
+    for index, file in enumerate(files):
+        rms_by_speaker.setdefault(speaker(file), []).append(recorded[index]["x"].pow(2).mean().sqrt().item())
+    assert max(map(np.mean, rms_by_speaker.values())) > 5 * min(map(np.mean, rms_by_speaker.values()))
+
+
+def test_loudness_normalisation_limits_the_peak_and_keeps_silence(tmp_path):
+    root = tmp_path / "audio"
+    root.mkdir()
+    click = np.zeros(RATE, np.float32)
+    click[100] = 0.5
+    sf.write(root / "click.wav", click, RATE, subtype="FLOAT")
+    sf.write(root / "silence.wav", np.zeros(RATE, np.float32), RATE, subtype="FLOAT")
+    data = AudioFolder(root, RATE, normalize_db=-20, cache_dir=tmp_path / "cache")
+    click_out, silence_out = data[0]["x"], data[1]["x"]
+    assert click_out.abs().max() == 1.0 and click_out[0, 100] == 1.0  # gain 2, not the 20x an RMS of 0.1 asks
+    assert torch.count_nonzero(silence_out) == 0
+    with pytest.raises(ValueError, match="normalize_db"):
+        AudioDataModule(str(root), sample_rate=RATE, normalize_db=20)
+
+
 # --- files written by the test ---------------------------------------------------
 
 def test_reads_flac_ogg_and_mixes_stereo_down(tree, tmp_path):

@@ -34,6 +34,7 @@ from vqtrain.tokenizer import (
     split_dataset,
 )
 from vqtrain.config import compose
+from vqtrain.data.audio import normalize_loudness
 from vqtrain.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,8 +264,8 @@ def test_encode_takes_no_random_crops(audio_run: Path, tmp_path: Path):
     assert all(item["length"] == min(sf.info(str(root / item["id"])).frames, 2000) for item in first["items"])
     shards = [torch.load(tmp_path / name / "shard-00000.pt", weights_only=True) for name in ("a", "b")]
     assert all(torch.equal(a, b) for a, b in zip(shards[0]["tokens"], shards[1]["tokens"]))
-    clip = sf.read(str(root / first["items"][0]["id"]), dtype="float32")[0][:2000]
-    assert torch.equal(split_dataset(instantiate(cfg.data), "train")[0]["x"][0], torch.from_numpy(clip))
+    clip = torch.from_numpy(sf.read(str(root / first["items"][0]["id"]), dtype="float32")[0][:2000])
+    assert torch.equal(split_dataset(instantiate(cfg.data), "train")[0]["x"][0], normalize_loudness(clip, cfg.data.normalize_db))
 
 
 def test_encode_resumes_from_the_shards_already_written(audio_run: Path, tmp_path: Path, monkeypatch):

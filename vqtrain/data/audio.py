@@ -5,7 +5,9 @@ Headers are scanned once and cached, so clip lengths (for bucketing) are known
 without decoding audio. Unusable files (corrupt, empty, truncated) are skipped
 and counted, or with `strict` an error naming the file. `max_length` is in
 seconds: training takes a random crop of that length, validation and test
-the first `max_length` seconds (None: whole clips).
+the first `max_length` seconds (None: whole clips). `normalize_db` evens out
+loudness: recordings of one corpus can differ by 20 dB between speakers, and an
+MSE loss would otherwise hardly see the quiet ones.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 import torchaudio.functional as AF
 from einops import rearrange, reduce
 from torch.nn.utils.rnn import pad_sequence
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..utils import default, lengths_to_mask
@@ -98,6 +101,16 @@ def probe(path: Path) -> AudioHeader | str:
     return AudioHeader(info.frames, info.samplerate, info.channels)
 
 
+def normalize_loudness(x: Tensor, rms_db: float) -> Tensor:
+    """Scale a clip to an RMS of `rms_db` dBFS, with the gain limited so no sample
+    exceeds 1 (a loud click keeps its level rather than clipping); silence stays silent."""
+    rms = x.pow(2).mean().sqrt()
+    peak = x.abs().max()
+    if peak == 0:
+        return x
+    return x * torch.minimum(10 ** (rms_db / 20) / rms, 1 / peak)
+
+
 # --- header cache: {relative path: [size, mtime_ns, frames, sample_rate, channels] or [size, mtime_ns, reason]}
 
 def cache_locations(root: Path, cache_dir: str | Path | None) -> list[Path]:
@@ -169,15 +182,16 @@ class AudioFolder(Dataset):
 
     `files`: paths relative to `root` (absolute ones must lie under it); default
     every audio file below `root`. `max_length` (seconds) crops at random with
-    `random_crop` (training), else from the start. Clips outside
-    [`min_duration`, `max_duration`] seconds are left out. `lengths`: each item's
+    `random_crop` (training), else from the start. `normalize_db`: each clip (after
+    cropping) scaled to that RMS in dBFS, see `normalize_loudness`; None keeps the
+    recorded level. Clips outside [`min_duration`, `max_duration`] seconds are left out. `lengths`: each item's
     length in samples, from the headers alone; `skipped_files`: unusable files left out.
     """
 
     def __init__(self, root: str | Path, sample_rate: int, files: Sequence[str | Path] | None = None, *,
                  max_length: float | None = None, min_duration: float | None = None,
-                 max_duration: float | None = None, random_crop: bool = False, strict: bool = False,
-                 cache_dir: str | Path | None = None):
+                 max_duration: float | None = None, random_crop: bool = False, normalize_db: float | None = None,
+                 strict: bool = False, cache_dir: str | Path | None = None):
         self.root = Path(root).expanduser()
         files = list_audio(self.root) if files is None else [self.relative(file) for file in files]
         headers = read_headers(self.root, files, cache_dir)
@@ -207,6 +221,7 @@ class AudioFolder(Dataset):
         self.sample_rate = sample_rate
         self.max_samples = None if max_length is None else round(max_length * sample_rate)
         self.random_crop = random_crop
+        self.normalize_db = normalize_db
         self.lengths = [self.item_length(header) for header in self.headers]
 
     def relative(self, file: str | Path) -> str:
@@ -236,7 +251,10 @@ class AudioFolder(Dataset):
         x = reduce(torch.from_numpy(audio), "t c -> 1 t", "mean")
         if sample_rate != self.sample_rate:
             x = AF.resample(x, sample_rate, self.sample_rate)
-        return {"x": x[:, : self.max_samples].clamp(-1, 1), "index": index}
+        x = x[:, : self.max_samples].clamp(-1, 1)
+        if self.normalize_db is not None:
+            x = normalize_loudness(x, self.normalize_db)
+        return {"x": x, "index": index}
 
 
 def pad_collate(items: list[dict]) -> dict:
@@ -323,8 +341,8 @@ class AudioDataModule(DataModule):
 
     def __init__(self, root: str, sample_rate: int = 16000, split: Split | None = None,
                  max_length: float | None = None, min_duration: float | None = None,
-                 max_duration: float | None = None, bucketing: bool = True, cache_dir: str | None = None,
-                 seed: int | None = 0, **loader_options: Any):
+                 max_duration: float | None = None, normalize_db: float | None = None, bucketing: bool = True,
+                 cache_dir: str | None = None, seed: int | None = 0, **loader_options: Any):
         """loader_options: batch_size, num_workers, strict, pin_memory (see DataModule).
         seed: batch order (ranks must agree, so None means 0)."""
         super().__init__(**loader_options)
@@ -332,11 +350,13 @@ class AudioDataModule(DataModule):
             raise ValueError(f"data.sample_rate must be >= 1, got {sample_rate}")
         if max_length is not None and round(max_length * sample_rate) < 1:
             raise ValueError(f"data.max_length (seconds) must be at least one sample, got {max_length}")
+        if normalize_db is not None and not -100 <= normalize_db <= 0:
+            raise ValueError(f"data.normalize_db is an RMS level in dBFS, between -100 and 0 (e.g. -20), got {normalize_db}")
         self.root = Path(root).expanduser()
         self.sample_rate = sample_rate
         self.split = default(split, split_by_hash)
         self.clip_options = dict(max_length=max_length, min_duration=min_duration, max_duration=max_duration,
-                                 strict=self.strict, cache_dir=cache_dir)
+                                 normalize_db=normalize_db, strict=self.strict, cache_dir=cache_dir)
         self.bucketing = bucketing
         self.seed = default(seed, 0)
         self.skipped_files = 0
