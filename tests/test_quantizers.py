@@ -559,6 +559,15 @@ def test_dead_codes_are_restarted_onto_data(learning):
     assert module(skewed(10)).indices.unique().numel() > 2
 
 
+@pytest.mark.parametrize("scale", [1e-3, 1.0])
+def test_fresh_codebook_spreads_latents_of_any_scale(scale):
+    """Initial codes sit near the origin, so even tiny latents pick codes by direction
+    (a unit-Gaussian codebook sends them all to its code of smallest norm)."""
+    module = VectorQuantizer(DIM, 64).eval()
+    latents = scale * randn(1, 4096, DIM)
+    assert module(latents).indices.unique().numel() > 48
+
+
 # -- 8. empty batches and residual dropout ---------------------------------------
 @pytest.mark.parametrize("name", QUANTIZER_FACTORIES)
 def test_all_padding_batch(name):

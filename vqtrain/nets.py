@@ -110,6 +110,15 @@ class Upsample1d(nn.Module):
         return self.conv(x)
 
 
+def zero_biases(net: nn.Module) -> None:
+    """Start every bias at zero. Audio is quiet (an RMS near 0.1) next to PyTorch's
+    default biases (up to 1/sqrt(fan_in)): they would swamp the signal, leave
+    the latents nearly constant and every code but one unused from the start."""
+    for module in net.modules():
+        if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)) and exists(module.bias):
+            nn.init.zeros_(module.bias)
+
+
 def residual_stack1d(channels: int) -> nn.ModuleList:
     return nn.ModuleList([ResBlock(channels, nn.Conv1d, 1), ResBlock(channels, nn.Conv1d, 3)])
 
@@ -145,6 +154,7 @@ class ConvEncoder1d(nn.Module):
             channels *= 2
         self.blocks, self.downs = nn.ModuleList(blocks), nn.ModuleList(downs)
         self.head = nn.Sequential(nn.ELU(), nn.Conv1d(channels, out_channels, 3, padding=1))
+        zero_biases(self)
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         x = mask_time(self.stem(mask_time(x, lengths, 1)), lengths, 1)
@@ -172,6 +182,7 @@ class ConvDecoder1d(nn.Module):
             blocks.append(residual_stack1d(channels))
         self.ups, self.blocks = nn.ModuleList(ups), nn.ModuleList(blocks)
         self.head = nn.Sequential(nn.ELU(), nn.Conv1d(channels, out_channels, 7, padding=3))
+        zero_biases(self)
 
     def forward(self, z: Tensor, lengths: Tensor | None = None, size: int | None = None) -> Tensor:
         stride = math.prod(self.strides)

@@ -9,6 +9,12 @@ Dead codes: a code is restarted when its share of the assignments, averaged
 by an EMA over steps (`usage_decay`), falls below `dead_code_threshold / K`,
 i.e. below that fraction of the share it would get if all K codes were used
 equally. The threshold is therefore independent of batch size and token count.
+
+Initial codes: uniform in [-1/K, 1/K], near the origin (as in VQ-VAE and
+taming-transformers), so the first assignments go by the direction of a latent,
+whatever the scale of the encoder's output. A unit-Gaussian codebook lies far
+out from small latents (a quiet audio clip's), which then all pick the one
+code of smallest norm: collapse before training starts.
 """
 from __future__ import annotations
 
@@ -103,7 +109,7 @@ class VectorQuantizer(Quantizer):
         self.codebook_sizes = [self.num_codes] * groups
 
         shape = (groups, self.num_codes, self.code_dim)
-        self._init_codebook(torch.randn(shape))
+        self._init_codebook(torch.empty(shape).uniform_(-1 / self.num_codes, 1 / self.num_codes))
         update_weight = torch.ones(groups, self.num_codes)
         if exists(frozen_codes):
             frozen = torch.as_tensor(list(frozen_codes), dtype=torch.long)
