@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from test_train import QUANTIZERS, column, read_metrics, run_cli
 from vqtrain.config import compose
+from vqtrain.data.images import ShapesDataModule
 from vqtrain.metrics import CodebookUsage
 from vqtrain.quantizers import Quantizer, ResidualQuantizer, SimVQ, VectorQuantizer
 from vqtrain.train import train
@@ -140,6 +141,36 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(name: str, two_ra
     single = run_steps(name, lambda step: torch.cat([batch(step, 0), batch(step, 1)]), distributed=False)
     for key, value in single.items():
         torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {key}: {m}")
+
+
+def loader_worker(rank: int, world: int, port: int, out: str) -> None:
+    """This rank's training and validation indices (two epochs) from the shapes data."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # as seed_everything does on every rank
+        data = ShapesDataModule(num_train=40, num_val=10, num_test=10, batch_size=4)
+        data.setup()
+        seen = {}
+        for epoch in (0, 1):
+            loader = data.train_dataloader()
+            loader.batch_sampler.sampler.set_epoch(epoch)
+            seen[f"train{epoch}"] = torch.cat([batch["index"] for batch in loader])
+        seen["val"] = torch.cat([batch["index"] for batch in data.val_dataloader()])
+        torch.save(seen, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_image_ranks_split_every_epoch_between_them(tmp_path: Path):
+    """Image samplers shard by rank themselves (Lightning's replacement is off):
+    disjoint training shares that cover the data, reshuffled per epoch."""
+    mp.start_processes(loader_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for epoch in ("train0", "train1"):
+        assert len(rank0[epoch]) == len(rank1[epoch]) == 20
+        assert sorted(torch.cat([rank0[epoch], rank1[epoch]]).tolist()) == list(range(40))
+    assert not torch.equal(rank0["train0"], rank0["train1"])
+    assert sorted(torch.cat([rank0["val"], rank1["val"]]).tolist()) == list(range(10))
 
 
 # --- the CLI and the trainer's precision and compilation switches -------------

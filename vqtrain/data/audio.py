@@ -28,7 +28,7 @@ import torchaudio.functional as AF
 from einops import rearrange, reduce
 from torch.nn.utils.rnn import pad_sequence
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..utils import default, lengths_to_mask
 from .common import DataModule, UnreadableItem, collate_skipping, hash_fraction
@@ -330,14 +330,10 @@ class AudioDataModule(DataModule):
     paths: by speaker, subfolder or hash; default `split_by_hash`), batched by
     length when `bucketing` and zero-padded. `skipped_files` (after setup):
     unusable files left out at scan time, over all splits.
-
-    The batch sampler shards batches over ranks itself, so the trainer must
-    not inject a DistributedSampler: `use_distributed_sampler` says so.
     """
 
     modality = "audio"
     channels = 1
-    use_distributed_sampler = False  # for Trainer(use_distributed_sampler=...)
 
     def __init__(self, root: str, sample_rate: int = 16000, split: Split | None = None,
                  max_length: float | None = None, min_duration: float | None = None,
@@ -358,7 +354,7 @@ class AudioDataModule(DataModule):
         self.clip_options = dict(max_length=max_length, min_duration=min_duration, max_duration=max_duration,
                                  normalize_db=normalize_db, strict=self.strict, cache_dir=cache_dir)
         self.bucketing = bucketing
-        self.seed = default(seed, 0)
+        self.order_seed = default(seed, 0)
         self.skipped_files = 0
 
     def setup(self, stage: str | None = None) -> None:
@@ -382,8 +378,6 @@ class AudioDataModule(DataModule):
     def collate(self, items: list) -> dict:
         return collate_skipping(items, collate=pad_collate)
 
-    def loader(self, dataset: AudioFolder, shuffle: bool, drop_last: bool = False, **kwargs: Any) -> DataLoader:
-        sampler = BucketBatchSampler(dataset.lengths, self.batch_size, bucketing=self.bucketing, shuffle=shuffle,
-                                     drop_last=drop_last, seed=self.seed)
-        # a batch_sampler excludes DataLoader's own batch_size, shuffle and drop_last: pass their defaults
-        return super().loader(dataset, shuffle=False, batch_size=1, batch_sampler=sampler, **kwargs)
+    def batch_sampler(self, dataset: AudioFolder, shuffle: bool, drop_last: bool) -> BucketBatchSampler:
+        return BucketBatchSampler(dataset.lengths, self.batch_size, bucketing=self.bucketing, shuffle=shuffle,
+                                  drop_last=drop_last, seed=self.order_seed)

@@ -4,16 +4,26 @@ A batch is a dict: "x" (the signal: images (B, C, H, W) in [-1, 1], audio
 (B, 1, T)), "index" (B,) dataset positions, for audio also "mask" (B, T) bool
 (True = real sample) and "lengths" (B,), and "skipped": how many items of this
 batch were unreadable and dropped (the model logs the running total).
+
+Batch order is a function of (seed, epoch) alone and every sampler shards
+itself across ranks, so a checkpoint only needs to say how far into its epoch
+training was: a resumed run skips those batches and trains on exactly the ones
+a run never stopped would have.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+
+from ..utils import is_distributed, rank
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +53,36 @@ class SkippingDataset(Dataset):
             return None
 
 
+class EpochSampler(DistributedSampler):
+    """This rank's share of the items (all of them in one process), shuffled by
+    (seed, epoch) alone, never by the global random stream."""
+
+    def __init__(self, dataset: Dataset, shuffle: bool, seed: int):
+        world = torch.distributed.get_world_size() if is_distributed() else 1
+        super().__init__(dataset, num_replicas=world, rank=rank(), shuffle=shuffle, seed=seed)
+
+
+class ResumingBatchSampler(Sampler[list[int]]):
+    """The batches of `batches` less the first `done` of epoch `epoch`: the rest
+    of the epoch a stopped run was in, in the order it would have seen them."""
+
+    def __init__(self, batches: Sampler[list[int]], epoch: int, done: int):
+        self.batches, self.epoch, self.done = batches, epoch, done
+        self.sampler.set_epoch(epoch)  # Lightning builds the first iterator before it sets the epoch
+
+    @property
+    def sampler(self) -> Any:
+        """What Lightning calls `set_epoch` on: the sampler that draws the order."""
+        return self.batches.sampler
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip = self.done if self.sampler.epoch == self.epoch else 0
+        return itertools.islice(iter(self.batches), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def collate_skipping(items: list, collate=default_collate) -> dict:
     """Drop unreadable (None) items and record how many were dropped."""
     kept = [item for item in items if item is not None]
@@ -53,10 +93,14 @@ def collate_skipping(items: list, collate=default_collate) -> dict:
 
 class DataModule(L.LightningDataModule):
     """Base for image and audio data: subclasses set `train_set`, `val_set`
-    and optionally `test_set` (defaults to `val_set`) in `setup`."""
+    and optionally `test_set` (defaults to `val_set`) in `setup`.
+
+    Samplers shard batches across ranks themselves, so the trainer must not
+    inject a DistributedSampler: `use_distributed_sampler` says so."""
 
     modality: str = "image"
     channels: int = 1
+    use_distributed_sampler = False  # for Trainer(use_distributed_sampler=...)
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, strict: bool = False, pin_memory: bool = False):
         super().__init__()
@@ -68,25 +112,44 @@ class DataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.strict = strict
         self.pin_memory = pin_memory
+        self.order_seed = torch.initial_seed() % 2**63  # batch order: the run's seed (seed_everything)
         self.train_set = self.val_set = self.test_set = None
+        self.resume_at: dict[str, int] = {}
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in its epoch; Lightning keeps this in checkpoints."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        return {"epoch": trainer.current_epoch, "batches": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at = dict(state)
 
     def collate(self, items: list) -> dict:
         return collate_skipping(items)
 
-    def loader(self, dataset: Dataset, shuffle: bool, **kwargs) -> DataLoader:
+    def batch_sampler(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> Sampler[list[int]]:
+        """Batches of dataset indices; `.sampler.set_epoch` reorders them (Lightning calls it)."""
+        return BatchSampler(EpochSampler(dataset, shuffle, self.order_seed), self.batch_size, drop_last)
+
+    def loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False, resume: bool = False) -> DataLoader:
+        """`resume`: continue a checkpoint's epoch where it stopped (training)."""
+        batches = self.batch_sampler(dataset, shuffle, drop_last)
+        if resume and self.resume_at:
+            batches = ResumingBatchSampler(batches, self.resume_at["epoch"], self.resume_at["batches"])
         return DataLoader(
             SkippingDataset(dataset, self.strict),
-            batch_size=kwargs.pop("batch_size", self.batch_size),
-            shuffle=shuffle,
+            batch_sampler=batches,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
             collate_fn=self.collate,
-            **kwargs,
+            generator=torch.Generator().manual_seed(self.order_seed),  # worker seeds: leave the global stream alone
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader(self.train_set, shuffle=True, drop_last=len(self.train_set) > self.batch_size)
+        return self.loader(self.train_set, shuffle=True, drop_last=len(self.train_set) > self.batch_size, resume=True)
 
     def val_dataloader(self) -> DataLoader:
         return self.loader(self.val_set, shuffle=False)
