@@ -551,7 +551,7 @@ def lightning_run(cfg, steps: int, device: str, output_dir: Path) -> tuple[StepT
     model = instantiate(cfg.model)
     callbacks, used = [], []
     for name, conf in (cfg.callbacks or {}).items():
-        if conf is None or name == "model_checkpoint":
+        if conf is None or name in ("model_checkpoint", "last_checkpoint"):
             continue
         try:
             callbacks.append(instantiate(conf))

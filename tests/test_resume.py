@@ -1,36 +1,36 @@
 """Resuming continues as if never stopped: a checkpoint holds the quantizer's
-statistics, the usage window, the last-use steps, the optimizer, the loops and
-the global random streams (which also draw the next epoch's shuffle).
-
-Stopped mid-epoch, a run resumes with a fresh shuffle for the rest of that epoch
-(Lightning 2.6 does not restore a plain DataLoader's position), so only a stop at
-an epoch boundary continues exactly."""
+statistics, the usage window, the last-use steps, the optimizer, the loops, the
+global random streams and how far into its epoch training was (the batch order
+is drawn from the seed and the epoch, so the rest of the epoch is known)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
+from hydra.utils import instantiate
 
 from test_train import column, read_metrics, run_cli
 from vqtrain.config import compose
 from vqtrain.train import train
 
-STEPS_PER_EPOCH = 4
+STEPS_PER_EPOCH = 4  # shapes
+USAGE_FIGURES = ("train/utilization", "train/perplexity", "train/dead_codes")
 # Residual VQ with everything that keeps state or draws random numbers: EMA statistics,
 # k-means init, dead-code restarts (global RNG), quantizer dropout (the step counter).
 RESUMABLE = [
     "quantizer=rvq", "quantizer.num_levels=2", "quantizer.codebook_size=16", "quantizer.dropout=0.5",
     "quantizer.quantizer.kmeans_init=true", "quantizer.quantizer.dead_code_threshold=0.5",
     "model.latent_dim=8", "model.encoder.hidden_channels=8", "model.decoder.hidden_channels=8",
-    "model.usage_window=3", "model.dead_code_window=2",
-    f"data.num_train={8 * STEPS_PER_EPOCH}", "data.batch_size=8", "data.num_val=8", "data.num_test=8",
-    "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+    "model.usage_window=3", "model.dead_code_window=2", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
     "trainer.deterministic=true", "callbacks.reconstructions=null", "test=false",
     # the learning-rate schedule spans max_steps: a run stopped by a smaller max_steps would differ anyway
     "model.scheduler=null",
 ]
+SHAPES = [f"data.num_train={8 * STEPS_PER_EPOCH}", "data.batch_size=8", "data.num_val=8", "data.num_test=8"]
 
 
 @pytest.fixture(autouse=True)
@@ -45,17 +45,37 @@ def fit(run_dir: Path, steps: int, *overrides: str) -> None:
     train(compose([*RESUMABLE, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", *overrides], run_dir))
 
 
+def audio_data(root: Path) -> list[str]:
+    """Noise clips of 30-120 ms, cropped at random to 50 ms in training (the global random stream)."""
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    for i in range(40):
+        sf.write(root / f"clip{i}.wav", 0.1 * rng.standard_normal(int(rng.integers(240, 960))).astype(np.float32), 8000)
+    return ["data=audio_folder", f"data.root={root}", f"data.cache_dir={root.parent / 'cache'}", "data.sample_rate=8000",
+            "data.max_length=0.05", "data.batch_size=8", "data.split.val_fraction=0.2"]
+
+
 def train_rows(run_dir: Path, first_step: int) -> list[dict[str, str]]:
     rows = [r for r in read_metrics(run_dir) if r["train/loss"] and int(r["step"]) >= first_step]
     return [{k: v for k, v in r.items() if k.startswith("train/") or k == "step"} for r in rows]
 
 
-def test_resume_at_an_epoch_boundary_equals_a_run_never_stopped(tmp_path: Path):
-    """The stop falls inside a usage window (steps 3-5) and after k-means and restarts."""
-    stop, end = STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH
-    fit(tmp_path / "whole", end, f"trainer.val_check_interval={stop}")
-    fit(tmp_path / "first", stop)
-    fit(tmp_path / "second", end, f"ckpt_path={tmp_path / 'first' / 'last.ckpt'}", f"trainer.val_check_interval={stop}")
+@pytest.mark.parametrize("data", ["shapes", "audio"])
+@pytest.mark.parametrize("where", ["epoch-boundary", "mid-epoch"])
+def test_resume_equals_a_run_never_stopped(where: str, data: str, tmp_path: Path):
+    """The stop falls inside a usage window and after k-means and restarts; mid-epoch,
+    the resumed run must train on the rest of that epoch's batches, in their order."""
+    data_overrides = audio_data(tmp_path / "audio") if data == "audio" else SHAPES
+    datamodule = instantiate(compose([*RESUMABLE, *data_overrides], tmp_path / "probe").data)
+    datamodule.setup("fit")
+    steps_per_epoch = len(datamodule.train_dataloader())
+    assert steps_per_epoch >= 3
+    stop = steps_per_epoch + (2 if where == "mid-epoch" else 0)
+    end = 3 * steps_per_epoch
+    fit(tmp_path / "whole", end, *data_overrides, f"trainer.val_check_interval={stop}")
+    fit(tmp_path / "first", stop, *data_overrides)
+    fit(tmp_path / "second", end, *data_overrides, f"ckpt_path={tmp_path / 'first' / 'last.ckpt'}",
+        f"trainer.val_check_interval={stop}")
 
     whole, resumed = (torch.load(tmp_path / run / "last.ckpt", weights_only=True) for run in ("whole", "second"))
     assert whole["global_step"] == resumed["global_step"] == end
@@ -66,9 +86,22 @@ def test_resume_at_an_epoch_boundary_equals_a_run_never_stopped(tmp_path: Path):
     assert whole["rng_states"]["torch"].equal(resumed["rng_states"]["torch"])
     for a, b in zip(whole["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
-    rows = train_rows(tmp_path / "whole", stop)
-    assert len(rows) == end - stop and column(rows, "train/utilization")  # the usage window was logged too
-    assert train_rows(tmp_path / "second", stop) == rows
+    rows, resumed_rows = train_rows(tmp_path / "whole", stop), train_rows(tmp_path / "second", stop)
+    assert len(rows) == end - stop and [row["step"] for row in resumed_rows] == [row["step"] for row in rows]
+    assert column(resumed_rows, "train/utilization")  # the usage window was logged too
+    for resumed, whole_row in zip(resumed_rows, rows):
+        logged = {key for key, value in resumed.items() if value}
+        assert {key: resumed[key] for key in logged} == {key: whole_row[key] for key in logged}
+        # Lightning repeats a window's usage figures in the later rows of its epoch; a resumed run starts without them
+        assert all(key.startswith(USAGE_FIGURES) for key, value in whole_row.items() if value and key not in logged)
+
+
+def test_last_checkpoint_follows_the_run_when_validation_stops_improving(tmp_path: Path):
+    """Only the first validation sets a record (mode=max on a falling loss); last.ckpt
+    must still hold the latest validation step and, after it, the end of training."""
+    fit(tmp_path, 7, *SHAPES, "trainer.val_check_interval=2", "callbacks.model_checkpoint.mode=max")
+    assert [path.name for path in tmp_path.glob("step*.ckpt")] == ["step0000002.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 7
 
 
 @pytest.mark.slow
@@ -79,7 +112,7 @@ def test_requeued_slurm_job_resumes_in_its_run_directory(tmp_path: Path, monkeyp
     monkeypatch.setenv("SLURM_JOB_ID", "4243")
     for name in ("SLURM_ARRAY_JOB_ID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
-    tiny = [o for o in RESUMABLE if not o.startswith("trainer.deterministic")]
+    tiny = [o for o in [*RESUMABLE, *SHAPES] if not o.startswith("trainer.deterministic")]
     first = run_cli(*tiny, "trainer.max_steps=2", "trainer.val_check_interval=2", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     second = run_cli(*tiny, "trainer.max_steps=4", "trainer.val_check_interval=2", cwd=tmp_path)

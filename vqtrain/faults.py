@@ -97,6 +97,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(directory)
 
 
+class LastCheckpoint(L.Callback):
+    """`<dirpath>/last.ckpt` after every validation and when training ends: what
+    `resume=auto` and the tokenizer read. Lightning 2.6's ModelCheckpoint
+    refreshes its last.ckpt only in a step that also saved a top-k checkpoint,
+    so a run whose validation loss stopped improving would resume (or be
+    tokenized) from an old step."""
+
+    def __init__(self, dirpath: _PATH):
+        self.path = Path(dirpath) / "last.ckpt"
+        self.saved_step: int | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer)
+
+    def save(self, trainer: L.Trainer) -> None:
+        if trainer.global_step != self.saved_step:
+            trainer.save_checkpoint(self.path)
+            self.saved_step = trainer.global_step
+
+
 class GracefulStop(L.Callback):
     """A scheduler's stop signal costs no training. On SIGTERM Lightning ends
     `fit` at the next safe point (after a training batch, or within validation)
