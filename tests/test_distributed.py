@@ -145,6 +145,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(name: str, two_ra
 
 def loader_worker(rank: int, world: int, port: int, out: str) -> None:
     """This rank's training and validation indices (two epochs) from the shapes data."""
+    torch.set_num_threads(1)  # a forked child must not wait on the parent's OpenMP threads
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)  # as seed_everything does on every rank

@@ -257,6 +257,18 @@ def lying_wav_header(rng: np.random.Generator) -> bytes:
     return header + b"data" + struct.pack("<I", data_size) + rng.bytes(int(rng.integers(0, 200)))
 
 
+def truncate(rng: np.random.Generator, whole: bytes) -> bytes:
+    return whole[: int(rng.integers(0, len(whole)))]
+
+
+def mutate(rng: np.random.Generator, whole: bytes, span: int | None = None) -> bytes:
+    """`whole` with 1-7 bytes overwritten at random, among its first `span` (default: anywhere)."""
+    content = bytearray(whole)
+    for spot in rng.integers(0, min(len(content), span or len(content)), int(rng.integers(1, 8))):
+        content[spot] = int(rng.integers(0, 256))
+    return bytes(content)
+
+
 def bad_audio(rng: np.random.Generator) -> tuple[str, bytes, str]:
     """(extension, content, description) of a file that may or may not be usable audio."""
     extension = str(rng.choice(AUDIO_EXTENSIONS))
@@ -266,13 +278,9 @@ def bad_audio(rng: np.random.Generator) -> tuple[str, bytes, str]:
     elif kind == "random":
         content = rng.bytes(int(rng.integers(1, 5000)))
     elif kind == "truncated":
-        whole = valid_audio(rng, extension)
-        content = whole[: int(rng.integers(0, len(whole)))]
-    elif kind == "mutated":
-        content = bytearray(valid_audio(rng, extension, frames=int(rng.integers(1, 3000))))
-        for spot in rng.integers(0, min(len(content), 64 if rng.random() < 0.7 else len(content)), int(rng.integers(1, 8))):
-            content[spot] = int(rng.integers(0, 256))
-        content = bytes(content)
+        content = truncate(rng, valid_audio(rng, extension))
+    elif kind == "mutated":  # mostly in the header
+        content = mutate(rng, valid_audio(rng, extension, frames=int(rng.integers(1, 3000))), 64 if rng.random() < 0.7 else None)
     elif kind == "lying_header":
         extension, content = ".wav", lying_wav_header(rng)
     elif kind == "other_format":  # e.g. FLAC bytes named .wav
@@ -357,13 +365,9 @@ def test_image_files_on_generated_bytes(tmp_path: Path):
         elif kind == "random":
             content = rng.bytes(int(rng.integers(1, 3000)))
         elif kind == "truncated":
-            whole = image_bytes(rng, extension)
-            content = whole[: int(rng.integers(0, len(whole)))]
+            content = truncate(rng, image_bytes(rng, extension))
         elif kind == "mutated":
-            content = bytearray(image_bytes(rng, extension))
-            for spot in rng.integers(0, len(content), int(rng.integers(1, 8))):
-                content[spot] = int(rng.integers(0, 256))
-            content = bytes(content)
+            content = mutate(rng, image_bytes(rng, extension))
         elif kind == "huge_header":
             content = huge_png_header(rng)
         elif kind == "text":
