@@ -11,10 +11,10 @@ i.e. below that fraction of the share it would get if all K codes were used
 equally. The threshold is therefore independent of batch size and token count.
 
 Initial codes: uniform in [-1/K, 1/K], near the origin (as in VQ-VAE and
-taming-transformers), so the first assignments go by the direction of a latent,
-whatever the scale of the encoder's output. A unit-Gaussian codebook lies far
-out from small latents (a quiet audio clip's), which then all pick the one
-code of smallest norm: collapse before training starts.
+taming-transformers), so the first assignments go by the direction of a latent
+for any latent larger than that. A unit-Gaussian codebook lies far out from
+small latents (a quiet audio clip's), which then all pick the few codes of
+smallest norm: collapse before training starts.
 """
 from __future__ import annotations
 
