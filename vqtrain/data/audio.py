@@ -26,8 +26,8 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 from einops import rearrange, reduce
-from torch.nn.utils.rnn import pad_sequence
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from ..utils import default, lengths_to_mask
