@@ -686,7 +686,7 @@ def cmd_data(args: argparse.Namespace) -> dict:
             datamodule = instantiate(cfg.data)
             datamodule.setup("fit")
             lengths = datamodule.train_set.lengths
-            expected = measure_padding(lengths, args.batch_size, bucketing=bucketing, seed=datamodule.seed)
+            expected = measure_padding(lengths, args.batch_size, bucketing=bucketing, seed=datamodule.order_seed)
 
             # the loader alone: one epoch of decoding, cropping and padding
             loader = datamodule.train_dataloader()
