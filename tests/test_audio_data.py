@@ -249,6 +249,21 @@ def test_reads_flac_ogg_and_mixes_stereo_down(tree, tmp_path):
     assert ogg.shape == (1, 4000) and torch.corrcoef(torch.stack([ogg[0], torch.from_numpy(sine(0.5))]))[0, 1] > 0.99
 
 
+def test_reads_opus_mp3_and_aiff(tmp_path):
+    """Compressed corpora (Common Voice ships mp3) and Apple's AIFF, through libsndfile."""
+    root = tmp_path / "audio"
+    (root / "deep" / "er").mkdir(parents=True)
+    sf.write(root / "a.opus", sine(0.5), RATE, format="OGG", subtype="OPUS")
+    sf.write(root / "deep" / "b.MP3", sine(0.5), RATE, format="MP3")
+    sf.write(root / "deep" / "er" / "c.aiff", sine(0.5), RATE)
+    data = AudioFolder(root, RATE, cache_dir=tmp_path / "cache")
+    assert data.files == ["a.opus", "deep/b.MP3", "deep/er/c.aiff"] and data.skipped_files == 0
+    for index in range(3):
+        x = data[index]["x"][0]
+        assert len(x) == data.lengths[index] == 4000
+        assert torch.corrcoef(torch.stack([x, torch.from_numpy(sine(0.5))]))[0, 1] > 0.99
+
+
 def test_bad_files_are_skipped_with_a_warning_or_strict_errors(tree, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         AudioFolder(tree, RATE, cache_dir=tmp_path / "cache")

@@ -10,6 +10,7 @@ VQTRAIN_FUZZ_CASES sets the number of cases per target (default 60).
 from __future__ import annotations
 
 import io
+import logging
 import os
 import signal
 import struct
@@ -230,14 +231,15 @@ def test_indices_to_codes_on_generated_indices(name: str):
 
 # --- data: audio files ---------------------------------------------------------------
 
-AUDIO_EXTENSIONS = [".wav", ".WAV", ".flac", ".ogg"]
-FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS")}
+AUDIO_EXTENSIONS = [".wav", ".WAV", ".flac", ".ogg", ".opus", ".mp3", ".aiff"]
+FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS"),
+           ".opus": ("OGG", "OPUS"), ".mp3": ("MP3", "MPEG_LAYER_III"), ".aiff": ("AIFF", "PCM_16")}
 
 
 def valid_audio(rng: np.random.Generator, extension: str, frames: int | None = None) -> bytes:
     frames = int(rng.integers(0, 3000)) if frames is None else frames
     channels = int(rng.integers(1, 3))
-    rate = int(rng.choice([8000, 16000, 44100]))
+    rate = int(rng.choice([8000, 16000, 48000 if extension.lower() == ".opus" else 44100]))  # Opus has no 44.1 kHz
     buffer = io.BytesIO()
     audio = (0.5 * rng.standard_normal((frames, channels))).clip(-1, 1).astype(np.float32)
     sf.write(buffer, audio, rate, format=FORMATS[extension.lower()][0], subtype=FORMATS[extension.lower()][1])
@@ -297,6 +299,19 @@ def load_audio(root: Path, rate: int, options: dict) -> tuple[AudioFolder, list,
     data = AudioFolder(root, rate, **options)
     items = [SkippingDataset(data, options["strict"])[i] for i in range(len(data))]
     return data, items, collate_skipping(items, collate=pad_collate)
+
+
+def test_header_claiming_a_terabyte_is_skipped_at_the_scan(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """Found by the fuzzer: a mutated MP3 header declares 3e11 frames in 1.7 kB, and
+    reading it would allocate 1 TiB. The scan leaves it out, naming the reason."""
+    extension, content, description = bad_audio(np.random.default_rng([2, 210]))
+    (tmp_path / f"lying{extension}").write_bytes(content)
+    (tmp_path / "good.wav").write_bytes(valid_audio(np.random.default_rng(0), ".wav", frames=800))
+    assert sf.info(str(tmp_path / f"lying{extension}")).frames > 10**11, description
+    with caplog.at_level(logging.WARNING):
+        data = AudioFolder(tmp_path, 8000, cache_dir=tmp_path / "cache")
+    assert data.files == ["good.wav"] and data.skipped_files == 1
+    assert "declares" in caplog.text and f"lying{extension}" in caplog.text
 
 
 def test_audio_pipeline_on_generated_files(tmp_path: Path):

@@ -1,4 +1,4 @@
-"""Audio data: any folder tree of wav/flac/ogg clips, read as float32 mono in
+"""Audio data: any folder tree of wav/flac/ogg/opus/mp3/aiff clips, read as float32 mono in
 [-1, 1] at one sample rate, batched by length and zero-padded per batch.
 
 Headers are scanned once and cached, so clip lengths (for bucketing) are known
@@ -36,15 +36,18 @@ from .sampler import BucketBatchSampler
 
 log = logging.getLogger(__name__)
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
-LAYOUT = "a folder tree of .wav/.flac/.ogg files, at any depth (other files are ignored)"
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif")  # what libsndfile >= 1.1 decodes
+LAYOUT = f"a folder tree of {'/'.join(AUDIO_EXTENSIONS)} files, at any depth (other files are ignored)"
 DECODE_ERRORS = (sf.SoundFileError, RuntimeError, OSError)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: headers that claim more frames than the file can hold are unusable
 # libsndfile's WAV header dump says "data : <declared> (should be <present>)" when the data chunk is cut short
 TRUNCATED = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 # torchaudio's resampling kernel has about (old / g) * (new / g) taps, g = gcd(old, new): at most 441 * 640
 # between standard rates (11.025 to 16 kHz), but minutes and gigabytes per clip for a corrupt header's rate
 MAX_RESAMPLING_TAPS = 2**20
+# no codec packs more samples into a byte (FLAC's digital silence: a few hundred); a header that claims
+# more is corrupt (a mutated MP3 header once declared 3e11 frames in 1.7 kB: reading it wanted 1 TiB)
+MAX_SAMPLES_PER_BYTE = 10_000
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,9 @@ def probe(path: Path) -> AudioHeader | str:
         return str(error)
     if info.frames <= 0:
         return "no audio frames"
+    size = path.stat().st_size
+    if info.frames * info.channels > MAX_SAMPLES_PER_BYTE * size:
+        return f"its header declares {info.frames} frames in a file of {size} bytes (corrupt)"
     if truncated := TRUNCATED.search(info.extra_info):
         declared, present = map(int, truncated.groups())
         if present < declared:
