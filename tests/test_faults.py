@@ -156,7 +156,7 @@ def test_strict_data_turns_a_skip_into_an_error_naming_the_file(audio_root: Path
 
 
 @pytest.mark.parametrize("data, message", [
-    ("audio_folder", r"no folder {root} \(expected a folder tree of \.wav/\.flac/\.ogg files"),
+    ("audio_folder", r"no folder {root} \(expected a folder tree of \.wav/\.flac/\.ogg/\.opus/\.mp3/\.aiff/\.aif files"),
     ("image_folder", r"no folder {root} \(expected a folder tree of images\)"),
 ])
 @pytest.mark.parametrize("empty", [False, True])
