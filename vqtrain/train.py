@@ -22,9 +22,9 @@ register_resolvers()
 
 def resume_path(cfg: DictConfig) -> str | None:
     """An explicit `ckpt_path`, else with resume=auto the run directory's newest
-    checkpoint to continue from: last.ckpt, a last-v<n>.ckpt (ModelCheckpoint's
-    name when last.ckpt is not its own, as in a moved run directory), or an
-    hpc_ckpt_<n>.ckpt that Lightning saved on SLURM's requeue signal."""
+    checkpoint to continue from: last.ckpt, a last-v<n>.ckpt (what ModelCheckpoint
+    wrote in run directories of earlier versions), or an hpc_ckpt_<n>.ckpt that
+    Lightning saved on SLURM's requeue signal."""
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")

@@ -89,15 +89,14 @@ def list_audio(root: Path) -> list[str]:
     return files
 
 
-def probe(path: Path) -> AudioHeader | str:
-    """The header of an audio file, or why it cannot be used."""
+def probe(path: Path, size: int) -> AudioHeader | str:
+    """The header of an audio file of `size` bytes, or why it cannot be used."""
     try:
         info = sf.info(str(path))
     except DECODE_ERRORS as error:
         return str(error)
     if info.frames <= 0:
         return "no audio frames"
-    size = path.stat().st_size
     if info.frames * info.channels > MAX_SAMPLES_PER_BYTE * size:
         return f"its header declares {info.frames} frames in a file of {size} bytes (corrupt)"
     if truncated := TRUNCATED.search(info.extra_info):
@@ -172,7 +171,7 @@ def read_headers(root: Path, files: Sequence[str], cache_dir: str | Path | None 
         key = [stat.st_size, stat.st_mtime_ns]
         entry = entries.get(relative)
         if entry is None or entry[:2] != key:
-            header = probe(root / relative)
+            header = probe(root / relative, stat.st_size)
             entry = entries[relative] = key + (list(astuple(header)) if isinstance(header, AudioHeader) else [header])
             changed = True
         headers[relative] = AudioHeader(*entry[2:]) if len(entry) == 5 else entry[2]
