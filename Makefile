@@ -1,4 +1,5 @@
-# `make train` and `make test` install into .venv on first use.
+# `make train` and `make test` install into .venv on first use: the pinned set in
+# constraints.txt, checked by scripts/check_pins.py after the install and before every test run.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,20 +7,24 @@ STAMP := $(VENV)/.installed
 
 export WANDB_MODE ?= offline
 
-.PHONY: install train test test-all fuzz bench report clean
+.PHONY: install check-pins train test test-all fuzz bench report clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q -c constraints.txt pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench]"
+	$(PY) scripts/check_pins.py
 	touch $(STAMP)
+
+check-pins: $(STAMP)
+	$(PY) scripts/check_pins.py
 
 train: $(STAMP)
 	$(PY) train.py $(ARGS)
 
-test: $(STAMP)
+test: check-pins
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 test-all: $(STAMP)
