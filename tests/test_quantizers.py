@@ -215,7 +215,7 @@ def test_gradient_learning_routes_each_loss(name):
 def test_ema_codebook_gets_no_gradient(name):
     module = make(name).train()
     assert not isinstance(module.embed, torch.nn.Parameter) and not module.embed.requires_grad
-    z = randn(2, 6, DIM).requires_grad_(True)
+    z = randn(4, 8, DIM).requires_grad_(True)  # more rows than codes: k-means cannot put a code on each
     out = module(z)
     assert out.losses["codebook"] == 0
     out.loss.backward()
@@ -275,7 +275,7 @@ def test_ema_update_matches_hand_computed_formula(groups):
     assert torch.equal(module.cluster_size, torch.ones(groups, codes))
     assert torch.equal(module.embed_sum, module.embed)
     cluster_size, embed_sum = torch.ones(groups, codes, dtype=torch.float64), embed.clone()
-    usage = torch.full((groups, codes), 1 / codes, dtype=torch.float64)
+    usage = torch.zeros(groups, codes, dtype=torch.float64)  # the EMA of shares starts at zero, bias-corrected
     for step in range(3):
         z = randn(2, 10, dim, seed=step)
         h = z.reshape(-1, groups, code_dim).transpose(0, 1).double()
@@ -294,6 +294,7 @@ def test_ema_update_matches_hand_computed_formula(groups):
         close(module.embed_sum, embed_sum)
         close(module.embed, embed)
         close(module.usage, usage)
+        close(module.usage_share(), usage / (1 - usage_decay ** (step + 1)))
 
 
 @pytest.mark.parametrize("learning", ["ema", "gradient"])
@@ -524,12 +525,109 @@ def test_kmeans_init_with_fewer_vectors_than_codes():
 def test_kmeans_returns_a_fixed_point_of_lloyds_algorithm():
     centers = randn(1, 4, 3, scale=10.0)
     x = (centers[:, torch.arange(4).repeat(25)] + 0.1 * randn(1, 100, 3, seed=2))
-    centroids, counts = kmeans(x, 4, iters=20, cosine=False, generator=torch.Generator().manual_seed(0))
+    centroids, counts = kmeans(x, randn(1, 4, 3, seed=3), iters=20, cosine=False, generator=torch.Generator().manual_seed(0))
     assert counts.sum() == 100
     assign = brute_force_nearest(x, centroids)[0]
     for k in range(4):
         if counts[0, k] > 0:
             torch.testing.assert_close(centroids[0, k], x[0, assign == k].mean(0))
+
+
+def assert_no_twin_codes(codebook: torch.Tensor) -> None:
+    for group in codebook:
+        assert group.unique(dim=0).shape[0] == group.shape[0], "two codes are identical"
+
+
+@pytest.mark.parametrize("distinct", [3, 16, 40])
+def test_kmeans_never_leaves_identical_codes(distinct):
+    """Many copies of few latents (an image's flat background): every distinct latent
+    becomes one code, surplus codes keep their (distinct) fallback values."""
+    codes = 16
+    latents = randn(1, distinct, 4, seed=1)
+    x = latents[:, torch.arange(200) % distinct]
+    fallback = randn(1, codes, 4, seed=2, scale=0.01)
+    centroids, _ = kmeans(x, fallback, iters=5, cosine=False, generator=torch.Generator().manual_seed(0))
+    assert_no_twin_codes(centroids)
+    if distinct < codes:
+        on_latent = torch.cdist(centroids[0], latents[0]) < 1e-5  # a mean of copies is the copy, up to rounding
+        assert torch.equal(on_latent.sum(0), torch.ones(distinct, dtype=torch.long)), "every distinct latent has its own code"
+        assert torch.equal(centroids[0, ~on_latent.any(1)], fallback[0, distinct:]), "the surplus codes are the fallback"
+
+
+def test_kmeans_init_from_a_batch_with_fewer_rows_than_codes_is_deterministic():
+    """The same real rows give the same codebook whatever the batch layout (padding, order)."""
+    rows = randn(1, 10, DIM, seed=4)
+    a = make("vq_kmeans").train()
+    a(rows)
+    b = make("vq_kmeans").train()
+    padded = torch.cat([rows.flip(1), torch.zeros(1, 5, DIM)], 1)
+    b(padded, torch.arange(15)[None] < 10)
+    assert torch.equal(a.embed, b.embed)
+    assert_no_twin_codes(a.embed)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17, 64])
+@pytest.mark.parametrize("chunk_elements", [1, 50, 2**22])
+def test_exact_ties_go_to_the_lowest_index_for_every_batch_shape(rows, chunk_elements):
+    codebook = randn(1, 300, 8, seed=5)
+    codebook[0, 250] = codebook[0, 7]
+    codebook[0, 299] = codebook[0, 7]  # in another argmin block too
+    x = codebook[:, [7] * rows] + 1e-3 * randn(1, rows, 8, seed=6)
+    assert (nearest_codes(x, codebook, chunk_elements=chunk_elements) == 7).all()
+
+
+def test_a_code_never_chosen_is_restarted_at_the_first_step():
+    module = VectorQuantizer(4, 32, dead_code_threshold=0.1).train()
+    data = randn(1, 64, 4, seed=1)
+    used = module.eval()(data).indices.unique()
+    module.train()(data)
+    assert used.numel() < 32
+    assert_no_twin_codes(module.embed)
+    on_data = (module.embed[0, :, None] == data[0][None]).all(-1).any(-1)
+    assert on_data.sum() == 32 - used.numel(), "every code unused at step 1 is restarted onto a latent of that step"
+
+
+@pytest.mark.parametrize("usage_decay, threshold", [(0.8, 0.1), (0.5, 0.3), (0.9, 0.05)])
+def test_a_code_unused_from_step_s_is_restarted_at_step_s_plus_n(usage_decay, threshold):
+    """n = the first n with decay^n < threshold / (share K) for a code whose share was `share`
+    (11 for the defaults and a code at the uniform share 1/K), whatever the batch size."""
+    codes, dim = 4, 2
+    # a codebook learned by gradient and no optimizer: a code moves only when it is restarted
+    module = VectorQuantizer(dim, codes, learning="gradient", dead_code_threshold=threshold, usage_decay=usage_decay).train()
+    with torch.no_grad():
+        module.embed.copy_(torch.tensor([[[10.0, 0], [0, 10], [-10, 0], [0, -10]]]))
+    around = module.embed[0].detach().clone()
+    for step in range(30):  # every code gets a quarter of the assignments: the uniform share
+        module(around[torch.arange(8) % 4][None] + 0.1 * randn(1, 8, dim, seed=step))
+    assert torch.equal(module.embed[0], around)
+    expected = math.floor(math.log(threshold) / math.log(usage_decay)) + 1
+    for step in range(1, expected + 1):  # from now on code 3 is never chosen
+        batch = 4 * step  # the batch size changes nothing
+        module(around[torch.arange(batch) % 3][None] + 0.1 * randn(1, batch, dim, seed=100 + step))
+        restarted = not torch.equal(module.embed[0, 3], around[3])
+        assert restarted == (step == expected), f"step {step}: restarted={restarted}, expected at step {expected}"
+    assert_no_twin_codes(module.embed)
+
+
+def test_restarts_never_make_twin_codes_from_repeated_latents():
+    """A batch of few distinct latents, many copies each, and many dead codes: each
+    restarted code sits on a different latent, and none on a latent a code already serves."""
+    module = VectorQuantizer(4, 64, dead_code_threshold=0.5).train()
+    latents = randn(1, 5, 4, seed=8, scale=5.0)
+    for step in range(3):
+        module(latents[:, torch.arange(500) % 5])
+        assert_no_twin_codes(module.embed)
+
+
+def test_simvq_basis_is_the_papers_gaussian():
+    """C ~ N(0, 1/d) entry-wise (SimVQ, arXiv:2411.02038, Sec. 3): checked by its moments,
+    the kurtosis telling a Gaussian (3) from the uniform VQ init (1.8)."""
+    dim = 64
+    basis = SimVQ(dim, 4096).basis.double().flatten()
+    assert abs(basis.mean()) < 3 * dim**-0.5 / basis.numel() ** 0.5
+    assert basis.std().item() == pytest.approx(dim**-0.5, rel=0.01)
+    kurtosis = ((basis - basis.mean()) ** 4).mean() / basis.var() ** 2
+    assert kurtosis.item() == pytest.approx(3.0, abs=0.05)
 
 
 @pytest.mark.parametrize("learning", ["ema", "gradient"])
@@ -551,7 +649,7 @@ def test_dead_codes_are_restarted_onto_data(learning):
         module(data)
         # a restarted code lands exactly on one of this step's vectors, with a fresh usage estimate
         on_data = (module.embed.detach()[0, :, None] == data[0][None]).all(-1).any(-1)
-        assert torch.equal(on_data, module.usage[0] == 1 / codes)
+        assert torch.equal(on_data, torch.isclose(module.usage_share()[0], torch.tensor(1 / codes), rtol=1e-6, atol=0))
         restarted |= on_data
     assert restarted[2:7].all(), "every dead code gets restarted"
     assert torch.equal(module.embed.detach()[0, 7], start[0, 7]), "frozen codes are never restarted"

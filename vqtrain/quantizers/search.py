@@ -102,22 +102,26 @@ def sum_by_code(x: Tensor, indices: Tensor, num_codes: int) -> Tensor:
 
 
 @torch.no_grad()
-def kmeans(x: Tensor, num_codes: int, iters: int, cosine: bool, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Lloyd's k-means per group. x (G, N, d) with N >= 1 -> (centroids (G, K, d), counts (G, K)).
+def kmeans(x: Tensor, fallback: Tensor, iters: int, cosine: bool, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Lloyd's k-means per group. x (G, N, d) with N >= 1, fallback (G, K, d) ->
+    (centroids (G, K, d), counts (G, K)).
 
-    With fewer rows than codes the starting centroids repeat rows (sampled with
-    replacement); empty clusters keep their previous centroid."""
-    groups, num_rows, _ = x.shape
-    if num_rows >= num_codes:
-        start = torch.stack([torch.randperm(num_rows, generator=generator)[:num_codes] for _ in range(groups)])
-    else:
-        start = torch.randint(num_rows, (groups, num_codes), generator=generator)
-    centroids = gather_codes(x, start.to(x.device))
-    counts = torch.zeros(groups, num_codes, device=x.device)
+    Codes start on distinct rows, so no two codes are ever identical: twin codes
+    would split their points by float rounding, which depends on the batch shape.
+    With fewer distinct rows than codes, every distinct row becomes a code and the
+    surplus codes keep their `fallback` values (distinct, and restarted later as
+    dead codes). Empty clusters keep their previous centroid."""
+    centroids = fallback.clone()
+    for g in range(x.shape[0]):
+        rows = x[g].unique(dim=0)  # sorted: the order does not depend on the batch layout
+        take = min(rows.shape[0], centroids.shape[1])
+        start = torch.randperm(rows.shape[0], generator=generator)[:take].to(x.device)
+        centroids[g, :take] = rows[start]
+    counts = torch.zeros(centroids.shape[:2], device=x.device)
     for _ in range(iters):
         assign = nearest_codes(x, centroids, cosine=cosine)
-        counts = bincount_groups(assign, num_codes)
-        sums = sum_by_code(x, assign, num_codes)
+        counts = bincount_groups(assign, centroids.shape[1])
+        sums = sum_by_code(x, assign, centroids.shape[1])
         updated = sums / counts.clamp_min(1).unsqueeze(-1)
         if cosine:
             updated = torch.nn.functional.normalize(updated, dim=-1)

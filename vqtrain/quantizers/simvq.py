@@ -43,7 +43,8 @@ class SimVQ(VectorQuantizer):
         self.transform = nn.Parameter(torch.empty(groups, self.code_dim, self.code_dim).uniform_(-bound, bound))
 
     def _init_codebook(self, codebook: Tensor) -> None:
-        basis = codebook * self.code_dim**-0.5
+        # the paper's frozen basis: N(0, 1/d) entries (not the VQ codebook's near-origin init it is handed)
+        basis = torch.randn(codebook.shape) * self.code_dim**-0.5
         if self.learn_basis:
             self.basis = nn.Parameter(basis)
         else:

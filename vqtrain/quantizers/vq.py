@@ -9,6 +9,15 @@ Dead codes: a code is restarted when its share of the assignments, averaged
 by an EMA over steps (`usage_decay`), falls below `dead_code_threshold / K`,
 i.e. below that fraction of the share it would get if all K codes were used
 equally. The threshold is therefore independent of batch size and token count.
+The average starts from zero, bias-corrected as in Adam, so a code that is never
+chosen is dead at the first training step, and one whose share was s and that
+stops being used at step t is restarted at step t + n, the first n with
+decay^n < threshold / (s K): with the defaults (0.1, 0.8), 11 steps for a code
+at the uniform share 1/K.
+Restarts move dead codes onto distinct latents of the step, drawn with
+probability proportional to their squared distance from their code (k-means++
+seeding): latents the codebook serves worst first, and never onto a latent a code
+already sits on, so no two codes are ever identical.
 
 Initial codes: uniform in [-1/K, 1/K], near the origin (as in VQ-VAE and
 taming-transformers), so the first assignments go by the direction of a latent
@@ -70,7 +79,7 @@ class VectorQuantizer(Quantizer):
         kmeans_iters: int = 10,
         kmeans_max_samples: int = 65536,
         dead_code_threshold: float = 0.0,
-        usage_decay: float = 0.99,
+        usage_decay: float = 0.8,
         frozen_codes: list[int] | None = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ):
@@ -117,7 +126,8 @@ class VectorQuantizer(Quantizer):
                 raise ValueError(f"frozen_codes must lie in [0, {self.num_codes}), got {list(frozen_codes)}")
             update_weight[:, frozen] = 0.0
         self.register_buffer("update_weight", update_weight)
-        self.register_buffer("usage", torch.full((groups, self.num_codes), 1.0 / self.num_codes))
+        self.register_buffer("usage", torch.zeros(groups, self.num_codes))  # EMA of shares, before bias correction
+        self.register_buffer("usage_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("initted", torch.tensor(not self.kmeans_init))
 
     def _init_codebook(self, codebook: Tensor) -> None:
@@ -189,7 +199,7 @@ class VectorQuantizer(Quantizer):
             if pooled.shape[1] > self.kmeans_max_samples:
                 keep = torch.randperm(pooled.shape[1], generator=generator)[: self.kmeans_max_samples]
                 pooled = pooled[:, keep.to(h.device)]
-            centroids, counts = kmeans(pooled, self.num_codes, self.kmeans_iters, self.distance == "cosine", generator)
+            centroids, counts = kmeans(pooled, self.embed.detach(), self.kmeans_iters, self.distance == "cosine", generator)
         else:
             centroids = torch.empty_like(self.embed)
             counts = torch.empty(self.update_weight.shape, device=h.device)
@@ -204,6 +214,8 @@ class VectorQuantizer(Quantizer):
         total = counts.sum(-1, keepdim=True)
         if not bool((total > 0).all()):
             return  # no real rows anywhere: nothing to learn from
+        # restarts weigh latents by their distance to the code they were given, before it moves
+        error = (h - gather_codes(self.codebook, indices)).pow(2).sum(-1) if self.dead_code_threshold > 0 else None
         if self.learning == "ema":
             sums = all_reduce_sum(sum_by_code(h, indices, self.num_codes))
             self.cluster_size.lerp_(counts, 1 - self.decay)
@@ -216,24 +228,43 @@ class VectorQuantizer(Quantizer):
             weight = self.update_weight.unsqueeze(-1)
             self.embed.copy_(torch.where(weight > 0, self.embed.lerp(target, weight), self.embed))
         self.usage.lerp_(counts / total, 1 - self.usage_decay)
-        if self.dead_code_threshold > 0:
-            self._restart_dead_codes(h)
+        self.usage_steps += 1
+        if exists(error):
+            self._restart_dead_codes(h, error)
+
+    def usage_share(self) -> Tensor:
+        """(G, K) bias-corrected EMA of each code's share of the assignments."""
+        return self.usage / (1 - self.usage_decay ** int(self.usage_steps))
 
     @torch.no_grad()
-    def _restart_dead_codes(self, h: Tensor) -> None:
-        """Move dead codes onto real encoder outputs of this step (sampled on rank 0)."""
-        dead = (self.usage < self.dead_code_threshold / self.num_codes) & (self.update_weight > 0)
+    def _restart_dead_codes(self, h: Tensor, error: Tensor) -> None:
+        """Move dead codes onto distinct real latents of this step (all ranks pooled),
+        drawn with probability proportional to count x squared distance to their code."""
+        dead = (self.usage_share() < self.dead_code_threshold / self.num_codes) & (self.update_weight > 0)
         if not bool(dead.any()):
             return
-        pooled = gather_rows(h.transpose(0, 1).contiguous()).transpose(0, 1)
+        pooled = gather_rows(torch.cat([h, error.unsqueeze(-1)], -1).transpose(0, 1).contiguous()).transpose(0, 1)
         if pooled.shape[1] == 0:
             return
-        picks = torch.randint(pooled.shape[1], dead.shape, device=h.device)
-        broadcast(picks)
-        replacement = gather_codes(pooled, picks)
+        seed = int(torch.randint(2**62, ()))  # drawn on every rank: RNG streams stay aligned
+        generator = torch.Generator().manual_seed(seed)
+        where, codes = torch.zeros_like(dead), self.embed.detach().clone()
+        for g in range(self.groups):
+            rows, copies = pooled[g].unique(dim=0, return_counts=True)  # sorted: independent of the batch layout
+            latents, error = rows[:, :-1], rows[:, -1]
+            # a latent (nearly) on its code would make a twin code: ties then fall to float rounding
+            candidates = (error > 1e-8 * latents.pow(2).sum(-1)).nonzero().squeeze(1)
+            slots = dead[g].nonzero().squeeze(1)[: candidates.numel()]
+            if slots.numel() == 0:
+                continue
+            weights = (error * copies)[candidates].double().cpu()
+            picks = candidates[torch.multinomial(weights, slots.numel(), generator=generator).to(h.device)]
+            broadcast(picks)
+            where[g, slots] = True
+            codes[g, slots] = latents[picks]
         sizes = self.cluster_size.mean(-1, keepdim=True).expand_as(dead) if self.learning == "ema" else None
-        self._replace_codes(dead, replacement, sizes)
-        self.usage[dead] = 1.0 / self.num_codes
+        self._replace_codes(where, codes, sizes)
+        self.usage[where] = (1 - self.usage_decay ** int(self.usage_steps)) / self.num_codes
 
     def _replace_codes(self, where: Tensor, codes: Tensor, cluster_size: Tensor | None) -> None:
         """Set the codes selected by `where` (G, K), keeping EMA statistics consistent."""
