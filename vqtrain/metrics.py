@@ -24,20 +24,29 @@ def count_codes(indices: Tensor, codebook_sizes: list[int]) -> Tensor:
 
 
 def usage_summary(counts: Tensor, codebook_sizes: list[int]) -> dict[str, Tensor]:
-    """Counts (Q, K) -> per-codebook utilization (fraction of codes used), perplexity
-    (exp of the usage entropy) and dead codes (unused), plus their mean / sum."""
+    """Counts (Q, K) over some tokens -> per codebook:
+
+    - utilization: the fraction of the K codes used at least once by those tokens;
+    - entropy_utilization: the usage entropy over log K (1 = every code equally often),
+      which, unlike a count of codes used, does not grow with the number of tokens;
+    - perplexity: exp of the usage entropy, the number of equally used codes it equals;
+    - dead_codes: codes not used by those tokens;
+
+    plus their mean over codebooks (a sum for dead codes)."""
     sizes = torch.tensor(codebook_sizes, device=counts.device, dtype=torch.float32)
     counts = counts.float()
     used = (counts > 0).sum(-1).float()
     probs = counts / counts.sum(-1, keepdim=True).clamp_min(1)
     entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
-    per_codebook = {"utilization": used / sizes, "perplexity": entropy.exp(), "dead_codes": sizes - used}
-    return {
-        "utilization": per_codebook["utilization"].mean(),
-        "perplexity": per_codebook["perplexity"].mean(),
-        "dead_codes": per_codebook["dead_codes"].sum(),
-        "per_codebook": per_codebook,
+    per_codebook = {
+        "utilization": used / sizes,
+        "entropy_utilization": torch.where(sizes > 1, entropy / sizes.log().clamp_min(1e-30), torch.ones_like(sizes)),
+        "perplexity": entropy.exp(),
+        "dead_codes": sizes - used,
     }
+    summary = {name: values.mean() for name, values in per_codebook.items()}
+    summary["dead_codes"] = per_codebook["dead_codes"].sum()
+    return {**summary, "per_codebook": per_codebook}
 
 
 class CodebookUsage(Metric):
