@@ -1,7 +1,8 @@
 """Resuming continues as if never stopped: a checkpoint holds the quantizer's
-statistics, the usage window, the last-use steps, the optimizer, the loops, the
-global random streams and how far into its epoch training was (the batch order
-is drawn from the seed and the epoch, so the rest of the epoch is known)."""
+statistics, the usage window, the last-use steps, the optimizer, the schedule,
+the loops, the global random streams and how far into its epoch training was
+(the batch order is drawn from the seed and the epoch, so the rest of the epoch
+is known)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -15,10 +16,11 @@ from hydra.utils import instantiate
 
 from test_train import column, read_metrics, run_cli
 from vqtrain.config import compose
+
 from vqtrain.train import train
 
 STEPS_PER_EPOCH = 4  # shapes
-USAGE_FIGURES = ("train/utilization", "train/perplexity", "train/dead_codes")
+USAGE_FIGURES = ("train/utilization", "train/entropy_utilization", "train/perplexity", "train/dead_codes")
 # Residual VQ with everything that keeps state or draws random numbers: EMA statistics,
 # k-means init, dead-code restarts (global RNG), quantizer dropout (the step counter).
 RESUMABLE = [
@@ -27,8 +29,7 @@ RESUMABLE = [
     "model.latent_dim=8", "model.encoder.hidden_channels=8", "model.decoder.hidden_channels=8",
     "model.usage_window=3", "model.dead_code_window=2", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
     "trainer.deterministic=true", "callbacks.reconstructions=null", "test=false",
-    # the learning-rate schedule spans max_steps: a run stopped by a smaller max_steps would differ anyway
-    "model.scheduler=null",
+    "model.scheduler.warmup_steps=2",
 ]
 SHAPES = [f"data.num_train={8 * STEPS_PER_EPOCH}", "data.batch_size=8", "data.num_val=8", "data.num_test=8"]
 
@@ -42,7 +43,7 @@ def restore_determinism() -> Iterator[None]:
 
 
 def fit(run_dir: Path, steps: int, *overrides: str) -> None:
-    train(compose([*RESUMABLE, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", *overrides], run_dir))
+    train(compose([*RESUMABLE, f"trainer.max_steps={steps}", *overrides], run_dir))
 
 
 def audio_data(root: Path) -> list[str]:
@@ -62,9 +63,14 @@ def train_rows(run_dir: Path, first_step: int) -> list[dict[str, str]]:
 
 @pytest.mark.parametrize("data", ["shapes", "audio"])
 @pytest.mark.parametrize("where", ["epoch-boundary", "mid-epoch"])
-def test_resume_equals_a_run_never_stopped(where: str, data: str, tmp_path: Path):
-    """The stop falls inside a usage window and after k-means and restarts; mid-epoch,
-    the resumed run must train on the rest of that epoch's batches, in their order."""
+@pytest.mark.parametrize("validated", [False, True], ids=["unvalidated-stop", "validated-stop"])
+def test_resume_equals_a_run_never_stopped(validated: bool, where: str, data: str, tmp_path: Path):
+    """`max_steps` stops the first run inside a usage window and after k-means and
+    restarts; a second run continues it with a larger `max_steps`. Unvalidated,
+    the stop comes before any validation (as with the default val_check_interval):
+    last.ckpt is the one written when training ends. Mid-epoch, the continued run
+    must train on the rest of that epoch's batches, in their order. The cosine
+    ends at the long run's end in all three runs (model.scheduler.total_steps)."""
     data_overrides = audio_data(tmp_path / "audio") if data == "audio" else SHAPES
     datamodule = instantiate(compose([*RESUMABLE, *data_overrides], tmp_path / "probe").data)
     datamodule.setup("fit")
@@ -72,10 +78,11 @@ def test_resume_equals_a_run_never_stopped(where: str, data: str, tmp_path: Path
     assert steps_per_epoch >= 3
     stop = steps_per_epoch + (2 if where == "mid-epoch" else 0)
     end = 3 * steps_per_epoch
-    fit(tmp_path / "whole", end, *data_overrides, f"trainer.val_check_interval={stop}")
-    fit(tmp_path / "first", stop, *data_overrides)
-    fit(tmp_path / "second", end, *data_overrides, f"ckpt_path={tmp_path / 'first' / 'last.ckpt'}",
-        f"trainer.val_check_interval={stop}")
+    overrides = [*data_overrides, f"model.scheduler.total_steps={end}",
+                 f"trainer.val_check_interval={stop if validated else stop + 1}"]
+    fit(tmp_path / "whole", end, *overrides)
+    fit(tmp_path / "first", stop, *overrides)
+    fit(tmp_path / "second", end, *overrides, f"ckpt_path={tmp_path / 'first' / 'last.ckpt'}")
 
     whole, resumed = (torch.load(tmp_path / run / "last.ckpt", weights_only=True) for run in ("whole", "second"))
     assert whole["global_step"] == resumed["global_step"] == end
@@ -84,6 +91,7 @@ def test_resume_equals_a_run_never_stopped(where: str, data: str, tmp_path: Path
     for key in ("quantizer.step", "quantizer.levels.0.initted", "quantizer.levels.0.embed_sum", "train_usage.counts", "last_use.last_step"):
         assert key in whole["state_dict"], key  # all compared above
     assert whole["rng_states"]["torch"].equal(resumed["rng_states"]["torch"])
+    assert whole["lr_schedulers"] == resumed["lr_schedulers"]
     for a, b in zip(whole["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
     rows, resumed_rows = train_rows(tmp_path / "whole", stop), train_rows(tmp_path / "second", stop)

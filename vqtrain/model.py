@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-from functools import partial
 from typing import Any, Callable
 
 import lightning as L
@@ -41,12 +40,39 @@ log = logging.getLogger(__name__)
 STAGES = ("train", "val", "test")
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Learning-rate factor: linear warmup, then cosine decay to `min_lr_ratio`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
+    """Linear warmup, then cosine decay to `min_lr_ratio` at `total_steps`.
+
+    A run continued from a checkpoint with the same `total_steps` follows the
+    schedule of a run never stopped. With another one (a larger `max_steps`)
+    the rate does not jump: the decay still ahead runs on along the same cosine
+    from the step reached, stretched to end at the new total."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float):
+        self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
+        self.decay_from = (warmup_steps, 0.0)  # (step, cosine progress there): the decay ahead starts there
+        super().__init__(optimizer)
+
+    def progress(self, step: int) -> float:
+        start, done = self.decay_from
+        return min(1.0, done + (1 - done) * (step - start) / max(1, self.total_steps - start))
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * self.progress(step)))
+
+    def get_lr(self) -> list[float]:
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The step and the decay so far are the checkpoint's, the settings this run's."""
+        settings = {"warmup_steps": self.warmup_steps, "total_steps": self.total_steps, "min_lr_ratio": self.min_lr_ratio}
+        super().load_state_dict(state_dict)
+        if self.total_steps != settings["total_steps"]:
+            step = max(self.last_epoch, self.warmup_steps)
+            self.decay_from = (step, self.progress(step))
+        self.__dict__.update(settings)
 
 
 class DiscreteAutoencoder(L.LightningModule):
@@ -186,7 +212,7 @@ class DiscreteAutoencoder(L.LightningModule):
             summary["counts"] = usage.counts.clone()
         usage.reset()
         self.latest_usage[stage] = summary
-        figures = {name: summary[name] for name in ("utilization", "perplexity", "dead_codes")}
+        figures = {name: summary[name] for name in ("utilization", "entropy_utilization", "perplexity", "dead_codes")}
         if exists(dead_codes):
             figures["dead_codes"] = dead_codes
         if len(self.quantizer.codebook_sizes) > 1:
@@ -210,13 +236,12 @@ class DiscreteAutoencoder(L.LightningModule):
         optimizer = self.optimizer_factory([g for g in groups if g["params"]])
         if not self.scheduler:
             return optimizer
-        schedule = partial(
-            warmup_cosine,
+        scheduler = WarmupCosine(
+            optimizer,
             warmup_steps=self.scheduler.get("warmup_steps", 0),
-            total_steps=self.trainer.estimated_stepping_batches,
+            total_steps=default(self.scheduler.get("total_steps"), self.trainer.estimated_stepping_batches),
             min_lr_ratio=self.scheduler.get("min_lr_ratio", 0.1),
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoints -------------------------------------------------------
