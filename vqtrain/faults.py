@@ -11,6 +11,8 @@ import math
 import os
 import signal
 import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,6 +47,50 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 ABSENT = object()
 
 
+class StartupError(Exception):
+    """A setting refused at start-up, before anything is built: the CLI prints
+    its message as one line, without a traceback (HYDRA_FULL_ERROR=1 shows it)."""
+
+
+class InvalidConfig(StartupError, ValueError):
+    """Values that would fail late, or not fail and train the wrong thing."""
+
+
+class MissingPath(StartupError, FileNotFoundError):
+    """A folder or file that a setting names is absent."""
+
+
+@dataclass(frozen=True)
+class Required:
+    """A folder or file a run reads, the config key that points to it and what
+    belongs there: what a data module's `required_paths` lists."""
+
+    key: str
+    path: Path
+    expected: str
+    folder: bool = True
+
+    def problem(self) -> str | None:
+        """None when the path exists, else one line naming the key and the path."""
+        kind, present = ("folder", self.path.is_dir()) if self.folder else ("file", self.path.is_file())
+        return None if present else f"{self.key}: no {kind} {self.path} (expected {self.expected})"
+
+    def check(self) -> None:
+        if problem := self.problem():
+            raise MissingPath(problem)
+
+
+def check_paths(required: Iterable[Required]) -> None:
+    """Refuse absent folders and files before anything is built: the first one
+    of each key, every key at once (a missing folder hides the files in it)."""
+    problems: dict[str, str] = {}
+    for item in required:
+        if item.key not in problems and (problem := item.problem()):
+            problems[item.key] = problem
+    if problems:
+        raise MissingPath("; ".join(problems.values()))
+
+
 def passes(test: Callable[[Any], bool], value: Any) -> bool:
     try:
         return bool(test(value))
@@ -65,7 +111,7 @@ def check_config(cfg: DictConfig) -> None:
     if isinstance(image_size, int) and isinstance(downsamples, int) and image_size % 2**downsamples:
         problems.append(f"data.image_size={image_size} (must be divisible by 2^model.encoder.num_downsamples = {2**downsamples})")
     if problems:
-        raise ValueError("invalid config: " + "; ".join(problems))
+        raise InvalidConfig("invalid config: " + "; ".join(problems))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -102,21 +148,45 @@ class LastCheckpoint(L.Callback):
     `resume=auto` and the tokenizer read. Lightning 2.6's ModelCheckpoint
     refreshes its last.ckpt only in a step that also saved a top-k checkpoint,
     so a run whose validation loss stopped improving would resume (or be
-    tokenized) from an old step."""
+    tokenized) from an old step.
+
+    A run that reaches `max_steps` is saved after its last batch, inside the
+    epoch: by `on_train_end` Lightning has closed the epoch as if it were
+    complete, and a run continued from there (with a larger `max_steps`) would
+    skip the rest of that epoch or count one epoch too many. A validation in
+    that last step saves again, over it, so that the checkpoint includes it."""
 
     def __init__(self, dirpath: _PATH):
         self.path = Path(dirpath) / "last.ckpt"
         self.saved_step: int | None = None
+        self.in_batch_end = False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self.save(trainer)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.save(trainer)
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == trainer.max_steps:
+            self.in_batch_end = True
+            try:
+                self.save(trainer, unless_saved=True)
+            finally:
+                self.in_batch_end = False
 
-    def save(self, trainer: L.Trainer) -> None:
-        if trainer.global_step != self.saved_step:
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Saved in the last batch's end, the loops must read as saved after it (as
+        GracefulStop's checkpoints are), which is what Lightning resumes correctly."""
+        if self.in_batch_end:
+            loop = checkpoint["loops"]["fit_loop"]
+            for counts in ("total", "current"):
+                loop["epoch_loop.batch_progress"][counts]["completed"] += 1
+            loop["epoch_loop.state_dict"]["_batches_that_stepped"] += 1
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer, unless_saved=True)  # ended otherwise (max_epochs, early stopping)
+
+    def save(self, trainer: L.Trainer, unless_saved: bool = False) -> None:
+        if not (unless_saved and trainer.global_step == self.saved_step):
             trainer.save_checkpoint(self.path)
             self.saved_step = trainer.global_step
 

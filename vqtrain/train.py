@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -13,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vqtrain.config import CONFIG_DIR, register_resolvers
-from vqtrain.faults import check_config
+from vqtrain.faults import InvalidConfig, Required, StartupError, check_config, check_paths
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +28,10 @@ def resume_path(cfg: DictConfig) -> str | None:
     wrote in run directories of earlier versions), or an hpc_ckpt_<n>.ckpt that
     Lightning saved on SLURM's requeue signal."""
     if cfg.ckpt_path:
-        if not Path(cfg.ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        Required("ckpt_path", Path(cfg.ckpt_path), "a checkpoint to resume from", folder=False).check()
         return str(cfg.ckpt_path)
     if cfg.resume not in ("auto", "never"):
-        raise ValueError(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
+        raise InvalidConfig(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
     run_dir = Path(cfg.paths.output_dir)
     saved = [path for pattern in ("last*.ckpt", "hpc_ckpt_*.ckpt") for path in run_dir.glob(pattern) if path.is_file()]
     if cfg.resume == "auto" and saved:
@@ -45,6 +46,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
+    check_paths(datamodule.required_paths())
+    ckpt_path = resume_path(cfg)
     model = instantiate(cfg.model)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
@@ -53,7 +56,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     distributed_sampler = getattr(datamodule, "use_distributed_sampler", True)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, use_distributed_sampler=distributed_sampler)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         if cfg.test and not trainer.interrupted:
             trainer.test(model, datamodule=datamodule)
     finally:
@@ -71,7 +74,14 @@ def finish_wandb() -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    """A start-up error is one line naming the key, not a traceback, unless
+    HYDRA_FULL_ERROR=1 (as for Hydra's own errors)."""
+    try:
+        train(cfg)
+    except StartupError as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
+from ..faults import Required
 from ..utils import default, lengths_to_mask
 from .common import DataModule, UnreadableItem, collate_skipping, hash_fraction
 from .sampler import BucketBatchSampler
@@ -76,8 +77,7 @@ def resampled_length(frames: int, orig_rate: int, new_rate: int) -> int:
 
 def list_audio(root: Path) -> list[str]:
     """Relative POSIX paths of every audio file under `root`, in a stable order."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.root: no folder {root} (expected {LAYOUT})")
+    Required("data.root", root, LAYOUT).check()
     files = sorted(
         (Path(folder) / name).relative_to(root).as_posix()
         for folder, _, names in os.walk(root, followlinks=True)
@@ -361,6 +361,9 @@ class AudioDataModule(DataModule):
         self.bucketing = bucketing
         self.order_seed = default(seed, 0)
         self.skipped_files = 0
+
+    def required_paths(self) -> list[Required]:
+        return [Required("data.root", self.root, LAYOUT)]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

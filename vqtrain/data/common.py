@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
+from ..faults import Required
 from ..utils import is_distributed, rank
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,11 @@ class DataModule(L.LightningDataModule):
         self.order_seed = torch.initial_seed() % 2**63  # batch order: the run's seed (seed_everything)
         self.train_set = self.val_set = self.test_set = None
         self.resume_at: dict[str, int] = {}
+
+    def required_paths(self) -> list[Required]:
+        """The folders and files this data reads, checked when a run starts, before
+        the model or trainer exist (rather than in `setup`, inside `fit`)."""
+        return []
 
     def state_dict(self) -> dict[str, int]:
         """Where training stands in its epoch; Lightning keeps this in checkpoints."""

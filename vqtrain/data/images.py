@@ -18,8 +18,10 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms.v2 import functional as TF
 
+from ..faults import Required
 from .common import DataModule, UnreadableItem, hash_fraction
 
+IMAGE_LAYOUT = "a folder tree of images"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 LUMINANCE = torch.tensor([0.299, 0.587, 0.114])
 
@@ -170,6 +172,7 @@ class TorchvisionDataModule(ImageDataModule):
 
     dataset_class: type
     native_size: int
+    file_names: tuple[str, ...]  # what torchvision reads in `folder()`
 
     def __init__(self, root: str, image_size: int, channels: int, download: bool = False, val_size: int = 5000,
                  **loader_options: Any):
@@ -185,6 +188,17 @@ class TorchvisionDataModule(ImageDataModule):
 
     def expected_files(self) -> str:
         raise NotImplementedError
+
+    def folder(self) -> Path:
+        """Where under `root` torchvision reads the files."""
+        raise NotImplementedError
+
+    def required_paths(self) -> list[Required]:
+        if self.download:
+            return []  # torchvision fetches what is missing
+        expected = f"{self.expected_files()}; data.download=true fetches them"
+        return [Required("data.root", self.folder(), expected),
+                *(Required("data.root", self.folder() / name, expected, folder=False) for name in self.file_names)]
 
     def images(self, train: bool) -> Tensor:
         """uint8 (N, C, h, w) images of the official training or test set."""
@@ -217,14 +231,17 @@ class MNISTDataModule(TorchvisionDataModule):
 
     dataset_class = datasets.MNIST
     native_size = 28
+    file_names = tuple(Path(archive).stem for archive, _ in datasets.MNIST.resources)  # gunzipped
     pad = True
 
     def __init__(self, root: str, image_size: int = 32, channels: int = 1, **options: Any):
         super().__init__(root, image_size, channels, **options)
 
+    def folder(self) -> Path:
+        return Path(self.root) / "MNIST" / "raw"
+
     def expected_files(self) -> str:
-        raw = Path(self.root) / "MNIST" / "raw"
-        return f"the four gunzipped IDX files {raw}/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte"
+        return f"the four gunzipped IDX files {self.folder()}/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte"
 
     def images(self, train: bool) -> Tensor:
         return self.load(train).data[:, None]
@@ -235,13 +252,17 @@ class CIFAR10DataModule(TorchvisionDataModule):
 
     dataset_class = datasets.CIFAR10
     native_size = 32
+    file_names = (*(name for name, _ in datasets.CIFAR10.train_list + datasets.CIFAR10.test_list),
+                  datasets.CIFAR10.meta["filename"])
 
     def __init__(self, root: str, image_size: int = 32, channels: int = 3, **options: Any):
         super().__init__(root, image_size, channels, **options)
 
+    def folder(self) -> Path:
+        return Path(self.root) / datasets.CIFAR10.base_folder
+
     def expected_files(self) -> str:
-        folder = Path(self.root) / datasets.CIFAR10.base_folder
-        return f"the extracted python batches {folder}/{{data_batch_1..5,test_batch,batches.meta}}"
+        return f"the extracted python batches {self.folder()}/{{data_batch_1..5,test_batch,batches.meta}}"
 
     def images(self, train: bool) -> Tensor:
         return torch.from_numpy(self.load(train).data).permute(0, 3, 1, 2)
@@ -251,8 +272,7 @@ class CIFAR10DataModule(TorchvisionDataModule):
 
 def list_images(folder: Path) -> list[Path]:
     """Every image file under `folder`, recursively, in a stable order."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"data.root: no folder {folder} (expected a folder tree of images)")
+    Required("data.root", folder, IMAGE_LAYOUT).check()
     files = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
     if not files:
         raise FileNotFoundError(f"no images with extensions {', '.join(IMAGE_EXTENSIONS)} under {folder}")
@@ -272,6 +292,9 @@ class ImageFolderDataModule(ImageDataModule):
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         self.root = Path(root)
         self.val_fraction = val_fraction
+
+    def required_paths(self) -> list[Required]:
+        return [Required("data.root", self.root, IMAGE_LAYOUT)]
 
     def split_files(self) -> tuple[list[Path], list[Path], list[Path]]:
         if (self.root / "train").is_dir() and (self.root / "val").is_dir():
