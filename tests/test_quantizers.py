@@ -549,7 +549,7 @@ def test_kmeans_never_leaves_identical_codes(distinct):
     centroids, _ = kmeans(x, fallback, iters=5, cosine=False, generator=torch.Generator().manual_seed(0))
     assert_no_twin_codes(centroids)
     if distinct < codes:
-        on_latent = torch.cdist(centroids[0], latents[0]) < 1e-5  # a mean of copies is the copy, up to rounding
+        on_latent = (centroids[0, :, None] - latents[0][None]).norm(dim=-1) < 1e-5  # a mean of copies is the copy, up to rounding
         assert torch.equal(on_latent.sum(0), torch.ones(distinct, dtype=torch.long)), "every distinct latent has its own code"
         assert torch.equal(centroids[0, ~on_latent.any(1)], fallback[0, distinct:]), "the surplus codes are the fallback"
 

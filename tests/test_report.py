@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from matplotlib.figure import Figure
 
-from vqtrain.report import describe, find_run_dirs, load_run
+from vqtrain.report import describe, find_run_dirs, load_run, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -128,3 +130,64 @@ def test_method_and_size_come_from_the_config_choices_and_overrides():
     overrides = ["quantizer=vq", "quantizer.codebook_size=512", "quantizer.learning=gradient", "trainer.max_steps=5"]
     assert describe(vq, {}, overrides) == ("vq learning=gradient", 512, "Shapes")
     assert describe(vq, {}, []) == ("VectorQuantizer", 512, "Shapes")
+
+
+def fake_run(folder: Path, quantizer: str, size: int, val_check_interval: int, rows: list[dict[str, float]]) -> None:
+    """A run directory as train.py lays it out: the default training windows (every 100 steps), given rows."""
+    (folder / ".hydra").mkdir(parents=True)
+    config = {"quantizer": {"_target_": "vqtrain.quantizers.Q", "codebook_size": size}, "data": {"_target_": "x.Shapes"},
+              "model": {"usage_window": 100}, "trainer": {"val_check_interval": val_check_interval}}
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"quantizer": quantizer, "data": "shapes"}}}}))
+    with (folder / "metrics.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, sorted({key for row in rows for key in row}))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def evaluation(stage: str, step: int, utilization: float) -> dict[str, float]:
+    return {"step": step, f"{stage}/utilization": utilization, f"{stage}/recon_loss": 1 - utilization}
+
+
+SHORT = {  # 15-step runs: test figures only (validation every 200 steps), or validations every 5 steps too
+    "test only": (200, lambda u: [evaluation("test", 15, u)],
+                  ["Utilization over steps: Not drawn: no run logged a training window (one ends every model.usage_window"
+                   " = 100 steps; the longest run trained 15 steps) or a validation (one every trainer.val_check_interval"
+                   " = 200 steps).",
+                   "Test utilization and reconstruction against codebook size (tradeoff.png): Test utilization: the "
+                   "fraction of the codebook used over the whole test pass. Shown since no run logged a validation"]),
+    "validations": (5, lambda u: [evaluation("val", step, u * step / 15) for step in (5, 10, 15)] + [evaluation("test", 15, u)],
+                    ["Validation utilization over steps (utilization.png): Validation utilization: the fraction of the "
+                     "codebook used over a whole validation pass. Shown since no run logged a training window",
+                     "Validation utilization and reconstruction against codebook size (tradeoff.png): Validation "
+                     "utilization: the fraction of the codebook used over a whole validation pass.\n"]),  # no "Shown since"
+}
+
+
+@pytest.mark.parametrize("case", SHORT)
+def test_short_runs_report_the_figures_they_have_and_never_empty_axes(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Training windows end every model.usage_window=100 steps: 15-step runs have none. The report
+    shows what they logged, says which, and explains a figure it cannot draw instead of drawing it empty."""
+    val_check_interval, evaluations, captions = SHORT[case]
+    utilization = {"vq": 0.004, "fsq": 0.25}
+    for number, (quantizer, used) in enumerate(utilization.items()):
+        rows = [{"step": 9, "train/loss": 0.9, "train/recon_loss": 0.9}, *evaluations(used)]
+        fake_run(tmp_path / "multirun" / str(number), quantizer, 1024, val_check_interval, rows)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "utilization.png").write_bytes(b"an earlier report's figure")
+    saved, savefig = [], Figure.savefig
+
+    def save(figure: Figure, *args, **kwargs) -> None:
+        saved.append([ax.has_data() for ax in figure.axes])
+        savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", save)
+    page = write_report([load_run(path) for path in find_run_dirs([tmp_path / "multirun"])], tmp_path / "out")
+    assert saved and all(all(axes) for axes in saved)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert all(caption in summary for caption in captions), summary
+    assert (tmp_path / "out" / "utilization.png").exists() == (case == "validations")
+    assert len(re.findall(r'src="data:image/png;base64,', page.read_text())) == len(saved)
+    rows = {row["method"]: row for row in read_table(tmp_path / "out" / "summary.md")}
+    assert {method: float(row["test utilization"]) for method, row in rows.items()} == utilization
+    assert all(row["steps"] == "15" for row in rows.values())

@@ -1,11 +1,14 @@
 """Codebook collapse report: compare quantizers and codebook sizes across runs.
 
 Reads run directories (a `metrics.csv` from the CSV logger beside Hydra's
-`.hydra/`) or wandb runs, and writes utilization.png (training utilization over
-steps, a panel per codebook size), tradeoff.png (final validation utilization
-and reconstruction loss against codebook size), summary.md and a
-self-contained report.html. Runs that failed midway keep a table row with
-what they logged; what is missing is named in the notes.
+`.hydra/`) or wandb runs, and writes utilization.png (utilization over steps,
+a panel per codebook size: training windows, else validations), tradeoff.png
+(final utilization and reconstruction loss against codebook size: validation,
+else test, else training), summary.md and a self-contained report.html. Short
+runs log no training window or validation: a figure shows what the runs have
+and says so, and one no run has the numbers for is not drawn but explained.
+Runs that failed midway keep a table row with what they logged; what is
+missing is named in the notes.
 """
 from __future__ import annotations
 
@@ -24,18 +27,49 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-TRAIN_UTILIZATION = "train/utilization"
 # table columns beside method, data and size: (header, metric whose last value is shown, format)
 COLUMNS = [
     ("val utilization", "val/utilization", ".4g"),
     ("val perplexity", "val/perplexity", ".4g"),
     ("val dead codes", "val/dead_codes", ".0f"),
     ("val recon loss", "val/recon_loss", ".4g"),
+    ("test utilization", "test/utilization", ".4g"),
     ("test recon loss", "test/recon_loss", ".4g"),
 ]
 # a run lacking one of these is named in the notes (test metrics are optional: test=false)
-EXPECTED = [TRAIN_UTILIZATION, "val/utilization", "val/recon_loss"]
+EXPECTED = ["train/utilization", "val/utilization", "val/recon_loss"]
 SIZE_KEYS = ("codebook_size", "levels")
+# when runs log training windows and validations: named where a figure lacks them
+SCHEDULE = ("model.usage_window", "trainer.val_check_interval")
+DEFINITION = ("Utilization is the fraction of the codebook's codes used: val and test count them over a whole "
+              "evaluation pass, train over a window of the last model.usage_window training steps.")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Utilization figures of one stage: what they count, and (a template over
+    `schedule`'s keys) why runs may have none."""
+
+    prefix: str
+    name: str
+    counts: str
+    absent: str
+
+    @property
+    def utilization(self) -> str:
+        return f"{self.prefix}/utilization"
+
+    @property
+    def recon_loss(self) -> str:
+        return f"{self.prefix}/recon_loss"
+
+
+TRAIN = Stage("train", "training", "in the last {usage_window} training steps (model.usage_window), a point per window",
+              "a training window (one ends every model.usage_window = {usage_window} steps; "
+              "the longest run trained {steps} steps)")
+VAL = Stage("val", "validation", "over a whole validation pass",
+            "a validation (one every trainer.val_check_interval = {val_check_interval} steps)")
+TEST = Stage("test", "test", "over the whole test pass", "a test (none with test=false)")
 
 
 @dataclass
@@ -47,6 +81,7 @@ class Run:
     codebook_size: int | None
     dataset: str
     rows: list[dict[str, float]] = field(default_factory=list)  # sparse, each with "step"
+    settings: dict[str, Any] = field(default_factory=dict)  # SCHEDULE's keys
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         points = [(int(row["step"]), row[key]) for row in self.rows if key in row]
@@ -58,9 +93,11 @@ class Run:
 
     @property
     def steps(self) -> int | None:
-        """Training steps up to the last logged one (logged steps count from 0)."""
-        steps = [row["step"] for row in self.rows if any(key.startswith("train/") for key in row)]
-        return int(max(steps)) + 1 if steps else None
+        """Training steps up to the last logged one: training rows count from 0,
+        validation and test rows carry the number of steps they followed."""
+        steps = [row["step"] + any(key.startswith("train/") for key in row) for row in self.rows
+                 if any(key.startswith(("train/", "val/", "test/")) for key in row)]
+        return int(max(steps)) if steps else None
 
 
 # -- reading runs -------------------------------------------------------------
@@ -128,7 +165,8 @@ def load_run(folder: Path) -> Run:
     choices = ((hydra or {}).get("hydra", {}).get("runtime") or {}).get("choices") or {}
     overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) if (hydra_dir / "overrides.yaml").is_file() else []
     method, size, dataset = describe(plain, choices, overrides or [])
-    return Run(str(folder), method, size, dataset, read_metrics(folder / "metrics.csv"))
+    settings = {key: select(config, key) for key in SCHEDULE}
+    return Run(str(folder), method, size, dataset, read_metrics(folder / "metrics.csv"), settings)
 
 
 def load_wandb_runs(path: str) -> list[Run]:
@@ -148,7 +186,8 @@ def load_wandb_runs(path: str) -> list[Run]:
             if row.get("trainer/global_step") is not None
         ]
         method, size, dataset = describe(config, choices, [])
-        runs.append(Run(f"{path}/{remote.id}", method, size, dataset, rows))
+        settings = {key: select(OmegaConf.create(config), key) for key in SCHEDULE}
+        runs.append(Run(f"{path}/{remote.id}", method, size, dataset, rows, settings))
     return runs
 
 
@@ -168,55 +207,112 @@ class Lines:
 
 
 def notes(runs: list[Run]) -> list[str]:
-    """What each run is missing, and so where it is left out."""
+    """What each run is missing that others have, and so where it is left out
+    (what no run has, the figure captions explain)."""
+    logged = {key for key in EXPECTED if any(run.final(key) is not None for run in runs)}
     found = []
     for run in runs:
         if not run.rows:
             found.append(f"{run.name}: no metrics logged (failed before the first log?); left out of the plots")
             continue
-        if missing := [key for key in EXPECTED if run.final(key) is None]:
+        if missing := [key for key in EXPECTED if key in logged and run.final(key) is None]:
             found.append(f"{run.name}: no {', '.join(missing)}; left out where needed")
         if run.codebook_size is None:
             found.append(f"{run.name}: codebook size unknown; left out of the plots")
     return found
 
 
-def plot_utilization(runs: list[Run], lines: Lines, path: Path) -> None:
-    runs = sorted((run for run in runs if run.codebook_size is not None and run.final(TRAIN_UTILIZATION) is not None), key=lines.label)
-    sizes = sorted({run.codebook_size for run in runs}) or [None]
+def plotted(runs: list[Run], stage: Stage) -> list[Run]:
+    """The runs a figure of `stage` draws: known codebook size, some utilization logged."""
+    return [run for run in runs if run.codebook_size is not None and run.final(stage.utilization) is not None]
+
+
+def plot_utilization(runs: list[Run], lines: Lines, stage: Stage, path: Path) -> None:
+    """Utilization over steps, a panel per codebook size; markers, since a short run has few points."""
+    runs = sorted(plotted(runs, stage), key=lines.label)
+    sizes = sorted({run.codebook_size for run in runs})
     figure = Figure(figsize=(4.5 * len(sizes), 3.6), layout="constrained")
     axes = figure.subplots(1, len(sizes), squeeze=False, sharey=True)[0]
     for ax, size in zip(axes, sizes):
         for run in (run for run in runs if run.codebook_size == size):
-            ax.plot(*run.series(TRAIN_UTILIZATION), label=lines.label(run), color=lines.colors[lines.label(run)])
-        ax.set_title(f"K = {size}" if size else "no runs with training utilization")
+            ax.plot(*run.series(stage.utilization), marker="o", markersize=3, label=lines.label(run),
+                    color=lines.colors[lines.label(run)])
+        ax.set_title(f"K = {size}")
         ax.set_yscale("log")  # collapse spans orders of magnitude
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize="small")
-    axes[0].set_ylabel("training utilization")
+        ax.legend(fontsize="small")
+    axes[0].set_ylabel(f"{stage.name} utilization")
     figure.savefig(path, dpi=100)
 
 
-def plot_tradeoff(runs: list[Run], lines: Lines, path: Path) -> None:
-    figure = Figure(figsize=(10, 3.8), layout="constrained")
-    axes = figure.subplots(1, 2)
-    for ax, (key, title) in zip(axes, [("val/utilization", "final val utilization"), ("val/recon_loss", "final val recon loss")]):
+def plot_tradeoff(runs: list[Run], lines: Lines, stage: Stage, path: Path) -> None:
+    """Final utilization and recon loss against codebook size (no recon panel where no run logged it)."""
+    runs = plotted(runs, stage)
+    keys = [stage.utilization] + [stage.recon_loss] * any(run.final(stage.recon_loss) is not None for run in runs)
+    figure = Figure(figsize=(5 * len(keys), 3.8), layout="constrained")
+    axes = figure.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
         for name, color in lines.colors.items():
             points = sorted((run.codebook_size, run.final(key)) for run in runs
-                            if lines.label(run) == name and run.codebook_size is not None and run.final(key) is not None)
+                            if lines.label(run) == name and run.final(key) is not None)
             if points:
                 ax.plot(*zip(*points), marker="o", label=name, color=color)
         ax.set_xscale("log", base=2)
-        if key == "val/utilization":
+        if key == stage.utilization:
             ax.set_yscale("log")
         ax.set_xlabel("codebook size K")
-        ax.set_title(title)
+        ax.set_title(f"final {stage.name} {key.split('/')[1].replace('_', ' ')}")
         ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize="small")
+        ax.legend(fontsize="small")
     figure.savefig(path, dpi=100)
+
+
+FIGURES = [  # file, title, the stages it can show in order of preference, how it is drawn
+    ("utilization.png", "utilization over steps", (TRAIN, VAL), plot_utilization),
+    ("tradeoff.png", "utilization and reconstruction against codebook size", (VAL, TEST, TRAIN), plot_tradeoff),
+]
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A figure of the report: its title, one line on what it shows or why it is not drawn, its image."""
+
+    title: str
+    caption: str
+    image: Path | None
+
+
+def schedule(runs: list[Run]) -> dict[str, str]:
+    """The settings (values over all runs) that decide when training windows and validations are logged."""
+    def values(key: str) -> str:
+        return "/".join(map(str, sorted({run.settings[key] for run in runs if run.settings.get(key) is not None}))) or "?"
+
+    return {"usage_window": values("model.usage_window"), "val_check_interval": values("trainer.val_check_interval"),
+            "steps": str(max((run.steps for run in runs if run.steps is not None), default=0))}
+
+
+def draw(runs: list[Run], out: Path) -> list[Shown]:
+    """Each figure from the first of its stages that runs logged, saying which and
+    why the ones before are missing; where none was logged the figure is not
+    drawn (an earlier report's image is removed) and the caption says why."""
+    lines, context = Lines(runs), schedule(runs)
+    shown = []
+    for file, title, stages, plot in FIGURES:
+        stage = next((stage for stage in stages if plotted(runs, stage)), None)
+        skipped = stages[: stages.index(stage)] if stage else stages
+        missing = " or ".join(skip.absent for skip in skipped).format(**context)
+        if stage is None:
+            (out / file).unlink(missing_ok=True)
+            why = f"no run logged {missing}" if any(run.codebook_size for run in runs) else "no run's codebook size is known"
+            shown.append(Shown(title.capitalize(), f"Not drawn: {why}.", None))
+            continue
+        plot(runs, lines, stage, out / file)
+        caption = f"{stage.name.capitalize()} utilization: the fraction of the codebook used {stage.counts.format(**context)}."
+        if skipped:
+            caption += f" Shown since no run logged {missing}."
+        shown.append(Shown(f"{stage.name.capitalize()} {title}", caption, out / file))
+    return shown
 
 
 def table(runs: list[Run], root: Path | None = None) -> tuple[list[str], list[list[str]]]:
@@ -240,45 +336,48 @@ def table(runs: list[Run], root: Path | None = None) -> tuple[list[str], list[li
     return header, rows
 
 
-def markdown(header: list[str], rows: list[list[str]], found: list[str]) -> str:
+def markdown(header: list[str], rows: list[list[str]], found: list[str], figures: list[Shown]) -> str:
     text = ["# Codebook collapse report", "", f"{len(rows)} runs. Final figures are the last logged values; "
-            "recon loss is the time-domain MSE (plus the STFT term where model.reconstruction.stft_weight > 0).", "",
-            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            "recon loss is the time-domain MSE (plus the STFT term where model.reconstruction.stft_weight > 0). "
+            + DEFINITION, "", "## Figures", ""]
+    text += [f"- {figure.title}" + (f" ({figure.image.name})" if figure.image else "") + f": {figure.caption}"
+             for figure in figures]
+    text += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     text += ["| " + " | ".join(row) + " |" for row in rows]
     if found:
         text += ["", "## Notes", "", *(f"- {note}" for note in found)]
     return "\n".join(text) + "\n"
 
 
-def html_page(header: list[str], rows: list[list[str]], found: list[str], images: dict[str, Path]) -> str:
+def html_page(header: list[str], rows: list[list[str]], found: list[str], figures: list[Shown]) -> str:
     def tag(name: str, cells: list[str]) -> str:
         return "<tr>" + "".join(f"<{name}>{html.escape(c)}</{name}>" for c in cells) + "</tr>"
 
-    figures = "".join(
-        f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,'
-        f'{base64.b64encode(path.read_bytes()).decode()}">'
-        for title, path in images.items()
+    def image(figure: Shown) -> str:
+        data = base64.b64encode(figure.image.read_bytes()).decode()
+        return f'<img alt="{html.escape(figure.title)}" src="data:image/png;base64,{data}">'
+
+    figures_html = "".join(
+        f"<h2>{html.escape(figure.title)}</h2><p>{html.escape(figure.caption)}</p>{image(figure) if figure.image else ''}"
+        for figure in figures
     )
     notes_html = "<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in found) + "</ul>" if found else ""
     return (
         '<!doctype html><html><head><meta charset="utf-8"><title>Codebook collapse report</title>'
         "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:3px 8px}td{text-align:right}</style></head><body>"
-        f"<h1>Codebook collapse report</h1>{figures}<h2>Final figures</h2>"
+        f"<h1>Codebook collapse report</h1>{figures_html}<h2>Final figures</h2><p>{html.escape(DEFINITION)}</p>"
         f"<table>{tag('th', header)}{''.join(tag('td', row) for row in rows)}</table>{notes_html}</body></html>\n"
     )
 
 
 def write_report(runs: list[Run], out: Path, root: Path | None = None) -> Path:
-    """All four files into `out`; run names in the table relative to `root`. Returns report.html."""
+    """summary.md, report.html and the figures the runs have into `out`; run names in the table relative to `root`. Returns report.html."""
     out.mkdir(parents=True, exist_ok=True)
-    images = {"Training utilization": out / "utilization.png", "Utilization and reconstruction against codebook size": out / "tradeoff.png"}
-    lines = Lines(runs)
-    plot_utilization(runs, lines, images["Training utilization"])
-    plot_tradeoff(runs, lines, images["Utilization and reconstruction against codebook size"])
+    figures = draw(runs, out)
     header, rows = table(runs, root)
     found = notes(runs)
-    (out / "summary.md").write_text(markdown(header, rows, found))
+    (out / "summary.md").write_text(markdown(header, rows, found, figures))
     page = out / "report.html"
-    page.write_text(html_page(header, rows, found, images))
+    page.write_text(html_page(header, rows, found, figures))
     return page
