@@ -1,4 +1,4 @@
-"""Benchmarks: quantizer speed and memory, training-loop overhead, audio data throughput.
+"""Benchmarks: quantizer speed and memory, training-loop overhead, audio data throughput, quality (`quality -h`).
 
     python scripts/bench.py quantizers --compare vector-quantize-pytorch
     python scripts/bench.py train
@@ -745,6 +745,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "_case":  # a child process: one quantizer case
         print(json.dumps(run_case(json.loads(argv[1]))), flush=True)
         return
+    from scripts.benchmarks import quality  # one module per benchmark
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -779,6 +780,7 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--batch-size", type=int, default=32)
     d.add_argument("--train-batches", type=int, help="batches through the model per setting (default 20; 0 = a whole epoch)")
     d.add_argument("overrides", nargs="*", help="config overrides, as for train.py")
+    quality.add_parser(sub, common)
 
     args = parser.parse_args(argv)
     if args.omp_wait_policy and os.environ.get("OMP_WAIT_POLICY", "").upper() != args.omp_wait_policy.upper():
@@ -789,10 +791,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--device cuda: no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = machine_info(args.device)
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
-    payload = {"subcommand": args.command, "started": started, "argv": argv, "machine": info}
-    payload.update({"quantizers": cmd_quantizers, "train": cmd_train, "data": cmd_data}[args.command](args))
+    payload = {"subcommand": args.command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": argv, "machine": machine_info(args.device)}
+    payload.update({"quantizers": cmd_quantizers, "train": cmd_train, "data": cmd_data, "quality": quality.run}[args.command](args))
     payload["machine"]["load_avg_end"] = os.getloadavg()
     write_json(args.out or REPO / "reports" / f"bench-{args.command}.json", payload)
 

@@ -105,3 +105,50 @@ def test_data_bucketing(tmp_path):
         assert record["clips"] == 12 and record["loader_clips_per_s"] > 0 and record["train_clips_per_s"] > 0
         assert 0 <= record["padding_fraction"] < 1
     assert by_setting[True]["padding_fraction"] <= by_setting[False]["padding_fraction"]
+
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def quality_rows(tmp_path, data: str, *args: str) -> tuple[dict, str]:
+    pytest.importorskip("vector_quantize_pytorch")
+    folder = SHARED_DATA / ("MNIST/raw" if data == "mnist" else "fsdd/recordings")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        pytest.skip(f"real {data} absent: expected it in {folder}")
+    out = tmp_path / "quality.json"
+    stdout = bench("quality", "--data", data, "--threads", "1", "--out", str(out), *args, timeout=120)
+    return json.loads(out.read_text()), stdout
+
+
+def test_quality_quick(tmp_path):
+    """Ours beside the reference for two methods on real MNIST at a tiny budget: every row
+    has its scores (per level for the residual one) and both sides of a pair trained the
+    same initial net on the same batches."""
+    report, stdout = quality_rows(tmp_path, "mnist", "--methods", "vq", "rvq", "--steps", "5", "--batch-size", "16", "--test-limit", "256")
+    rows = {(r["method"], r["impl"]): r for r in report["rows"]}
+    assert set(rows) == {(m, i) for m in ("vq", "rvq") for i in ("vqtrain", "vector-quantize-pytorch")}
+    for (method, _), r in rows.items():
+        levels = 4 if method == "rvq" else 1
+        assert r["status"] == "ok" and r["steps"] == 5 and r["batch_size"] == 16, r
+        assert r["test_items"] == 256 and r["test_positions"] == 256 * 49
+        assert math.isfinite(r["test_mse"]) and r["test_mse"] > 0 and r["steps_per_s"] > 0 and r["wall_seconds"] > 0
+        assert r["codebook_sizes"] == [256 if method == "rvq" else 1024] * levels
+        assert len(r["utilization"]) == len(r["perplexity"]) == len(r["dead_codes"]) == levels
+        for size, util, ppl, dead in zip(r["codebook_sizes"], r["utilization"], r["perplexity"], r["dead_codes"]):
+            assert 0 < util <= 1 and 1 <= ppl <= size and dead == size - round(util * size)
+    for method in ("vq", "rvq"):
+        ours, ref = rows[(method, "vqtrain")], rows[(method, "vector-quantize-pytorch")]
+        assert ours["data_hash"] == ref["data_hash"] and ours["init_hash"] == ref["init_hash"]
+    assert rows[("vq", "vqtrain")]["config"]["_target_"] == "vqtrain.quantizers.VectorQuantizer"
+    assert all(pair["same_batches_and_init"] for pair in report["pairs"]) and len(report["pairs"]) == 2
+    assert "| mnist | 5x16 | rvq | reference |" in stdout
+
+
+def test_quality_fsdd_masks(tmp_path):
+    """FSDD: padded batches; ours and the reference's VectorQuantize both get the mask,
+    scores count real positions only, and both sides saw the same batches."""
+    report, _ = quality_rows(tmp_path, "fsdd", "--methods", "vq", "--steps", "3", "--batch-size", "4", "--train-limit", "24", "--test-limit", "8")
+    ours, ref = report["rows"]
+    assert ours["impl"] == "vqtrain" and ref["impl"] == "vector-quantize-pytorch" and ref["reference_masked"]
+    assert ours["test_items"] == 8 and ours["test_positions"] == ref["test_positions"] > 0
+    assert ours["data_hash"] == ref["data_hash"] and math.isfinite(ours["test_mse"]) and math.isfinite(ref["test_mse"])
