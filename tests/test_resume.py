@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 
 from test_train import column, read_metrics, run_cli
 from vqtrain.config import compose
-
+from vqtrain.model import WarmupCosine
 from vqtrain.train import train
 
 STEPS_PER_EPOCH = 4  # shapes
@@ -58,7 +58,11 @@ def audio_data(root: Path) -> list[str]:
 
 def train_rows(run_dir: Path, first_step: int) -> list[dict[str, str]]:
     rows = [r for r in read_metrics(run_dir) if r["train/loss"] and int(r["step"]) >= first_step]
-    return [{k: v for k, v in r.items() if k.startswith("train/") or k == "step"} for r in rows]
+    return [{k: v for k, v in r.items() if k.startswith("train/") or k in ("step", "epoch")} for r in rows]
+
+
+def validations(run_dir: Path, first_step: int) -> list[tuple[str, str]]:
+    return [(r["step"], r["val/loss"]) for r in read_metrics(run_dir) if r.get("val/loss") and int(r["step"]) >= first_step]
 
 
 @pytest.mark.parametrize("data", ["shapes", "audio"])
@@ -92,6 +96,7 @@ def test_resume_equals_a_run_never_stopped(validated: bool, where: str, data: st
         assert key in whole["state_dict"], key  # all compared above
     assert whole["rng_states"]["torch"].equal(resumed["rng_states"]["torch"])
     assert whole["lr_schedulers"] == resumed["lr_schedulers"]
+    assert whole["optimizer_states"][0]["param_groups"] == resumed["optimizer_states"][0]["param_groups"]
     for a, b in zip(whole["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
     rows, resumed_rows = train_rows(tmp_path / "whole", stop), train_rows(tmp_path / "second", stop)
@@ -102,6 +107,41 @@ def test_resume_equals_a_run_never_stopped(validated: bool, where: str, data: st
         assert {key: resumed[key] for key in logged} == {key: whole_row[key] for key in logged}
         # Lightning repeats a window's usage figures in the later rows of its epoch; a resumed run starts without them
         assert all(key.startswith(USAGE_FIGURES) for key, value in whole_row.items() if value and key not in logged)
+    assert validations(tmp_path / "second", stop) == validations(tmp_path / "whole", stop) != []
+
+
+def rates(total_steps: int, steps: int, checkpoint: dict | None = None) -> tuple[list[float], dict]:
+    """The rates of `steps` training steps under WarmupCosine (warmup 4, floor 0.1), continued
+    from `checkpoint` (optimizer and scheduler states) as Lightning restores them; and the states after."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = WarmupCosine(optimizer, warmup_steps=4, total_steps=total_steps, min_lr_ratio=0.1)
+    if checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        schedule.load_state_dict(checkpoint["scheduler"])
+    taken = []
+    for _ in range(steps):
+        taken.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return taken, {"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(), "lr": optimizer.param_groups[0]["lr"]}
+
+
+@pytest.mark.parametrize("stop", [2, 12, 20], ids=["in-warmup", "in-decay", "decay-done"])
+def test_a_larger_max_steps_stretches_the_decay_ahead_without_a_jump(stop: int):
+    """The default cosine ends at trainer.max_steps. Continued from step `stop` of 20 with
+    max_steps=40, the rate goes on from where it was and reaches the floor at 40; stopped
+    in the warmup, the run is the one of 40 steps from the start."""
+    before, checkpoint = rates(20, stop)
+    after, end = rates(40, 40 - stop, checkpoint)
+    assert after[0] == rates(20, stop + 1)[0][-1]  # the rate the stopped run would have taken next
+    assert end["lr"] == pytest.approx(0.1)
+    if stop == 2:
+        assert before + after == rates(40, 40)[0]
+    elif stop == 20:
+        assert after == [pytest.approx(0.1)] * 20  # the decay was over
+    else:
+        assert all(a > b for a, b in zip(after, after[1:]))
+        assert after[1] > rates(20, stop + 2)[0][-1]  # decaying more slowly, to end later
 
 
 def test_last_checkpoint_follows_the_run_when_validation_stops_improving(tmp_path: Path):

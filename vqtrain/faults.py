@@ -169,7 +169,7 @@ class LastCheckpoint(L.Callback):
         if trainer.global_step == trainer.max_steps:
             self.in_batch_end = True
             try:
-                self.save(trainer, unless_saved=True)
+                self.save(trainer)
             finally:
                 self.in_batch_end = False
 
