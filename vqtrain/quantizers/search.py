@@ -101,14 +101,6 @@ def sum_by_code(x: Tensor, indices: Tensor, num_codes: int) -> Tensor:
     return sums.view(groups, num_codes, dim)
 
 
-def unique_rows(x: Tensor) -> Tensor:
-    """The distinct rows of x (N, d), each at its first occurrence, in their order."""
-    _, inverse = torch.unique(x, dim=0, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1,), x.shape[0], device=x.device)
-    first.scatter_reduce_(0, inverse, torch.arange(x.shape[0], device=x.device), "amin")
-    return x[first.sort().values]
-
-
 @torch.no_grad()
 def kmeans(x: Tensor, fallback: Tensor, iters: int, cosine: bool, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means per group. x (G, N, d) with N >= 1, fallback (G, K, d) ->

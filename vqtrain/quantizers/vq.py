@@ -46,7 +46,6 @@ from vqtrain.quantizers.search import (
     kmeans,
     nearest_codes,
     sum_by_code,
-    unique_rows,
 )
 from vqtrain.utils import all_reduce_sum, broadcast, exists, gather_rows, l2norm, rank
 
@@ -240,7 +239,7 @@ class VectorQuantizer(Quantizer):
     @torch.no_grad()
     def _restart_dead_codes(self, h: Tensor, error: Tensor) -> None:
         """Move dead codes onto distinct real latents of this step (all ranks pooled),
-        drawn with probability proportional to their squared distance to their code."""
+        drawn with probability proportional to count x squared distance to their code."""
         dead = (self.usage_share() < self.dead_code_threshold / self.num_codes) & (self.update_weight > 0)
         if not bool(dead.any()):
             return
@@ -251,18 +250,18 @@ class VectorQuantizer(Quantizer):
         generator = torch.Generator().manual_seed(seed)
         where, codes = torch.zeros_like(dead), self.embed.detach().clone()
         for g in range(self.groups):
-            latents, error = pooled[g, :, :-1], pooled[g, :, -1]
+            rows, copies = pooled[g].unique(dim=0, return_counts=True)  # sorted: independent of the batch layout
+            latents, error = rows[:, :-1], rows[:, -1]
             # a latent (nearly) on its code would make a twin code: ties then fall to float rounding
-            weights = torch.where(error > 1e-8 * latents.pow(2).sum(-1), error, 0).double().cpu()
-            slots = dead[g].nonzero().squeeze(1)[: int((weights > 0).sum())]
+            candidates = (error > 1e-8 * latents.pow(2).sum(-1)).nonzero().squeeze(1)
+            slots = dead[g].nonzero().squeeze(1)[: candidates.numel()]
             if slots.numel() == 0:
                 continue
-            picks = torch.multinomial(weights, slots.numel(), generator=generator).to(h.device)
+            weights = (error * copies)[candidates].double().cpu()
+            picks = candidates[torch.multinomial(weights, slots.numel(), generator=generator).to(h.device)]
             broadcast(picks)
-            # copies of one latent (a flat background) are drawn by their total weight, but placed once
-            chosen = unique_rows(latents[picks])
-            where[g, slots[: chosen.shape[0]]] = True
-            codes[g, slots[: chosen.shape[0]]] = chosen
+            where[g, slots] = True
+            codes[g, slots] = latents[picks]
         sizes = self.cluster_size.mean(-1, keepdim=True).expand_as(dead) if self.learning == "ema" else None
         self._replace_codes(where, codes, sizes)
         self.usage[where] = (1 - self.usage_decay ** int(self.usage_steps)) / self.num_codes
