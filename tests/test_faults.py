@@ -189,25 +189,25 @@ def test_missing_or_empty_data_folder_names_the_path_and_what_was_expected(data:
         train(compose(overrides, tmp_path / "run"))
 
 
-MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+MNIST_LABEL_FILES = ["train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"]
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["data=image_folder", "data.root={missing}"], "data.root: no folder {missing} (expected a folder tree of images)"),
     (["data=audio_folder", "data.root={missing}"], "data.root: no folder {missing} (expected a folder tree of .wav/"),
-    (["data=mnist", "data.root={missing}"], "data.root: no folder {missing}/MNIST/raw (expected the four gunzipped IDX files"),
-    (["data=mnist", "data.root={gzipped}"], "data.root: no file {gzipped}/MNIST/raw/train-images-idx3-ubyte (expected"),
+    (["data=mnist", "data.root={missing}"], "data.root: no folder {missing}/MNIST/raw (expected the IDX image files"),
+    (["data=mnist", "data.root={labels_only}"], "data.root: no file {labels_only}/MNIST/raw/train-images-idx3-ubyte (expected"),
     (["data=cifar10", "data.root={missing}"], "data.root: no folder {missing}/cifar-10-batches-py (expected the extracted"),
     (["ckpt_path={missing}/last.ckpt"], "ckpt_path: no file {missing}/last.ckpt (expected a checkpoint to resume from)"),
 ])
 def test_missing_paths_are_refused_before_the_model_or_trainer_exist(overrides: list[str], message: str, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch):
-    """Found at start-up, not in `fit` after the model and trainer were built; gzipped: MNIST's
-    archives not yet gunzipped, which torchvision cannot read."""
-    paths = {"missing": tmp_path / "missing", "gzipped": tmp_path / "gzipped"}
-    (paths["gzipped"] / "MNIST" / "raw").mkdir(parents=True)
-    for name in MNIST_FILES:
-        (paths["gzipped"] / "MNIST" / "raw" / f"{name}.gz").write_bytes(b"")
+    """Found at start-up, not in `fit` after the model and trainer were built; labels_only:
+    MNIST's label files without its image files."""
+    paths = {"missing": tmp_path / "missing", "labels_only": tmp_path / "labels_only"}
+    (paths["labels_only"] / "MNIST" / "raw").mkdir(parents=True)
+    for name in MNIST_LABEL_FILES:
+        (paths["labels_only"] / "MNIST" / "raw" / f"{name}.gz").write_bytes(b"")
     cfg = compose([*FAST, *(override.format(**paths) for override in overrides)], tmp_path / "run")
     built = []
     monkeypatch.setattr("vqtrain.train.instantiate", lambda node, **kwargs: built.append(node._target_) or instantiate(node, **kwargs))

@@ -1,6 +1,8 @@
 """Image data modules: item/batch layout, determinism, skipping of unreadable files, clear errors, real MNIST."""
 from __future__ import annotations
 
+import gzip
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,8 @@ from vqtrain.data.images import (
     ShapesDataModule,
     fit_image,
 )
+
+from conftest import SHARED_DATA
 
 def first_batch(loader) -> dict:
     return next(iter(loader))
@@ -160,6 +164,37 @@ def test_mnist_splits_range_and_padding(mnist_root: Path):
     assert (border == -1).all(), "28x28 digits are padded to 32x32 with background"
     official_train = MNIST(str(mnist_root), train=True).data[:, None]
     assert torch.equal(module.val_set.images, official_train[-5000:]), "val is the held-out end of the train set"
+
+
+def test_mnist_reads_the_gzipped_archives_as_torchvision_reads_the_gunzipped_files(mnist_root: Path):
+    """The IDX files as distributed (`.gz`, as in ../shared/data) train without a gunzip step."""
+    archives = SHARED_DATA / "MNIST" / "raw"
+    for train in (True, False):
+        from_archives = MNISTDataModule(str(archives.parents[1])).images(train)
+        assert torch.equal(from_archives, MNIST(str(mnist_root), train=train).data[:, None])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda raw: raw[:1000], "bytes of pixels where the header announces"),
+    (lambda raw: b"\0\0\x08\x01" + raw[4:], "not an IDX file of uint8 images"),
+    (lambda raw: b"", "not an IDX file of uint8 images (header empty)"),
+])
+def test_a_damaged_mnist_file_is_refused_naming_it(tmp_path: Path, damage, message: str):
+    raw_dir = tmp_path / "MNIST" / "raw"
+    raw_dir.mkdir(parents=True)
+    images = np.zeros((3, 28, 28), dtype=np.uint8)
+    good = b"\0\0\x08\x03" + b"".join(int(n).to_bytes(4, "big") for n in images.shape) + images.tobytes()
+    (raw_dir / "train-images-idx3-ubyte").write_bytes(good)
+    with gzip.open(raw_dir / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(damage(good))
+    module = MNISTDataModule(str(tmp_path))
+    assert module.images(train=True).shape == (3, 1, 28, 28)
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        module.images(train=False)
+    assert "t10k-images-idx3-ubyte.gz" in str(error.value)
+    (raw_dir / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz: unreadable gzip archive"):
+        module.images(train=False)
 
 
 def test_missing_mnist_names_the_expected_files_and_the_fix(tmp_path: Path):

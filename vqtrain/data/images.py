@@ -6,6 +6,8 @@ configs interpolate `${data.channels}` before any data is read.
 """
 from __future__ import annotations
 
+import gzip
+import zlib
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +20,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms.v2 import functional as TF
 
-from ..faults import Required
+from ..faults import Required, check_paths
 from .common import DataModule, UnreadableItem, hash_fraction
 
 IMAGE_LAYOUT = "a folder tree of images"
@@ -198,7 +200,11 @@ class TorchvisionDataModule(ImageDataModule):
             return []  # torchvision fetches what is missing
         expected = f"{self.expected_files()}; data.download=true fetches them"
         return [Required("data.root", self.folder(), expected),
-                *(Required("data.root", self.folder() / name, expected, folder=False) for name in self.file_names)]
+                *(Required("data.root", self.file_path(name), expected, folder=False) for name in self.file_names)]
+
+    def file_path(self, name: str) -> Path:
+        """Where one of `file_names` is read from."""
+        return self.folder() / name
 
     def images(self, train: bool) -> Tensor:
         """uint8 (N, C, h, w) images of the official training or test set."""
@@ -225,13 +231,33 @@ class TorchvisionDataModule(ImageDataModule):
         return TensorImages(train[:cut], fit), TensorImages(train[cut:], fit), TensorImages(test, fit)
 
 
+IDX_UINT8 = 0x08  # the IDX format's type byte for unsigned bytes (yann.lecun.com/exdb/mnist)
+
+
+def read_idx_images(path: Path) -> Tensor:
+    """uint8 (N, 1, h, w) images from an IDX file, gzipped (`.gz`) or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # a truncated or corrupt archive
+        raise ValueError(f"{path}: unreadable gzip archive ({error})") from error
+    if len(raw) < 16 or raw[:2] != b"\0\0" or raw[2] != IDX_UINT8 or raw[3] != 3:
+        raise ValueError(f"{path}: not an IDX file of uint8 images (header {raw[:4].hex() or 'empty'})")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(3))
+    if len(raw) != 16 + shape[0] * shape[1] * shape[2]:
+        raise ValueError(f"{path}: {len(raw) - 16} bytes of pixels where the header announces {shape}")
+    return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).view(shape[0], 1, shape[1], shape[2])
+
+
 class MNISTDataModule(TorchvisionDataModule):
     """MNIST digits, padded with background from 28 to `image_size` (default 32,
-    so that encoders halving the resolution per stage divide it evenly)."""
+    so that encoders halving the resolution per stage divide it evenly). Reads
+    the IDX files as distributed (`*.gz`) or gunzipped, as torchvision leaves them."""
 
     dataset_class = datasets.MNIST
     native_size = 28
-    file_names = tuple(Path(archive).stem for archive, _ in datasets.MNIST.resources)  # gunzipped
+    file_names = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
     pad = True
 
     def __init__(self, root: str, image_size: int = 32, channels: int = 1, **options: Any):
@@ -241,10 +267,18 @@ class MNISTDataModule(TorchvisionDataModule):
         return Path(self.root) / "MNIST" / "raw"
 
     def expected_files(self) -> str:
-        return f"the four gunzipped IDX files {self.folder()}/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte"
+        return f"the IDX image files {self.folder()}/{{train,t10k}}-images-idx3-ubyte, gzipped (.gz) or not"
+
+    def file_path(self, name: str) -> Path:
+        """The gunzipped file if present, else the archive (else the gunzipped name, to report)."""
+        plain, archive = self.folder() / name, self.folder() / f"{name}.gz"
+        return archive if not plain.is_file() and archive.is_file() else plain
 
     def images(self, train: bool) -> Tensor:
-        return self.load(train).data[:, None]
+        if self.download:
+            self.load(train)  # torchvision fetches and gunzips what is missing
+        check_paths(self.required_paths())
+        return read_idx_images(self.file_path(self.file_names[0 if train else 1]))
 
 
 class CIFAR10DataModule(TorchvisionDataModule):
