@@ -29,7 +29,7 @@ RESUMABLE = [
     "model.latent_dim=8", "model.encoder.hidden_channels=8", "model.decoder.hidden_channels=8",
     "model.usage_window=3", "model.dead_code_window=2", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
     "trainer.deterministic=true", "callbacks.reconstructions=null", "test=false",
-    "model.scheduler.warmup_steps=2",
+    "model.scheduler.warmup_steps=2", "model.scheduler.min_lr_ratio=0.1",
 ]
 SHAPES = [f"data.num_train={8 * STEPS_PER_EPOCH}", "data.batch_size=8", "data.num_val=8", "data.num_test=8"]
 
