@@ -134,10 +134,11 @@ class ResidualFSQ(ResidualQuantizer):
     must cover the error the level before can leave, one of its cells.
 
     - standard grid (`symmetric: false`): each level bounds its input with tanh,
-      so a level covers [-1, 1] and leaves an error of at most half a step,
-      1 / (L - 1) for odd L; the next level's [-1, 1] scaled by s = 1 / (L - 1)
-      is that error's range: scales (L - 1)^-l. (For even L the grid is
-      asymmetric and this is only approximate.)
+      so a level's codes span [-1, 1], and an input inside that span is left
+      with an error of at most half a step, 1 / (L - 1) for odd L; the next
+      level's [-1, 1] scaled by s = 1 / (L - 1) is that error's range: scales
+      (L - 1)^-l. The input itself is not bounded (the tanh saturates instead),
+      and for even L the grid is asymmetric, so the fit is only approximate.
     - symmetric grid (`symmetric: true`, arXiv:2411.19842 Sec. 3.2): the L
       values 2k / (L - 1) - 1 are the centres of L cells of width 2 / (L - 1)
       that tile [-c, c], c = L / (L - 1). The input is bounded once, softly, to
