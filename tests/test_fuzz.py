@@ -45,8 +45,10 @@ QUANTIZERS: dict[str, Callable[[], Quantizer]] = {
     "simvq": partial(SimVQ, DIM, 8),
     "fsq": partial(FSQ, DIM, levels=[3, 4]),
     "fsq_unprojected": partial(FSQ, DIM, levels=[5, 4, 3, 2]),
+    "fsq_symmetric": partial(FSQ, DIM, levels=[4, 2], symmetric=True),
     "rvq_dropout": partial(ResidualQuantizer, DIM, partial(VectorQuantizer, codebook_size=8), num_levels=2, dropout=0.5),
     "rfsq": partial(ResidualFSQ, DIM, levels=[3, 3], num_levels=2),
+    "rfsq_symmetric": partial(ResidualFSQ, DIM, levels=[4, 2], num_levels=2, symmetric=True),
 }
 OUTCOMES: Counter = Counter()
 

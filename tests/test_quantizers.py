@@ -50,6 +50,8 @@ QUANTIZER_FACTORIES = {
     "fsq_projection": partial(FSQ, DIM, levels=[5, 4, 3]),
     "fsq_two_codebooks": partial(FSQ, DIM, levels=[5, 4, 3, 3], num_codebooks=2),
     "fsq_two_codebooks_projection": partial(FSQ, DIM, levels=[4, 3], num_codebooks=2, scale=0.5),
+    "fsq_symmetric": partial(FSQ, 4, levels=[5, 4, 3, 2], symmetric=True),
+    "fsq_symmetric_clamp_projection": partial(FSQ, DIM, levels=[8, 5], num_codebooks=2, symmetric=True, bound="clamp", scale=0.5),
     "rvq": residual(partial(VectorQuantizer, codebook_size=CODES)),
     "rvq_shared": residual(partial(VectorQuantizer, codebook_size=CODES, learning="gradient"), shared_codebook=True),
     "rvq_dropout": residual(partial(VectorQuantizer, codebook_size=CODES, learning="gradient"), dropout=0.5),
@@ -63,6 +65,8 @@ QUANTIZER_FACTORIES = {
     "rsimvq_dropout": residual(partial(SimVQ, codebook_size=CODES), dropout=0.5),
     "rfsq": partial(ResidualFSQ, DIM, levels=[5, 5, 3], num_levels=3),
     "rfsq_dropout": partial(ResidualFSQ, DIM, levels=[5, 5, 3], num_levels=3, dropout=0.5),
+    "rfsq_symmetric": partial(ResidualFSQ, DIM, levels=[8, 5, 4], num_levels=3, symmetric=True),
+    "rfsq_symmetric_dropout": partial(ResidualFSQ, DIM, levels=[8, 5, 4], num_levels=3, symmetric=True, dropout=0.5),
 }
 RESIDUAL = [name for name in QUANTIZER_FACTORIES if name.startswith("r")]
 FSQS = [name for name in QUANTIZER_FACTORIES if name.startswith("fsq")]
@@ -422,7 +426,7 @@ def test_residual_prefix_decoding_sums_the_first_levels(name):
     z = randn(2, 5, DIM, seed=8)
     out = module(z)
     assert not (out.indices == -1).any()  # eval: no dropout
-    contributions, rest = [], module.project_in(z)
+    contributions, rest = [], module.first_residual(z)
     for l, level in enumerate(module.levels):  # each level run alone on what the previous left over
         level_out = level(rest)
         assert torch.equal(level_out.indices, out.indices[..., l])
@@ -433,7 +437,7 @@ def test_residual_prefix_decoding_sums_the_first_levels(name):
         torch.testing.assert_close(module.indices_to_codes(out.indices, num_levels=k), expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(module.indices_to_codes(out.indices, num_levels=module.num_levels), out.quantized)
     if isinstance(module.project_in, torch.nn.Identity):
-        assert torch.equal(module.indices_to_codes(out.indices, num_levels=1), module.levels[0](z).quantized)
+        assert torch.equal(module.indices_to_codes(out.indices, num_levels=1), module.levels[0](module.first_residual(z)).quantized)
     for bad in (0, module.num_levels + 1):
         with pytest.raises(ValueError, match="num_levels"):
             module.indices_to_codes(out.indices, num_levels=bad)
@@ -473,6 +477,71 @@ def test_fsq_rounds_to_exactly_levels_values_per_channel():
     out = fsq(randn(1, 4000, 4, scale=4.0))
     for channel, level in enumerate(levels):
         assert out.quantized[0, :, channel].unique().numel() == level
+
+
+@pytest.mark.parametrize(
+    "level, symmetric, values",
+    [
+        # the FSQ paper's grid: -floor(L/2) .. ceil(L/2) - 1 over floor(L/2); even L is shifted, 0 included
+        (4, False, [-1.0, -0.5, 0.0, 0.5]),
+        (5, False, [-1.0, -0.5, 0.0, 0.5, 1.0]),
+        (2, False, [-1.0, 0.0]),
+        # arXiv:2411.19842 Sec. 3.2: 2k / (L - 1) - 1, symmetric about 0 for every L
+        (4, True, [-1.0, -1 / 3, 1 / 3, 1.0]),
+        (5, True, [-1.0, -0.5, 0.0, 0.5, 1.0]),
+        (2, True, [-1.0, 1.0]),
+        (8, True, [2 * k / 7 - 1 for k in range(8)]),
+    ],
+)
+def test_fsq_grid_values(level, symmetric, values):
+    fsq = FSQ(1, levels=[level], symmetric=symmetric).eval()
+    codes = fsq.indices_to_codes(torch.arange(level))[:, 0]
+    torch.testing.assert_close(codes, torch.tensor(values), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("bound", ["tanh", "clamp"])
+def test_symmetric_fsq_is_the_papers_formula(bound):
+    """Q_L(x) = 2 / (L - 1) * floor((L - 1) (b(x) + 1) / 2 + 1/2) - 1, b = tanh or a clamp to [-1, 1]
+    (arXiv:2411.19842 Sec. 3.2), index digit the floor, worked out here in float64."""
+    levels = [8, 5, 4, 2]
+    fsq = FSQ(4, levels=levels, symmetric=True, bound=bound).eval()
+    z = randn(500, 4, scale=1.5)
+    out = fsq(z)
+    lv = torch.tensor(levels, dtype=torch.float64)
+    b = torch.tanh(z.double()) if bound == "tanh" else z.double().clamp(-1, 1)
+    digits = torch.floor((lv - 1) * (b + 1) / 2 + 0.5)
+    torch.testing.assert_close(out.quantized.double(), 2 / (lv - 1) * digits - 1, rtol=0, atol=1e-6)
+    basis = torch.tensor([1, 8, 40, 160])
+    assert torch.equal(out.indices, (digits.long() * basis).sum(-1))
+
+
+@pytest.mark.parametrize("symmetric, rule", [(False, lambda l, level: (l - 1) ** -level), (True, lambda l, level: l**-level)])
+def test_residual_fsq_level_scales(symmetric, rule):
+    levels = [8, 5, 4]
+    module = ResidualFSQ(DIM, levels=levels, num_levels=4, symmetric=symmetric)
+    for level, fsq in enumerate(module.levels):
+        expected = torch.tensor([rule(l, level) for l in levels], dtype=torch.float32)
+        assert torch.equal(fsq._scale, expected)
+        assert fsq.symmetric == symmetric and fsq.bound_mode == ("clamp" if symmetric else "tanh")
+
+
+def test_symmetric_residual_fsq_levels_tile_each_others_cells():
+    """On the symmetric grid the input is bounded to [-c, c], c = L / (L - 1), and level l's cells
+    tile exactly the cell level l - 1 leaves: after k levels the error is at most half a cell of
+    level k - 1, (1 / (L - 1)) L^-(k - 1), per channel. A coarser or finer scale breaks the bound."""
+    levels = [8, 5, 4]
+    module = ResidualFSQ(len(levels), levels=levels, num_levels=4, symmetric=True).eval()  # no projection
+    lv = torch.tensor(levels, dtype=torch.float32)
+    c = lv / (lv - 1)
+    x = randn(20000, 3, scale=3.0)
+    bounded = torch.tanh(x / c) * c
+    torch.testing.assert_close(module.first_residual(x), bounded, rtol=0, atol=0)
+    indices = module(x).indices
+    for k in range(1, 5):
+        error = (bounded - module.indices_to_codes(indices, num_levels=k)).abs()
+        half_cell = lv.pow(-(k - 1)) / (lv - 1)
+        assert bool((error <= half_cell * (1 + 1e-4) + 1e-6).all()), k
+        assert bool((error.amax(0) > 0.9 * half_cell).all()), k  # and the bound is tight: every cell is used to its edge
 
 
 # -- 7. k-means init and dead codes -----------------------------------------------
@@ -693,7 +762,7 @@ def depths(indices: torch.Tensor) -> torch.Tensor:
     return (indices >= 0).sum(-1)
 
 
-@pytest.mark.parametrize("name", ["rvq_dropout", "rsimvq_dropout", "rfsq_dropout"])
+@pytest.mark.parametrize("name", ["rvq_dropout", "rsimvq_dropout", "rfsq_dropout", "rfsq_symmetric_dropout"])
 def test_residual_dropout_per_sample(name):
     module = make(name).train()
     z = randn(32, 4, DIM)
@@ -788,6 +857,8 @@ def test_fsq_bf16_training_forward_matches_float32_indices(name):
         (lambda: FSQ(4, codebook_size=1000), "codebook_size"),
         (lambda: FSQ(4, levels=[5, 5], scale=0.0), "scale"),
         (lambda: FSQ(4, levels=[5, 5], num_codebooks=0), "num_codebooks"),
+        (lambda: FSQ(4, levels=[5, 5], bound="sigmoid"), "bound"),
+        (lambda: FSQ(4, levels=[5, 5], bound="clamp"), "bound"),
         (lambda: VectorQuantizer(DIM, 0), "codebook_size"),
         (lambda: VectorQuantizer(0, 4), "dim"),
         (lambda: VectorQuantizer(DIM, 4, decay=1.0), "decay"),

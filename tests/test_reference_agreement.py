@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vqtrain.quantizers import FSQ, VectorQuantizer
+from vqtrain.quantizers import FSQ, ResidualFSQ, VectorQuantizer
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
 
@@ -25,6 +25,32 @@ def test_fsq_matches_reference(levels, num_codebooks):
     torch.testing.assert_close(out.quantized, quantized, rtol=0, atol=1e-6)
     assert torch.equal(out.indices, indices.long())
     torch.testing.assert_close(ours.indices_to_codes(out.indices), theirs.indices_to_codes(indices), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("levels", [[8, 5, 5, 5], [4, 3, 2]])
+def test_symmetric_fsq_matches_reference(levels):
+    dim = len(levels)
+    ours = FSQ(dim, levels=levels, symmetric=True).eval()
+    theirs = vqp.FSQ(levels=levels, preserve_symmetry=True).eval()
+    z = randn(3, 50, dim, scale=2.0)
+    out = ours(z)
+    quantized, indices = theirs(z)
+    torch.testing.assert_close(out.quantized, quantized, rtol=0, atol=1e-6)
+    assert torch.equal(out.indices, indices.long())
+    torch.testing.assert_close(ours.indices_to_codes(out.indices), theirs.indices_to_codes(indices), rtol=0, atol=1e-6)
+
+
+def test_symmetric_residual_fsq_matches_reference():
+    torch.manual_seed(0)
+    ours = ResidualFSQ(16, levels=[8, 5, 5, 5], num_levels=4, symmetric=True).eval()
+    theirs = vqp.ResidualFSQ(dim=16, levels=[8, 5, 5, 5], num_quantizers=4).eval()
+    theirs.project_in.load_state_dict(ours.project_in.state_dict())
+    theirs.project_out.load_state_dict(ours.project_out.state_dict())
+    z = randn(3, 50, 16, scale=2.0)
+    out = ours(z)
+    quantized, indices = theirs(z)
+    assert torch.equal(out.indices, indices.long())
+    torch.testing.assert_close(out.quantized, quantized, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("distance", ["euclidean", "cosine"])

@@ -64,6 +64,10 @@ class ResidualQuantizer(Quantizer):
             raise ValueError("ResidualQuantizer needs `quantizer`: a factory for its levels (a Hydra _partial_)")
         return self.level_factory(dim=self.code_dim, **self.level_kwargs)
 
+    def first_residual(self, x: Tensor) -> Tensor:
+        """What level 0 quantizes: the projected input."""
+        return self.project_in(x)
+
     def depths(self, sample_ids: Tensor, num_samples: int) -> Tensor | None:
         """Levels used per row in this training step, or None for all of them."""
         if not (self.training and self.dropout > 0):
@@ -80,7 +84,7 @@ class ResidualQuantizer(Quantizer):
         depth = self.depths(sample_ids, num_samples)
         if self.updating:
             self.step += 1
-        residual = self.project_in(x)
+        residual = self.first_residual(x)
         total = torch.zeros_like(residual)
         indices = torch.full((x.shape[0], self.num_levels), -1, dtype=torch.long, device=x.device)
         losses = {"commitment": zero(x.device), "codebook": zero(x.device)}
@@ -123,13 +127,54 @@ class ResidualQuantizer(Quantizer):
 
 
 class ResidualFSQ(ResidualQuantizer):
-    """Residual FSQ: level l quantizes the residual scaled up by (L - 1)^l per
-    channel, so later levels resolve ever finer detail of the same range."""
+    """Residual FSQ: level l quantizes the residual divided by a per-channel
+    scale s^l, so later levels resolve ever finer detail of the same range.
 
-    def __init__(self, dim: int, levels: list[int] | None = None, num_levels: int = 4, codebook_size: int | None = None, **kwargs):
+    The scale rule follows from the grid: each level's L values, scaled by s,
+    must cover the error the level before can leave, one of its cells.
+
+    - standard grid (`symmetric: false`): each level bounds its input with tanh,
+      so a level's codes span [-1, 1], and an input inside that span is left
+      with an error of at most half a step, 1 / (L - 1) for odd L; the next
+      level's [-1, 1] scaled by s = 1 / (L - 1) is that error's range: scales
+      (L - 1)^-l. The input itself is not bounded (the tanh saturates instead),
+      and for even L the grid is asymmetric, so the fit is only approximate.
+    - symmetric grid (`symmetric: true`, arXiv:2411.19842 Sec. 3.2): the L
+      values 2k / (L - 1) - 1 are the centres of L cells of width 2 / (L - 1)
+      that tile [-c, c], c = L / (L - 1). The input is bounded once, softly, to
+      that range, c tanh(x / c); each level then only clamps to its outer values
+      (a clamp, not a tanh: a tanh would bend the already bounded residual). A
+      residual lies in one cell, and the next level's whole tiling 2c, scaled by
+      s = (2 / (L - 1)) / 2c = 1 / L, is exactly that cell: scales L^-l. No part
+      of a cell is clipped, none of the next level's codes lies outside it.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        levels: list[int] | None = None,
+        num_levels: int = 4,
+        codebook_size: int | None = None,
+        symmetric: bool = False,
+        **kwargs,
+    ):
         self.fsq_levels = fsq_levels(levels, codebook_size)
+        self.symmetric = bool(symmetric)
         super().__init__(dim, num_levels=num_levels, codebook_dim=len(self.fsq_levels), **kwargs)
+        levels_t = torch.tensor(self.fsq_levels, dtype=torch.float32)
+        self.register_buffer("_input_bound", levels_t / (levels_t - 1), persistent=False)
+
+    def level_scale(self, level: int) -> list[float]:
+        """Per-channel scale of `level`: L^-level on the symmetric grid, (L - 1)^-level on the standard one."""
+        return [(l if self.symmetric else l - 1) ** -level for l in self.fsq_levels]
 
     def make_level(self, level: int) -> Quantizer:
-        scale = [(l - 1) ** -level for l in self.fsq_levels]
-        return FSQ(self.code_dim, self.fsq_levels, scale=scale)
+        bound = "clamp" if self.symmetric else "tanh"
+        return FSQ(self.code_dim, self.fsq_levels, scale=self.level_scale(level), symmetric=self.symmetric, bound=bound)
+
+    def first_residual(self, x: Tensor) -> Tensor:
+        """The projected input, on the symmetric grid softly bounded to [-c, c], c = L / (L - 1)."""
+        h = self.project_in(x)
+        if not self.symmetric:
+            return h
+        return torch.tanh(h / self._input_bound) * self._input_bound
