@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqtrain.quantizers import FSQ, ResidualFSQ, ResidualQuantizer, SimVQ, VectorQuantizer
+from vqtrain.quantizers import BSQ, FSQ, LFQ, ResidualFSQ, ResidualLFQ, ResidualQuantizer, SimVQ, VectorQuantizer
 from vqtrain.quantizers.fsq import fsq_levels
 from vqtrain.quantizers.search import kmeans, nearest_codes
 from vqtrain.utils import lengths_to_mask
@@ -63,6 +63,13 @@ QUANTIZER_FACTORIES = {
     "rsimvq_dropout": residual(partial(SimVQ, codebook_size=CODES), dropout=0.5),
     "rfsq": partial(ResidualFSQ, DIM, levels=[5, 5, 3], num_levels=3),
     "rfsq_dropout": partial(ResidualFSQ, DIM, levels=[5, 5, 3], num_levels=3, dropout=0.5),
+    "lfq": partial(LFQ, 4, CODES),
+    "lfq_two_codebooks_projection": partial(LFQ, DIM, 8, num_codebooks=2, inv_temperature=1.0, chunk_elements=7),
+    "lfq_factorized_projection": partial(LFQ, DIM, CODES, codebook_entropy="factorized"),
+    "bsq": partial(BSQ, 4, CODES),
+    "bsq_exact_two_codebooks_projection": partial(BSQ, DIM, 8, num_codebooks=2, codebook_entropy="exact", scale=2.0, chunk_elements=5),
+    "rlfq": partial(ResidualLFQ, DIM, num_levels=3, codebook_size=CODES),
+    "rlfq_dropout": partial(ResidualLFQ, DIM, num_levels=3, codebook_size=8, dropout=0.5, inv_temperature=1.0),
 }
 RESIDUAL = [name for name in QUANTIZER_FACTORIES if name.startswith("r")]
 FSQS = [name for name in QUANTIZER_FACTORIES if name.startswith("fsq")]

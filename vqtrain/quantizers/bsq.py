@@ -1,0 +1,57 @@
+"""Binary spherical quantization (BSQ; Zhao, Xiong & Kraehenbuehl 2024, arXiv:2406.07548).
+
+LFQ on the unit sphere: the latent of each codebook is projected to u = h / |h|
+(times `scale`), then quantized to the nearest corner of the cube inscribed in
+the sphere (sec. 3.2),
+
+    q = scale * sign(u) / sqrt(B),
+
+so latents and codes both have norm `scale` and the quantization error is bounded.
+The entropy penalty is LFQ's (sec. 3.3, eq. 7) with the soft assignment
+q(c | u) = softmax_c(2 tau <u, c>) over the 2^B corners. The per-sample entropy is
+exact (it factorises over bits); the codebook entropy is by default the paper's
+factorised approximation (eq. 9), the sum over bits of the entropy of the
+batch-mean bit probability, which bounds the exact one from above and costs
+O(B) per row: `codebook_entropy: exact` computes the full 2^B distribution in
+chunks instead (as vector-quantize-pytorch's LFQ(spherical=True)).
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from vqtrain.quantizers.entropy import DEFAULT_ENTROPY_CHUNK_ELEMENTS
+from vqtrain.quantizers.lfq import LFQ
+from vqtrain.utils import l2norm
+
+
+class BSQ(LFQ):
+    spherical = True
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int = 1024,
+        num_codebooks: int = 1,
+        scale: float = 1.0,
+        entropy_weight: float = 0.1,
+        diversity_gamma: float = 1.0,
+        inv_temperature: float = 100.0,
+        commitment_weight: float = 0.25,
+        codebook_entropy: str = "factorized",
+        chunk_elements: int = DEFAULT_ENTROPY_CHUNK_ELEMENTS,
+    ):
+        super().__init__(
+            dim,
+            codebook_size=codebook_size,
+            num_codebooks=num_codebooks,
+            scale=scale,
+            entropy_weight=entropy_weight,
+            diversity_gamma=diversity_gamma,
+            inv_temperature=inv_temperature,
+            commitment_weight=commitment_weight,
+            codebook_entropy=codebook_entropy,
+            chunk_elements=chunk_elements,
+        )
+
+    def prepare(self, h: Tensor) -> Tensor:
+        return l2norm(h) * self.scale if self.scale != 1 else l2norm(h)
