@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqtrain.quantizers import BSQ, FSQ, LFQ, ResidualFSQ, ResidualLFQ, ResidualQuantizer, SimVQ, VectorQuantizer
+from vqtrain.quantizers import BSQ, FSQ, IBQ, LFQ, ResidualFSQ, ResidualLFQ, ResidualQuantizer, SimVQ, VectorQuantizer
 from vqtrain.quantizers.fsq import fsq_levels
 from vqtrain.quantizers.search import kmeans, nearest_codes
 from vqtrain.utils import lengths_to_mask
@@ -70,6 +70,8 @@ QUANTIZER_FACTORIES = {
     "bsq_exact_two_codebooks_projection": partial(BSQ, DIM, 8, num_codebooks=2, codebook_entropy="exact", scale=2.0, chunk_elements=5),
     "rlfq": partial(ResidualLFQ, DIM, num_levels=3, codebook_size=CODES),
     "rlfq_dropout": partial(ResidualLFQ, DIM, num_levels=3, codebook_size=8, dropout=0.5, inv_temperature=1.0),
+    "ibq": partial(IBQ, DIM, CODES),
+    "ibq_codebook_dim_entropy_chunked": partial(IBQ, DIM, CODES, codebook_dim=3, entropy_weight=0.1, inv_temperature=1.0, chunk_elements=7),
 }
 RESIDUAL = [name for name in QUANTIZER_FACTORIES if name.startswith("r")]
 FSQS = [name for name in QUANTIZER_FACTORIES if name.startswith("fsq")]
