@@ -130,11 +130,10 @@ class LFQ(Quantizer):
         return self.project_out(out.reshape(n, self.code_dim)), indices, losses, self.weigh(losses, self.weights)
 
     def decode_rows(self, indices: Tensor) -> Tensor:
-        if bool((indices < 0).any()):
-            raise IndexError("LFQ with several codebooks decodes whole positions: -1 must mark every codebook of a position or none")
-        bits = (indices.unsqueeze(-1) >> (self.bits - 1 - torch.arange(self.bits, device=indices.device))) & 1
+        bits = (indices.clamp_min(0).unsqueeze(-1) >> (self.bits - 1 - torch.arange(self.bits, device=indices.device))) & 1
         s = self.code_value
         codes = torch.where(bits.bool(), s, -s)
+        codes = torch.where(indices.unsqueeze(-1) >= 0, codes, 0.0)  # a codebook marked -1 (of several) adds nothing
         return self.project_out(codes.reshape(indices.shape[0], self.code_dim))
 
 
