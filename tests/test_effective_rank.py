@@ -88,6 +88,11 @@ def test_digit_counts_of_fsq_levels_and_lfq_bits():
     counts[6], counts[1] = 3, 1
     bits = digit_counts(counts, [2, 2, 2], most_significant_first=True)
     assert [b.tolist() for b in bits] == [[1, 3], [1, 3], [3, 1]]
+    # mixed radix, first channel most significant: code = 3 d0 + d1
+    counts = torch.zeros(6, dtype=torch.long)
+    counts[5], counts[1] = 2, 1  # (1, 2) twice, (0, 1) once
+    d0, d1 = digit_counts(counts, [2, 3], most_significant_first=True)
+    assert d0.tolist() == [1, 2] and d1.tolist() == [0, 1, 2]
 
 
 def test_digit_usage_finds_a_stuck_bit():
