@@ -74,9 +74,10 @@ def all_reduce_sum_with_grad(t: Tensor) -> Tensor:
     return t
 
 
-def maybe_checkpoint(fn, *args):
-    """`fn(*args)`, recomputed in the backward pass instead of stored when gradients are on."""
-    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+def maybe_checkpoint(fn, *args, enabled: bool = True):
+    """`fn(*args)`, recomputed in the backward pass instead of stored when gradients are on
+    (and `enabled`: a single chunk is within the bound stored as it is, and faster so)."""
+    if enabled and torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
@@ -105,7 +106,8 @@ def bit_code_probability_sums(a: Tensor, chunk_elements: int = DEFAULT_ENTROPY_C
     a = a.transpose(0, 1)  # (C, N, B)
     base = F.logsigmoid(-a).sum(-1)  # (C, N): log q of code 0 (all bits 0)
     chunk = max(1, chunk_elements // max(num_rows * num_codebooks, 1))
-    parts = [maybe_checkpoint(_bit_code_chunk, a, base, s, min(s + chunk, num_codes)) for s in range(0, num_codes, chunk)]
+    several = chunk < num_codes
+    parts = [maybe_checkpoint(_bit_code_chunk, a, base, s, min(s + chunk, num_codes), enabled=several) for s in range(0, num_codes, chunk)]
     return torch.cat(parts, dim=-1)
 
 

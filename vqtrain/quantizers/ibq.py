@@ -99,7 +99,8 @@ class IBQ(Quantizer):
         return indices
 
     def logsumexp(self, h: Tensor, inv_temperature: float) -> Tensor:
-        parts = [maybe_checkpoint(_logsumexp_chunk, h, self.embed[s:e], inv_temperature) for s, e in self.chunks(h.shape[0])]
+        chunks = self.chunks(h.shape[0])
+        parts = [maybe_checkpoint(_logsumexp_chunk, h, self.embed[s:e], inv_temperature, enabled=len(chunks) > 1) for s, e in chunks]
         return torch.logsumexp(torch.cat(parts, -1), -1)
 
     def quantize_rows(self, x: Tensor, sample_ids: Tensor, num_samples: int):
@@ -110,7 +111,8 @@ class IBQ(Quantizer):
         if torch.is_grad_enabled():
             # value exactly `hard`: soft - sg(soft) is exactly zero; gradient through the softmax of every code
             lse = self.logsumexp(h, 1.0)
-            soft = sum(maybe_checkpoint(_soft_chunk, h, self.embed[s:e], lse) for s, e in self.chunks(h.shape[0]))
+            chunks = self.chunks(h.shape[0])
+            soft = sum(maybe_checkpoint(_soft_chunk, h, self.embed[s:e], lse, enabled=len(chunks) > 1) for s, e in chunks)
             q = hard + (soft - soft.detach())
         losses = {"codebook": mse(q, h.detach()), "commitment": mse(h, hard.detach())}
         if self.training and self.weights["entropy"] > 0:
@@ -123,7 +125,8 @@ class IBQ(Quantizer):
         """LFQ's entropy penalty over p = softmax(inv_temperature * <h, e>), chunked over codes."""
         tau = self.inv_temperature
         lse = self.logsumexp(h, tau)
-        per_row, sums = zip(*(maybe_checkpoint(_entropy_chunk, h, self.embed[s:e], lse, tau) for s, e in self.chunks(h.shape[0])))
+        chunks = self.chunks(h.shape[0])
+        per_row, sums = zip(*(maybe_checkpoint(_entropy_chunk, h, self.embed[s:e], lse, tau, enabled=len(chunks) > 1) for s, e in chunks))
         per_sample = sum(per_row).sum() / max(h.shape[0], 1)
         count = all_reduce_sum_with_grad(torch.tensor(float(h.shape[0]), device=h.device))
         means = all_reduce_sum_with_grad(torch.cat(sums)) / count.clamp_min(1)
