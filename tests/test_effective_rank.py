@@ -6,7 +6,13 @@ import math
 import pytest
 import torch
 
-from vqtrain.metrics import code_vectors, digit_counts, digit_usage, effective_rank, used_codes_effective_rank
+from vqtrain.metrics import (
+    code_vectors,
+    digit_counts,
+    digit_usage,
+    effective_rank,
+    used_codes_effective_rank,
+)
 from vqtrain.quantizers import BSQ, FSQ, IBQ, LFQ, ResidualFSQ, SimVQ, VectorQuantizer
 
 

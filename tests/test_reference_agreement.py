@@ -45,8 +45,6 @@ def test_vq_indices_match_reference(distance):
 # -- LFQ and BSQ against vector-quantize-pytorch's LFQ (spherical=True for BSQ) ------------
 def reference_lfq(ours, spherical: bool):
     """vector-quantize-pytorch's LFQ with our projection weights copied across."""
-    from vqtrain.quantizers import LFQ  # noqa: F401
-
     theirs = vqp.LFQ(
         dim=ours.dim,
         codebook_size=ours.num_codes,
@@ -65,11 +63,11 @@ def reference_lfq(ours, spherical: bool):
 
 
 LFQ_CASES = {
-    "lfq_1024": dict(dim=10, codebook_size=1024),
-    "lfq_projection": dict(dim=64, codebook_size=1024),
-    "lfq_two_codebooks_projection": dict(dim=12, codebook_size=32, num_codebooks=2, diversity_gamma=0.5, scale=0.5),
-    "bsq_1024": dict(dim=10, codebook_size=1024, spherical=True),
-    "bsq_projection_two_codebooks": dict(dim=12, codebook_size=64, num_codebooks=2, spherical=True),
+    "lfq_1024": {"dim": 10, "codebook_size": 1024},
+    "lfq_projection": {"dim": 64, "codebook_size": 1024},
+    "lfq_two_codebooks_projection": {"dim": 12, "codebook_size": 32, "num_codebooks": 2, "diversity_gamma": 0.5, "scale": 0.5},
+    "bsq_1024": {"dim": 10, "codebook_size": 1024, "spherical": True},
+    "bsq_projection_two_codebooks": {"dim": 12, "codebook_size": 64, "num_codebooks": 2, "spherical": True},
 }
 
 
@@ -117,8 +115,13 @@ def test_lfq_entropy_differs_from_reference_only_by_its_log_clamp():
     _, breakdown = theirs(z, inv_temperature=100.0, return_loss_breakdown=True)
     codes = theirs.codebook  # (1024, 10) in the reference's index order
     p = (2 * 100.0 * z.reshape(-1, 10) @ codes.T).softmax(-1)
-    clamped = lambda q: -(q * q.clamp(min=1e-5).log()).sum(-1)  # noqa: E731
-    exact = lambda q: -(q * torch.where(q > 0, q.log(), torch.zeros_like(q))).sum(-1)  # noqa: E731
+
+    def clamped(q):
+        return -(q * q.clamp(min=1e-5).log()).sum(-1)
+
+    def exact(q):
+        return -(q * torch.where(q > 0, q.log(), torch.zeros_like(q))).sum(-1)
+
     torch.testing.assert_close(breakdown.per_sample_entropy, clamped(p).mean(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(breakdown.batch_entropy, clamped(p.mean(0)), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.losses["per_sample_entropy"], exact(p).mean(), rtol=1e-4, atol=1e-5)
@@ -139,10 +142,13 @@ def test_lfq_gradients_match_reference(spherical):
     z = randn(2, 25, 12, scale=0.3)
     probe = randn(2, 25, 12, seed=4)
     grads = []
-    for module, run in ((ours, lambda x: (lambda o: (o.quantized, o.loss))(ours(x))),
-                        (theirs, lambda x: (lambda o: (o[0], o[2]))(theirs(x, inv_temperature=0.5)))):
+    for module in (ours, theirs):
         x = z.clone().requires_grad_(True)
-        quantized, loss = run(x)
+        if module is ours:
+            out = ours(x)
+            quantized, loss = out.quantized, out.loss
+        else:
+            quantized, _, loss = theirs(x, inv_temperature=0.5)
         grads.append(torch.autograd.grad(loss + (quantized * probe).sum(), [x, *module.project_in.parameters(), *module.project_out.parameters()]))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

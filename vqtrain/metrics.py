@@ -169,7 +169,8 @@ def code_vectors(quantizer) -> Tensor:
     any output projection), for `used_codes_effective_rank`: VQ / SimVQ codebooks,
     IBQ's embedding, FSQ's level grid, LFQ / BSQ's corners {-s, +s}^B. Residual
     quantizers: their levels' codebooks, stacked (levels must have equal K and d)."""
-    from vqtrain.quantizers import BSQ, FSQ, IBQ, LFQ, ResidualQuantizer, VectorQuantizer  # noqa: F401 (BSQ is an LFQ)
+    # BSQ is an LFQ
+    from vqtrain.quantizers import FSQ, IBQ, LFQ, ResidualQuantizer, VectorQuantizer
 
     with torch.no_grad():
         if isinstance(quantizer, ResidualQuantizer):

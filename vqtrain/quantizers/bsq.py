@@ -2,15 +2,15 @@
 
 LFQ on the unit sphere: the latent of each codebook is projected to u = h / |h|
 (times `scale`), then quantized to the nearest corner of the cube inscribed in
-the sphere (sec. 3.2),
+the sphere,
 
     q = scale * sign(u) / sqrt(B),
 
 so latents and codes both have norm `scale` and the quantization error is bounded.
-The entropy penalty is LFQ's (sec. 3.3, eq. 7) with the soft assignment
+The entropy penalty is LFQ's with the soft assignment
 q(c | u) = softmax_c(2 tau <u, c>) over the 2^B corners. The per-sample entropy is
 exact (it factorises over bits); the codebook entropy is by default the paper's
-factorised approximation (eq. 9), the sum over bits of the entropy of the
+factorised approximation, the sum over bits of the entropy of the
 batch-mean bit probability, which bounds the exact one from above and costs
 O(B) per row: `codebook_entropy: exact` computes the full 2^B distribution in
 chunks instead (as vector-quantize-pytorch's LFQ(spherical=True)).

@@ -1,6 +1,6 @@
 """Entropy terms shared by LFQ, BSQ and IBQ, bounded in memory for large codebooks.
 
-MAGVIT-2's entropy penalty (Yu et al. 2023, arXiv:2310.05737, eq. 5):
+MAGVIT-2's entropy penalty (Yu et al. 2023, arXiv:2310.05737, sec. 3.1):
 
     L_entropy = E_x[ H(q(c | x)) ] - gamma * H( E_x[ q(c | x) ] )
 
@@ -120,7 +120,7 @@ def bit_entropy_terms(
 
     per-sample: mean over rows and codebooks of H(q(c | x)) = sum_i H(sigmoid(a_i)) (exact).
     codebook: mean over codebooks of H(mean over rows of all ranks of q(c | x)); with
-    `factorized`, BSQ's approximation (arXiv:2406.07548, sec. 3.3): the sum over bits of
+    `factorized`, BSQ's approximation (arXiv:2406.07548): the sum over bits of
     H(mean sigmoid(a_i)), an upper bound that costs O(N B) instead of O(N 2^B)."""
     num_rows = a.shape[0]
     count = all_reduce_sum_with_grad(torch.tensor(float(num_rows), device=a.device))

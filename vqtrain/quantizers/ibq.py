@@ -1,14 +1,14 @@
 """Index backpropagation quantization (IBQ; Shi et al. 2024, arXiv:2412.02692).
 
-Codes are chosen by the largest logit l_k = <h, e_k> (eq. 3), and the estimator is
-a straight-through one-hot over the full softmax (eq. 4):
+Codes are chosen by the largest logit l_k = <h, e_k>, and the estimator is a
+straight-through one-hot over the full softmax:
 
     one_hot = hard - sg(softmax(l)) + softmax(l),    q = one_hot @ E
 
 so the value is exactly the chosen code e_argmax, and the gradient reaches the
 logits of *every* code (hence every code and the latent) through softmax(l); the
 codebook itself gets the gradient of the chosen code only, as in the paper's
-code. Losses (sec. 3.2, the paper's "double quantization loss"):
+code. Losses (the paper's "double quantization loss"):
 codebook = ||q - sg(h)||^2 (through the one-hot, so it also moves all logits),
 commitment = ||h - sg(e_argmax)||^2; loss = codebook_weight * codebook +
 commitment_weight * commitment (+ entropy_weight * entropy, off by default as in
@@ -28,8 +28,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vqtrain.quantizers.base import Quantizer, check_positive_int, check_weight, mse, zero
-from vqtrain.quantizers.entropy import DEFAULT_ENTROPY_CHUNK_ELEMENTS, all_reduce_sum_with_grad, entropy, maybe_checkpoint
+from vqtrain.quantizers.base import (
+    Quantizer,
+    check_positive_int,
+    check_weight,
+    mse,
+    zero,
+)
+from vqtrain.quantizers.entropy import (
+    DEFAULT_ENTROPY_CHUNK_ELEMENTS,
+    all_reduce_sum_with_grad,
+    entropy,
+    maybe_checkpoint,
+)
 from vqtrain.quantizers.lfq import check_positive
 from vqtrain.utils import exists
 

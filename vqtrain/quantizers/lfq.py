@@ -1,13 +1,14 @@
 """Lookup-free quantization (LFQ; MAGVIT-2, Yu et al. 2023, arXiv:2310.05737).
 
-Each of the B = log2(K) channels of a codebook is quantized to its sign (eq. 3):
+Each of the B = log2(K) channels of a codebook is quantized to its sign (sec. 3.1):
 
     q_i = +s if h_i > 0 else -s,        index = sum_i [q_i > 0] 2^(B - 1 - i)
 
-(first channel = most significant bit, as in vector-quantize-pytorch), with a
-straight-through gradient. The implicit codebook {-s, +s}^B has no parameters,
+(first channel = most significant bit, as in vector-quantize-pytorch; the paper
+writes the first channel as the least significant, a relabelling of the same
+codes), with a straight-through gradient. The implicit codebook {-s, +s}^B has no parameters,
 so no code can die for lack of updates; what keeps codes *used* is the entropy
-penalty (eq. 5, see `entropy.py`)
+penalty (sec. 3.1, see `entropy.py`)
 
     L_entropy = mean_x H(q(c | x)) - gamma * H(mean_x q(c | x)),
     q(c | x) = softmax_c(-tau ||h - c||^2) = softmax_c(2 tau <h, c>)   (tau = inv_temperature)
@@ -37,7 +38,15 @@ import math
 import torch
 from torch import Tensor, nn
 
-from vqtrain.quantizers.base import Quantizer, check_choice, check_positive_int, check_weight, mse, straight_through, zero
+from vqtrain.quantizers.base import (
+    Quantizer,
+    check_choice,
+    check_positive_int,
+    check_weight,
+    mse,
+    straight_through,
+    zero,
+)
 from vqtrain.quantizers.entropy import DEFAULT_ENTROPY_CHUNK_ELEMENTS, bit_entropy_terms
 from vqtrain.quantizers.residual import ResidualQuantizer
 
@@ -153,14 +162,14 @@ class ResidualLFQ(ResidualQuantizer):
         codebook_entropy: str = "exact",
         **kwargs,
     ):
-        self.lfq_kwargs = dict(
-            codebook_size=check_power_of_two("codebook_size", codebook_size),
-            entropy_weight=entropy_weight,
-            diversity_gamma=diversity_gamma,
-            inv_temperature=inv_temperature,
-            commitment_weight=commitment_weight,
-            codebook_entropy=codebook_entropy,
-        )
+        self.lfq_kwargs = {
+            "codebook_size": check_power_of_two("codebook_size", codebook_size),
+            "entropy_weight": entropy_weight,
+            "diversity_gamma": diversity_gamma,
+            "inv_temperature": inv_temperature,
+            "commitment_weight": commitment_weight,
+            "codebook_entropy": codebook_entropy,
+        }
         super().__init__(dim, num_levels=num_levels, codebook_dim=int(math.log2(codebook_size)), **kwargs)
 
     def make_level(self, level: int) -> Quantizer:
