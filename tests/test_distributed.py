@@ -42,7 +42,7 @@ FACTORIES: dict[str, Callable[[], Quantizer]] = {
     "rvq_batch_dropout": lambda: ResidualQuantizer(DIM, TRICKS, num_levels=3, codebook_size=CODES, dropout=0.5, dropout_mode="batch"),
     # entropy penalties: the batch-codebook entropy's mean probabilities are all-reduced (with their gradient)
     "lfq": lambda: LFQ(DIM, CODES, inv_temperature=1.0, chunk_elements=50),
-    "bsq": lambda: BSQ(DIM, CODES, inv_temperature=1.0),
+    "bsq": lambda: BSQ(DIM, CODES, inv_temperature=1.0, codebook_entropy="factorized"),
     "bsq_exact": lambda: BSQ(DIM, CODES, inv_temperature=1.0, codebook_entropy="exact"),
     "rlfq": lambda: ResidualLFQ(DIM, num_levels=2, codebook_size=CODES, inv_temperature=1.0),
     "ibq": lambda: IBQ(DIM, CODES, entropy_weight=0.1, inv_temperature=1.0, chunk_elements=50),

@@ -49,7 +49,7 @@ QUANTIZERS: dict[str, Callable[[], Quantizer]] = {
     "rfsq": partial(ResidualFSQ, DIM, levels=[3, 3], num_levels=2),
     "lfq": partial(LFQ, DIM, 16),
     "lfq_projected_two_codebooks": partial(LFQ, DIM, 8, num_codebooks=2, chunk_elements=16),
-    "bsq": partial(BSQ, DIM, 16),
+    "bsq_factorized": partial(BSQ, DIM, 16, codebook_entropy="factorized"),
     "bsq_exact_projected": partial(BSQ, DIM, 8, codebook_entropy="exact"),
     "rlfq_dropout": partial(ResidualLFQ, DIM, num_levels=2, codebook_size=4, dropout=0.5),
     "ibq": partial(IBQ, DIM, 8, entropy_weight=0.1, chunk_elements=16),

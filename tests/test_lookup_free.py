@@ -264,6 +264,6 @@ def test_bad_config_raises_naming_the_key(build, key):
 
 
 def test_factorized_entropy_allows_large_codebooks():
-    module = BSQ(4, 2**30).train()  # 2^30 codes: only the factorised entropy is feasible
+    module = BSQ(4, 2**30, codebook_entropy="factorized").train()  # 2^30 codes: only the factorised entropy is feasible
     out = module(randn(2, 3, 4))
     assert out.indices.max() < 2**30 and torch.isfinite(out.loss)

@@ -9,11 +9,14 @@ the sphere,
 so latents and codes both have norm `scale` and the quantization error is bounded.
 The entropy penalty is LFQ's with the soft assignment
 q(c | u) = softmax_c(2 tau <u, c>) over the 2^B corners. The per-sample entropy is
-exact (it factorises over bits); the codebook entropy is by default the paper's
-factorised approximation, the sum over bits of the entropy of the
-batch-mean bit probability, which bounds the exact one from above and costs
-O(B) per row: `codebook_entropy: exact` computes the full 2^B distribution in
-chunks instead (as vector-quantize-pytorch's LFQ(spherical=True)).
+exact (it factorises over bits). The codebook entropy is exact by default: the
+full 2^B distribution, built in chunks of codes (as vector-quantize-pytorch's
+LFQ(spherical=True) computes it, unchunked). `codebook_entropy: factorized` is
+the paper's approximation, the sum over bits of the entropy of the batch-mean
+bit probability: O(B) per row, any codebook size, and an upper bound of the
+exact entropy that is blind to correlated bits (all bits equal: 2 codes used,
+every bit's marginal uniform). In the MNIST quality benchmark it let usage
+collapse (perplexity 14 of 1024 after 200 steps, against 406 exact).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ class BSQ(LFQ):
         diversity_gamma: float = 1.0,
         inv_temperature: float = 100.0,
         commitment_weight: float = 0.25,
-        codebook_entropy: str = "factorized",
+        codebook_entropy: str = "exact",
         chunk_elements: int = DEFAULT_ENTROPY_CHUNK_ELEMENTS,
     ):
         super().__init__(

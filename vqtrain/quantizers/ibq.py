@@ -90,8 +90,9 @@ class IBQ(Quantizer):
         self.project_in = nn.Linear(dim, self.code_dim) if projected else nn.Identity()
         self.project_out = nn.Linear(self.code_dim, dim) if projected else nn.Identity()
         self.codebook_sizes = [self.num_codes]
-        # taming-transformers' (and IBQ's) initialisation, uniform in [-1/K, 1/K]
-        self.embed = nn.Parameter(torch.empty(self.num_codes, self.code_dim).uniform_(-1 / self.num_codes, 1 / self.num_codes))
+        # the paper's code: nn.Embedding's default N(0, 1) (taming's uniform [-1/K, 1/K] makes every
+        # softmax near-uniform at the start; on MNIST it left 9 % of 1024 codes used after 200 steps)
+        self.embed = nn.Parameter(torch.randn(self.num_codes, self.code_dim))
 
     def chunks(self, num_rows: int):
         size = max(1, self.chunk_elements // max(num_rows, 1))

@@ -14,7 +14,9 @@ penalty (sec. 3.1, see `entropy.py`)
     q(c | x) = softmax_c(-tau ||h - c||^2) = softmax_c(2 tau <h, c>)   (tau = inv_temperature)
 
 and a commitment loss ||h - sg(q)||^2. The loss is
-`entropy_weight * L_entropy + commitment_weight * commitment`. The entropy terms
+`entropy_weight * L_entropy + commitment_weight * commitment`; the commitment
+weight is 0 by default, as in vector-quantize-pytorch: 0.25 halved the codes used
+in the MNIST quality benchmark (0.49 against 0.99 of 1024 after 200 steps). The entropy terms
 are batch statistics of a training forward: computed only in training mode
 (0 in eval, as in the reference), over real rows only, all ranks pooled.
 
@@ -80,7 +82,7 @@ class LFQ(Quantizer):
         entropy_weight: float = 0.1,
         diversity_gamma: float = 1.0,
         inv_temperature: float = 100.0,
-        commitment_weight: float = 0.25,
+        commitment_weight: float = 0.0,
         codebook_entropy: str = "exact",
         chunk_elements: int = DEFAULT_ENTROPY_CHUNK_ELEMENTS,
     ):
@@ -158,7 +160,7 @@ class ResidualLFQ(ResidualQuantizer):
         entropy_weight: float = 0.1,
         diversity_gamma: float = 1.0,
         inv_temperature: float = 100.0,
-        commitment_weight: float = 0.25,
+        commitment_weight: float = 0.0,
         codebook_entropy: str = "exact",
         **kwargs,
     ):
