@@ -25,7 +25,7 @@ from test_train import QUANTIZERS, column, read_metrics, run_cli
 from vqtrain.config import compose
 from vqtrain.data.images import ShapesDataModule
 from vqtrain.metrics import CodebookUsage
-from vqtrain.quantizers import Quantizer, ResidualQuantizer, SimVQ, VectorQuantizer
+from vqtrain.quantizers import BSQ, IBQ, LFQ, Quantizer, ResidualLFQ, ResidualQuantizer, SimVQ, VectorQuantizer
 from vqtrain.train import train
 
 IN, DIM, CODES, STEPS, BATCH = 6, 4, 16, 8, 24
@@ -40,6 +40,12 @@ FACTORIES: dict[str, Callable[[], Quantizer]] = {
     "rvq": lambda: ResidualQuantizer(DIM, TRICKS, num_levels=3, codebook_size=CODES, dropout=0.5, dropout_mode="sample"),
     # ... or once per step for all ranks, which one process can reproduce
     "rvq_batch_dropout": lambda: ResidualQuantizer(DIM, TRICKS, num_levels=3, codebook_size=CODES, dropout=0.5, dropout_mode="batch"),
+    # entropy penalties: the batch-codebook entropy's mean probabilities are all-reduced (with their gradient)
+    "lfq": lambda: LFQ(DIM, CODES, inv_temperature=1.0, chunk_elements=50),
+    "bsq": lambda: BSQ(DIM, CODES, inv_temperature=1.0, codebook_entropy="factorized"),
+    "bsq_exact": lambda: BSQ(DIM, CODES, inv_temperature=1.0, codebook_entropy="exact"),
+    "rlfq": lambda: ResidualLFQ(DIM, num_levels=2, codebook_size=CODES, inv_temperature=1.0),
+    "ibq": lambda: IBQ(DIM, CODES, entropy_weight=0.1, inv_temperature=1.0, chunk_elements=50),
 }
 
 
@@ -123,17 +129,17 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], list[
     return run
 
 
-@pytest.mark.parametrize("name", ["vq", "simvq", "rvq"])
+@pytest.mark.parametrize("name", ["vq", "simvq", "rvq", "lfq", "ibq"])
 def test_ranks_with_different_data_keep_identical_codebooks(name: str, two_ranks):
     rank0, rank1 = two_ranks(name)
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), f"{name}: {key} differs between ranks"
-    if name != "simvq":  # k-means init once per codebook, then dead-code restarts
+    if name in ("vq", "rvq"):  # k-means init once per codebook, then dead-code restarts
         assert int(rank0["replaced"]) > len(FACTORIES[name]().codebook_sizes), "no dead code was restarted"
 
 
-@pytest.mark.parametrize("name", ["vq_ema", "vq", "simvq", "rvq_batch_dropout"])
+@pytest.mark.parametrize("name", ["vq_ema", "vq", "simvq", "rvq_batch_dropout", "lfq", "bsq", "bsq_exact", "rlfq", "ibq"])
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(name: str, two_ranks):
     """DDP averages equal-sized ranks' mean losses = the mean over the joint batch;
     EMA sums are all-reduced; k-means and restarts pool rows in rank order = concat order."""

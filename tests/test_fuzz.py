@@ -30,7 +30,7 @@ from PIL import Image
 from vqtrain.data.audio import AudioFolder, pad_collate
 from vqtrain.data.common import SkippingDataset, collate_skipping
 from vqtrain.data.images import ImageFiles
-from vqtrain.quantizers import FSQ, Quantizer, ResidualFSQ, ResidualQuantizer, SimVQ, VectorQuantizer
+from vqtrain.quantizers import BSQ, FSQ, IBQ, LFQ, Quantizer, ResidualFSQ, ResidualLFQ, ResidualQuantizer, SimVQ, VectorQuantizer
 
 CASES = int(os.environ.get("VQTRAIN_FUZZ_CASES", 60))
 SECONDS_PER_CASE = 20
@@ -49,6 +49,13 @@ QUANTIZERS: dict[str, Callable[[], Quantizer]] = {
     "rvq_dropout": partial(ResidualQuantizer, DIM, partial(VectorQuantizer, codebook_size=8), num_levels=2, dropout=0.5),
     "rfsq": partial(ResidualFSQ, DIM, levels=[3, 3], num_levels=2),
     "rfsq_symmetric": partial(ResidualFSQ, DIM, levels=[4, 2], num_levels=2, symmetric=True),
+    "lfq": partial(LFQ, DIM, 16),
+    "lfq_projected_two_codebooks": partial(LFQ, DIM, 8, num_codebooks=2, chunk_elements=16),
+    "bsq_factorized": partial(BSQ, DIM, 16, codebook_entropy="factorized"),
+    "bsq_exact_projected": partial(BSQ, DIM, 8, codebook_entropy="exact"),
+    "rlfq_dropout": partial(ResidualLFQ, DIM, num_levels=2, codebook_size=4, dropout=0.5),
+    "ibq": partial(IBQ, DIM, 8, entropy_weight=0.1, chunk_elements=16),
+    "ibq_projected": partial(IBQ, DIM, 8, codebook_dim=2),
 }
 OUTCOMES: Counter = Counter()
 

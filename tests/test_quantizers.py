@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqtrain.quantizers import FSQ, ResidualFSQ, ResidualQuantizer, SimVQ, VectorQuantizer
+from vqtrain.quantizers import BSQ, FSQ, IBQ, LFQ, ResidualFSQ, ResidualLFQ, ResidualQuantizer, SimVQ, VectorQuantizer
 from vqtrain.quantizers.fsq import fsq_levels
 from vqtrain.quantizers.search import kmeans, nearest_codes
 from vqtrain.utils import lengths_to_mask
@@ -67,6 +67,16 @@ QUANTIZER_FACTORIES = {
     "rfsq_dropout": partial(ResidualFSQ, DIM, levels=[5, 5, 3], num_levels=3, dropout=0.5),
     "rfsq_symmetric": partial(ResidualFSQ, DIM, levels=[8, 5, 4], num_levels=3, symmetric=True),
     "rfsq_symmetric_dropout": partial(ResidualFSQ, DIM, levels=[8, 5, 4], num_levels=3, symmetric=True, dropout=0.5),
+    "lfq": partial(LFQ, 4, CODES, commitment_weight=0.25),
+    "lfq_two_codebooks_projection": partial(LFQ, DIM, 8, num_codebooks=2, inv_temperature=1.0, chunk_elements=7, commitment_weight=0.25),
+    "lfq_factorized_projection": partial(LFQ, DIM, CODES, codebook_entropy="factorized", commitment_weight=0.25),
+    "bsq_factorized": partial(BSQ, 4, CODES, codebook_entropy="factorized"),
+    "bsq": partial(BSQ, 4, CODES),
+    "bsq_exact_two_codebooks_projection": partial(BSQ, DIM, 8, num_codebooks=2, codebook_entropy="exact", scale=2.0, chunk_elements=5),
+    "rlfq": partial(ResidualLFQ, DIM, num_levels=3, codebook_size=CODES, commitment_weight=0.25),
+    "rlfq_dropout": partial(ResidualLFQ, DIM, num_levels=3, codebook_size=8, dropout=0.5, inv_temperature=1.0, commitment_weight=0.25),
+    "ibq": partial(IBQ, DIM, CODES),
+    "ibq_codebook_dim_entropy_chunked": partial(IBQ, DIM, CODES, codebook_dim=3, entropy_weight=0.1, inv_temperature=1.0, chunk_elements=7),
 }
 RESIDUAL = [name for name in QUANTIZER_FACTORIES if name.startswith("r")]
 FSQS = [name for name in QUANTIZER_FACTORIES if name.startswith("fsq")]

@@ -15,7 +15,7 @@ from vqtrain.config import compose
 from vqtrain.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-QUANTIZERS = ["vq", "vq_tricks", "simvq", "fsq", "rvq", "rsimvq", "rfsq"]
+QUANTIZERS = ["vq", "vq_tricks", "simvq", "fsq", "rvq", "rsimvq", "rfsq", "lfq", "bsq", "ibq", "rlfq"]
 IMAGE_DATA = ["shapes", "mnist", "cifar10", "image_folder"]
 AUDIO_DATA = ["fsdd", "audio_folder", "librispeech", "libritts", "ljspeech"]
 METRICS = ["loss", "recon_loss", "codebook_loss", "commitment_loss", "utilization", "perplexity", "dead_codes"]

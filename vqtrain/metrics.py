@@ -7,6 +7,8 @@ Counts are summed across ranks (torchmetrics' sync), last-use steps take the max
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
@@ -90,3 +92,101 @@ class LastUse(nn.Module):
             torch.distributed.all_reduce(last, op=torch.distributed.ReduceOp.MAX)
         alive = (last >= 0) & (last > step - self.window)
         return (self.real_code & ~alive).sum()
+
+
+# --- a second kind of collapse: codes used, but spanning few dimensions -------------
+
+def effective_rank(matrix: Tensor) -> Tensor:
+    """Effective rank of a (codes x d) matrix (Roy & Vetterli 2007, EUSIPCO):
+    exp of the Shannon entropy of the singular values normalised to sum 1,
+    exp(-sum_i p_i log p_i), p_i = s_i / sum_j s_j. It is exactly k for k equal
+    non-zero singular values, lies in [1, rank] otherwise, and is 0 for a matrix
+    without rows or with only zeros. Computed in float64."""
+    if matrix.ndim != 2:
+        raise ValueError(f"effective_rank expects a 2-d (codes x d) matrix, got shape {tuple(matrix.shape)}")
+    if matrix.numel() == 0:
+        return torch.zeros((), dtype=torch.float64)
+    s = torch.linalg.svdvals(matrix.detach().double())
+    total = s.sum()
+    if total <= 0:
+        return torch.zeros((), dtype=torch.float64, device=matrix.device)
+    p = s / total
+    return torch.exp(-(p * p.clamp_min(1e-300).log()).sum())
+
+
+def used_codes_effective_rank(codebooks: Tensor, counts: Tensor) -> Tensor:
+    """codebooks (Q, K, d) or (K, d), counts (Q, K) or (K,) -> float64 (Q,) effective
+    rank of each codebook's codes used at least once (the rows with counts > 0).
+
+    A codebook can use every code and still span only a few dimensions; usage
+    counts cannot see that, this can. Compare it with the code dimension d."""
+    if codebooks.ndim == 2:
+        codebooks = codebooks.unsqueeze(0)
+    counts = counts.reshape(codebooks.shape[0], -1)
+    if counts.shape[1] < codebooks.shape[1]:
+        raise ValueError(f"counts cover {counts.shape[1]} codes, the codebook has {codebooks.shape[1]}")
+    used = counts[:, : codebooks.shape[1]] > 0
+    return torch.stack([effective_rank(codebook[u]) for codebook, u in zip(codebooks, used.to(codebooks.device))])
+
+
+def digit_counts(counts: Tensor, radices: list[int], most_significant_first: bool = False) -> list[Tensor]:
+    """Code counts (K,) of an implicit product codebook -> per digit, counts of each of
+    its values: FSQ's levels (mixed radix, first channel least significant, as
+    `FSQ.decode_rows`) or LFQ / BSQ bits (radices [2] * B, first channel most significant).
+
+    Returns one int64 tensor of length radices[i] per channel i."""
+    if any(isinstance(r, bool) or not isinstance(r, int) or r < 2 for r in radices):
+        raise ValueError(f"radices must be integers >= 2, got {radices!r}")
+    size = math.prod(radices)
+    if counts.ndim != 1 or counts.shape[0] < size:
+        raise ValueError(f"counts must be 1-d with at least prod(radices) = {size} entries, got {tuple(counts.shape)}")
+    counts = counts[:size]
+    order = list(reversed(radices)) if most_significant_first else list(radices)
+    strides = [math.prod(order[:i]) for i in range(len(order))]
+    codes = torch.arange(size, device=counts.device)
+    per_digit = [torch.zeros(r, dtype=torch.long, device=counts.device).index_add_(0, (codes // s) % r, counts.long()) for r, s in zip(order, strides)]
+    return list(reversed(per_digit)) if most_significant_first else per_digit
+
+
+def digit_usage(counts: Tensor, radices: list[int], most_significant_first: bool = False) -> dict[str, Tensor]:
+    """Usage of each scalar level (FSQ) or bit (LFQ, BSQ) from code counts (K,):
+
+    - entropy_utilization (C,): per channel, the entropy of its value shares over
+      log(its number of values): 1 = all values equally often, 0 = a stuck channel;
+    - min_share (C,): per channel, the share of its least used value (0: a value never used);
+    - stuck_channels: channels that took a single value (they carry no information);
+
+    plus the mean entropy_utilization over channels."""
+    shares = [c.double() / c.sum().clamp_min(1) for c in digit_counts(counts, radices, most_significant_first)]
+    entropy_util = torch.stack([-(p * p.clamp_min(1e-300).log()).sum() / math.log(len(p)) for p in shares])
+    min_share = torch.stack([p.min() for p in shares])
+    stuck = torch.tensor(sum(int((p > 0).sum()) <= 1 for p in shares))
+    return {"entropy_utilization": entropy_util, "min_share": min_share, "stuck_channels": stuck, "mean_entropy_utilization": entropy_util.mean()}
+
+
+def code_vectors(quantizer) -> Tensor:
+    """(Q, K, d) the codes of each index column in the quantizer's code space (before
+    any output projection), for `used_codes_effective_rank`: VQ / SimVQ codebooks,
+    IBQ's embedding, FSQ's level grid, LFQ / BSQ's corners {-s, +s}^B. Residual
+    quantizers: their levels' codebooks, stacked (levels must have equal K and d)."""
+    # BSQ is an LFQ
+    from vqtrain.quantizers import FSQ, IBQ, LFQ, ResidualQuantizer, VectorQuantizer
+
+    with torch.no_grad():
+        if isinstance(quantizer, ResidualQuantizer):
+            return torch.cat([code_vectors(level) for level in quantizer.levels])
+        if isinstance(quantizer, VectorQuantizer):
+            return quantizer.codebook.detach().clone()
+        if isinstance(quantizer, IBQ):
+            return quantizer.embed.detach().clone().unsqueeze(0)
+        if isinstance(quantizer, LFQ):
+            codes = torch.arange(quantizer.num_codes, device=quantizer._powers.device)
+            bits = (codes[:, None] >> (quantizer.bits - 1 - torch.arange(quantizer.bits, device=codes.device))) & 1
+            corner = torch.where(bits.bool(), quantizer.code_value, -quantizer.code_value)
+            return corner.unsqueeze(0).expand(quantizer.num_codebooks, -1, -1).clone()
+        if isinstance(quantizer, FSQ):
+            codes = torch.arange(quantizer.codebook_sizes[0], device=quantizer._basis.device)
+            digits = (codes[:, None] // quantizer._basis) % quantizer._levels.long()
+            grid = (digits - quantizer._half_width) / quantizer._half_width * quantizer._scale
+            return grid.unsqueeze(0).expand(quantizer.num_codebooks, -1, -1).clone()
+    raise TypeError(f"no code vectors for {type(quantizer).__name__}")

@@ -103,6 +103,13 @@ METHODS: dict[str, Method] = {
                      lambda vqp: vqp.ResidualSimVQ(dim=DIM, num_quantizers=4, codebook_size=256), (256,) * 4),
     "rfsq": Method("rfsq", 1024, "ResidualFSQ(dim=64, levels=[8, 5, 5, 5], num_quantizers=4)",
                    lambda vqp: vqp.ResidualFSQ(dim=DIM, levels=[8, 5, 5, 5], num_quantizers=4), (1000,) * 4),
+    "lfq": Method("lfq", 1024, "LFQ(dim=64, codebook_size=1024)",
+                  lambda vqp: vqp.LFQ(dim=DIM, codebook_size=1024), (1024,), True),
+    "bsq": Method("bsq", 1024, "LFQ(dim=64, codebook_size=1024, spherical=True)",
+                  lambda vqp: vqp.LFQ(dim=DIM, codebook_size=1024, spherical=True), (1024,), True),
+    "ibq": Method("ibq", 1024, None, None),
+    "rlfq": Method("rlfq", 1024, "ResidualLFQ(dim=64, num_quantizers=4, codebook_size=1024)",
+                   lambda vqp: vqp.ResidualLFQ(dim=DIM, num_quantizers=4, codebook_size=1024), (1024,) * 4, True),
 }
 
 
