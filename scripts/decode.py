@@ -8,7 +8,9 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from vqtrain.tokenizer import decode_shard, default_device, load_tokenizer, parse_args
+from vqtrain.cli import default_device, parse_args
+from vqtrain.tokenizer import load_tokenizer
+from vqtrain.tokens import decode_shard
 
 
 @dataclass

@@ -9,7 +9,10 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from vqtrain.tokenizer import default_device, encode_split, load_tokenizer, parse_args, run_config
+from vqtrain.cli import default_device, parse_args
+from vqtrain.config import run_config
+from vqtrain.tokenizer import load_tokenizer
+from vqtrain.tokens import encode_split
 
 
 @dataclass

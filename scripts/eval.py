@@ -10,7 +10,10 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from vqtrain.tokenizer import default_device, evaluate, format_table, load_tokenizer, parse_args, run_config, write_json
+from vqtrain.cli import default_device, format_table, parse_args, write_json
+from vqtrain.config import run_config
+from vqtrain.evaluation import evaluate
+from vqtrain.tokenizer import load_tokenizer
 
 
 @dataclass

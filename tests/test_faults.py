@@ -25,8 +25,9 @@ from torch import nn
 from vqtrain.config import compose
 from vqtrain.data.audio import AudioFolder
 from vqtrain.data.images import TensorImages
-from vqtrain.faults import AtomicCheckpointIO, forward_sigusr1
-from vqtrain.train import resume_path, train
+from vqtrain.callbacks import forward_sigusr1
+from vqtrain.checkpoints import AtomicCheckpointIO, resume_path
+from vqtrain.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = [
@@ -112,7 +113,7 @@ def test_cli_prints_a_missing_data_folder_as_one_line(full_error: bool, tmp_path
     message = f"data.root: no folder {missing} (expected a folder tree of images)"
     assert result.returncode == 1
     if full_error:
-        assert "Traceback" in result.stderr and result.stderr.splitlines()[-1] == f"vqtrain.faults.MissingPath: {message}"
+        assert "Traceback" in result.stderr and result.stderr.splitlines()[-1] == f"vqtrain.config.MissingPath: {message}"
     else:
         assert result.stderr.splitlines()[-1] == f"error: {message}"
         assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr

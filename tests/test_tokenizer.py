@@ -22,18 +22,13 @@ from omegaconf import MISSING, OmegaConf
 from PIL import Image
 
 import vqtrain
-from vqtrain import tokenizer as tokenizer_module
-from vqtrain.tokenizer import (
-    Tokenizer,
-    decode_shard,
-    encode_split,
-    evaluate,
-    load_tokenizer,
-    parse_args,
-    run_config,
-    split_dataset,
-)
-from vqtrain.config import compose
+from vqtrain import tokens as tokens_module
+from vqtrain.cli import parse_args
+from vqtrain.config import compose, run_config
+from vqtrain.data.common import split_dataset
+from vqtrain.evaluation import evaluate
+from vqtrain.tokenizer import Tokenizer, load_tokenizer
+from vqtrain.tokens import decode_shard, encode_split
 from vqtrain.data.audio import normalize_loudness
 from vqtrain.train import train
 
@@ -274,12 +269,12 @@ def test_encode_resumes_from_the_shards_already_written(audio_run: Path, tmp_pat
     index = encode_split(tokenizer, cfg, "test", tmp_path, shard_size=4)
     before = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in tmp_path.glob("shard-*.pt")}
     (tmp_path / "shard-00001.pt").unlink()  # as if interrupted while writing it:
-    (tmp_path / "shard-00001.pt.999.tmp").write_bytes(b"half a shard")
+    (tmp_path / ".shard-00001.pt.999.tmp").write_bytes(b"half a shard")
     (tmp_path / "index.json").unlink()
 
     encoded = []
-    original = tokenizer_module.encode_shard
-    monkeypatch.setattr(tokenizer_module, "encode_shard", lambda *args: encoded.append(args[-1]) or original(*args))
+    original = tokens_module.encode_shard
+    monkeypatch.setattr(tokens_module, "encode_shard", lambda *args: encoded.append(args[-1]) or original(*args))
     assert encode_split(tokenizer, cfg, "test", tmp_path, shard_size=4) == index
     assert encoded == [range(4, 8)]
     for name in ("shard-00000.pt", "shard-00002.pt"):

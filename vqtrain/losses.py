@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vqtrain.utils import exists
+from vqtrain.utils import channel_mask, exists
 
 
 def masked_mse(x_hat: Tensor, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -14,7 +14,7 @@ def masked_mse(x_hat: Tensor, x: Tensor, mask: Tensor | None = None) -> Tensor:
     error = (x_hat.float() - x.float()).pow(2)
     if not exists(mask):
         return error.mean()
-    weight = mask[:, None].expand_as(error)
+    weight = channel_mask(mask, error)
     return torch.where(weight, error, 0.0).sum() / weight.sum().clamp_min(1)
 
 

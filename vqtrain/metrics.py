@@ -1,4 +1,4 @@
-"""Codebook health: utilization, perplexity, dead codes, usage histograms.
+"""Codebook health (utilization, perplexity, dead codes) and signal quality (PSNR, SI-SNR).
 
 Indices come straight from the quantizer: (B, ...) or (B, ..., Q), -1 at
 padding, which is never counted. Each index column (a residual level, a group,
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from vqtrain.utils import is_distributed
+from vqtrain.distributed import all_reduce_max
 
 
 def count_codes(indices: Tensor, codebook_sizes: list[int]) -> Tensor:
@@ -85,8 +85,28 @@ class LastUse(nn.Module):
         self.last_step.masked_fill_(used, step)
 
     def dead_codes(self, step: int) -> Tensor:
-        last = self.last_step.clone()
-        if is_distributed():
-            torch.distributed.all_reduce(last, op=torch.distributed.ReduceOp.MAX)
+        last = all_reduce_max(self.last_step.clone())
         alive = (last >= 0) & (last > step - self.window)
         return (self.real_code & ~alive).sum()
+
+
+# --- signal quality -----------------------------------------------------------------
+
+def psnr(squared_error: Tensor, samples: Tensor, data_range: float = 2.0) -> Tensor:
+    """Peak SNR (dB) of each item from its summed squared error over its sample
+    count; images in [-1, 1] have a data range of 2."""
+    return 10 * torch.log10(data_range**2 / (squared_error / samples).clamp_min(1e-12))
+
+
+def si_snr(estimate: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    """Scale-invariant SNR (dB) of each item over its real samples (weight 1),
+    with the zero-mean signals of Le Roux et al. (2019)."""
+    weight = weight.flatten(1)
+    estimate, target = estimate.flatten(1) * weight, target.flatten(1) * weight
+    count = weight.sum(1, keepdim=True).clamp_min(1)
+    estimate = estimate - estimate.sum(1, keepdim=True) / count * weight
+    target = target - target.sum(1, keepdim=True) / count * weight
+    eps = torch.finfo(estimate.dtype).eps
+    projection = ((estimate * target).sum(1, keepdim=True) + eps) / (target.pow(2).sum(1, keepdim=True) + eps) * target
+    noise = estimate - projection
+    return 10 * torch.log10((projection.pow(2).sum(1) + eps) / (noise.pow(2).sum(1) + eps))

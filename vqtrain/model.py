@@ -21,19 +21,9 @@ from torch import Tensor, nn
 from vqtrain.losses import ReconstructionLoss
 from vqtrain.metrics import CodebookUsage, LastUse, usage_summary
 from vqtrain.quantizers import Quantizer, QuantizerOutput
-from vqtrain.utils import (
-    all_reduce_max,
-    all_reduce_min,
-    all_reduce_sum,
-    ceil_div,
-    default,
-    exists,
-    lengths_to_mask,
-    mask_to_lengths,
-    rank,
-    rng_states,
-    set_rng_states,
-)
+from vqtrain.checkpoints import CONFIG_KEY
+from vqtrain.distributed import all_reduce_max, all_reduce_min, all_reduce_sum, rank
+from vqtrain.utils import ceil_div, channel_mask, default, exists, lengths_to_mask, mask_to_lengths, rng_states, set_rng_states
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +144,7 @@ class DiscreteAutoencoder(L.LightningModule):
             return None
         x, mask = batch["x"], batch.get("mask")
         try:
-            self.check_finite("input batch['x']", x, mask[:, None].expand_as(x) if exists(mask) else None)
+            self.check_finite("input batch['x']", x, channel_mask(mask, x) if exists(mask) else None)
             x_hat, out = self(x, mask)
             recon = self.reconstruction(x_hat, x, mask)
             loss = recon + out.loss
@@ -246,7 +236,7 @@ class DiscreteAutoencoder(L.LightningModule):
 
     # -- checkpoints -------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["vqtrain_config"] = self.run_config
+        checkpoint[CONFIG_KEY] = self.run_config
         checkpoint["rng_states"] = rng_states()  # ranks draw alike: rank 0's states serve them all
         # Every rank runs this hook and rank 0 writes the file: its usage state must be the run's,
         # not its own (the usage window is a sum over ranks, the last use a max).
@@ -255,7 +245,7 @@ class DiscreteAutoencoder(L.LightningModule):
         state["last_use.last_step"] = all_reduce_max(self.last_use.last_step.clone())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = (checkpoint.get("vqtrain_config") or {}).get("quantizer")
+        saved = (checkpoint.get(CONFIG_KEY) or {}).get("quantizer")
         current = (self.run_config or {}).get("quantizer")
         if exists(saved) and exists(current) and saved != current:
             diff = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)}

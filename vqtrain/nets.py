@@ -89,7 +89,7 @@ class Downsample1d(nn.Module):
         self.conv = nn.Conv1d(in_channels, out_channels, 2 * stride, stride=stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        extra = math.ceil(x.shape[-1] / self.stride) * self.stride - x.shape[-1]
+        extra = ceil_div(x.shape[-1], self.stride) * self.stride - x.shape[-1]
         left = self.stride // 2
         return self.conv(F.pad(x, (left, self.stride - left + extra)))
 

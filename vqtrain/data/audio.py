@@ -30,8 +30,9 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from ..faults import Required
-from ..utils import default, lengths_to_mask
+from ..config import Required
+from ..checkpoints import write_atomic
+from ..utils import ceil_div, default, lengths_to_mask
 from .common import DataModule, UnreadableItem, collate_skipping, hash_fraction
 from .sampler import BucketBatchSampler
 
@@ -72,7 +73,7 @@ def resampling_problem(orig_rate: int, new_rate: int) -> str | None:
 
 def resampled_length(frames: int, orig_rate: int, new_rate: int) -> int:
     """Length after torchaudio.functional.resample: ceil(frames * new / orig)."""
-    return -(-frames * new_rate // orig_rate)
+    return ceil_div(frames * new_rate, orig_rate)
 
 
 def list_audio(root: Path) -> list[str]:
@@ -143,14 +144,11 @@ def save_cache(locations: list[Path], entries: dict[str, list]) -> None:
     """Atomic write to the first writable location (ranks may scan at once); failing only costs a rescan."""
     text = json.dumps({"version": CACHE_VERSION, "files": entries})
     for path in locations:
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary.write_text(text)
-            os.replace(temporary, path)
+            write_atomic(path, lambda file: file.write(text.encode()))
             return
         except OSError:
-            temporary.unlink(missing_ok=True)
+            continue
     log.warning("cannot write the audio header cache to %s: headers will be read again next time",
                 " or ".join(map(str, locations)))
 

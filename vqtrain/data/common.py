@@ -23,8 +23,9 @@ import lightning as L
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
-from ..faults import Required
-from ..utils import is_distributed, rank
+from ..config import Required
+from ..distributed import rank, world_size
+from ..utils import exists
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,7 @@ class EpochSampler(DistributedSampler):
     (seed, epoch) alone, never by the global random stream."""
 
     def __init__(self, dataset: Dataset, shuffle: bool, seed: int):
-        world = torch.distributed.get_world_size() if is_distributed() else 1
-        super().__init__(dataset, num_replicas=world, rank=rank(), shuffle=shuffle, seed=seed)
+        super().__init__(dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed)
 
 
 class ResumingBatchSampler(Sampler[list[int]]):
@@ -167,3 +167,27 @@ class DataModule(L.LightningDataModule):
 def hash_fraction(path: Path) -> float:
     """A stable pseudo-random number in [0, 1) from a path: the split survives adding files."""
     return int.from_bytes(hashlib.sha1(path.as_posix().encode()).digest()[:8], "big") / 2**64
+
+
+# --- a split in a fixed order (evaluation, token shards) -------------------------
+
+SPLITS = ("train", "val", "test")
+
+
+def split_dataset(datamodule: DataModule, split: str) -> Dataset:
+    """A split in a fixed order, as training's val/test see it: test falls back
+    to val, and the training split's random crops are off."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    datamodule.setup()
+    dataset = {"train": datamodule.train_set, "val": datamodule.val_set, "test": datamodule.test_set}[split]
+    dataset = datamodule.val_set if dataset is None else dataset
+    if getattr(dataset, "random_crop", False):
+        dataset.random_crop = False  # this data module is ours alone
+    return dataset
+
+
+def item_id(dataset: Dataset, position: int) -> str | int:
+    """A file's path (relative to the data root for audio), else the position in the split."""
+    files = getattr(dataset, "files", None)
+    return str(files[position]) if exists(files) else position

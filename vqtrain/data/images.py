@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms.v2 import functional as TF
 
-from ..faults import Required
+from ..config import Required
 from .common import DataModule, UnreadableItem, hash_fraction
 
 IMAGE_LAYOUT = "a folder tree of images"
