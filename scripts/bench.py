@@ -56,9 +56,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -96,8 +97,9 @@ def machine_info(device: str) -> dict:
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:
-        import vector_quantize_pytorch  # noqa: F401
         from importlib.metadata import version
+
+        import vector_quantize_pytorch  # noqa: F401
 
         info["vector_quantize_pytorch"] = version("vector-quantize-pytorch")
     except Exception:  # not installed: the comparison is skipped
@@ -577,10 +579,11 @@ def lightning_run(cfg, steps: int, device: str, output_dir: Path) -> tuple[StepT
 
 
 def plain_run(cfg, steps: int, device: str) -> StepTimes:
+    from types import SimpleNamespace
+
     import lightning as L
     from einops import rearrange
     from hydra.utils import instantiate
-    from types import SimpleNamespace
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
@@ -666,7 +669,6 @@ def cmd_train(args: argparse.Namespace) -> dict:
 # --- data: audio clips/s and padding, with and without bucketing -----------------------
 
 def cmd_data(args: argparse.Namespace) -> dict:
-    from einops import rearrange
     from hydra.utils import instantiate
 
     from vqtrain.data.sampler import measure_padding, padding_fraction

@@ -4,7 +4,6 @@
 """
 import sys
 from dataclasses import dataclass
-from typing import Optional
 
 from omegaconf import MISSING
 
@@ -18,8 +17,8 @@ class Args:
     ckpt_path: str = MISSING
     tokens: str = MISSING
     out: str = MISSING
-    num_levels: Optional[int] = None
-    device: Optional[str] = None
+    num_levels: int | None = None
+    device: str | None = None
 
 
 def main(argv: list[str]) -> None:

@@ -5,7 +5,6 @@ rerunning resumes, keeping the shards already written.
 """
 import sys
 from dataclasses import dataclass
-from typing import Optional
 
 from omegaconf import MISSING
 
@@ -21,7 +20,7 @@ class Args:
     out: str = MISSING
     split: str = "train"
     shard_size: int = 1000
-    device: Optional[str] = None
+    device: str | None = None
 
 
 def main(argv: list[str]) -> None:

@@ -6,7 +6,6 @@ SI-SNR and bit rates; prints a table and writes <checkpoint dir>/eval_<split>.js
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from omegaconf import MISSING
 
@@ -20,7 +19,7 @@ from vqtrain.tokenizer import load_tokenizer
 class Args:
     ckpt_path: str = MISSING
     split: str = "test"
-    device: Optional[str] = None
+    device: str | None = None
 
 
 def main(argv: list[str]) -> None:

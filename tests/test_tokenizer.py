@@ -22,18 +22,18 @@ from omegaconf import MISSING, OmegaConf
 from PIL import Image
 
 import vqtrain
+from helpers import QUANTIZERS
 from vqtrain import tokens as tokens_module
 from vqtrain.cli import parse_args
 from vqtrain.config import compose, run_config
+from vqtrain.data.audio import normalize_loudness
 from vqtrain.data.common import split_dataset
 from vqtrain.evaluation import evaluate
 from vqtrain.tokenizer import Tokenizer, load_tokenizer
 from vqtrain.tokens import decode_shard, encode_split
-from vqtrain.data.audio import normalize_loudness
 from vqtrain.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-QUANTIZERS = ["vq", "vq_tricks", "simvq", "fsq", "rvq", "rsimvq", "rfsq"]
 RESIDUAL = {"rvq": 4, "rsimvq": 4, "rfsq": 4}  # levels in their configs
 TINY_MODEL = ["model.latent_dim=8", "model.encoder.hidden_channels=8", "model.decoder.hidden_channels=8"]
 QUICK = ["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.accelerator=cpu",
@@ -174,9 +174,9 @@ def test_eval_of_audio_matches_training_and_si_snr_of_each_clip(audio_run: Path)
     scores = []
     datamodule = instantiate(OmegaConf.create(tokenizer.config["data"]))
     for batch in datamodule.loader(split_dataset(datamodule, "test"), shuffle=False):
-        reconstructed = tokenizer.reconstruct(batch["x"], batch["mask"]).double()
-        for i, length in enumerate(batch["lengths"].tolist()):
-            estimate, target = reconstructed[i, 0, :length], batch["x"][i, 0, :length].double()
+        reconstructed = tokenizer.reconstruct(batch.x, batch.mask).double()
+        for i, length in enumerate(batch.lengths.tolist()):
+            estimate, target = reconstructed[i, 0, :length], batch.x[i, 0, :length].double()
             estimate, target = estimate - estimate.mean(), target - target.mean()
             projection = (estimate @ target) / (target @ target) * target
             scores.append(10 * torch.log10(projection.pow(2).sum() / (estimate - projection).pow(2).sum()))
@@ -191,9 +191,9 @@ def test_tokens_of_a_clip_do_not_depend_on_its_batch(audio_run: Path):
     datamodule = instantiate(OmegaConf.create(tokenizer.config["data"]))
     dataset = split_dataset(datamodule, "test")
     batch = next(iter(datamodule.loader(dataset, shuffle=False)))
-    assert batch["lengths"].unique().numel() > 1  # really padded
-    indices = tokenizer.encode(batch["x"], batch["mask"])
-    for i, position in enumerate(batch["index"].tolist()):
+    assert batch.lengths.unique().numel() > 1  # really padded
+    indices = tokenizer.encode(batch.x, batch.mask)
+    for i, position in enumerate(batch.index.tolist()):
         alone = tokenizer.encode(dataset[position]["x"])[0]
         assert torch.equal(alone, indices[i, : len(alone)])
 

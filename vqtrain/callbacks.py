@@ -16,12 +16,14 @@ import soundfile as sf
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities import move_data_to_device
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from matplotlib.figure import Figure
 from torchvision.utils import save_image
 
+from vqtrain.data.batch import Batch
 from vqtrain.metrics import psnr, si_snr
+from vqtrain.model import ModelOutput
 from vqtrain.utils import channel_mask, exists
 
 log = logging.getLogger(__name__)
@@ -180,8 +182,7 @@ class ReconstructionLogger(L.Callback):
     runs compare by eye.
 
     Files under <run dir>/reconstructions: step<N>.png, originals above their
-    reconstructions (images) or spectrograms side by side (audio: batches with
-    "lengths"), and for audio step<N>/item<i>_{original,reconstruction}.wav at
+    reconstructions (images) or spectrograms side by side (audio), and for audio step<N>/item<i>_{original,reconstruction}.wav at
     the data module's `sample_rate`. With a WandbLogger also the same media and
     histograms of each codebook's validation usage (`latest_usage["val"]`).
     """
@@ -192,9 +193,9 @@ class ReconstructionLogger(L.Callback):
         self.num_items = num_items
         self.log_every_n_val_epochs = log_every_n_val_epochs
         self.val_epochs = 0
-        self.batch: dict | None = None
+        self.batch: Batch | None = None
 
-    def fixed_batch(self, trainer: L.Trainer) -> dict:
+    def fixed_batch(self, trainer: L.Trainer) -> Batch:
         """The first items of the validation set, collated as the validation loader does."""
         if self.batch is None:
             loader = trainer.val_dataloaders
@@ -211,20 +212,20 @@ class ReconstructionLogger(L.Callback):
         if (self.val_epochs - 1) % self.log_every_n_val_epochs or not trainer.is_global_zero:
             return
         batch = self.fixed_batch(trainer)
-        if "x" not in batch:  # every item unreadable
+        if batch.x is None:  # every item unreadable
             return
         batch = trainer.precision_plugin.convert_input(move_data_to_device(batch, pl_module.device))
         with torch.no_grad(), trainer.precision_plugin.forward_context():
-            x_hat, _ = pl_module(batch["x"], batch.get("mask"))
-        x, x_hat = batch["x"].float().cpu(), x_hat.float().cpu()
+            x_hat = pl_module(batch.x, batch.mask, batch.lengths).x_hat
+        x, x_hat = batch.x.float().cpu(), x_hat.float().cpu()
 
         folder = Path(trainer.default_root_dir) / "reconstructions"
         folder.mkdir(parents=True, exist_ok=True)
         picture = folder / f"step{trainer.global_step:07d}.png"
         clips, sample_rate = [], None
-        if "lengths" in batch:
+        if pl_module.modality == "audio":
             sample_rate = trainer.datamodule.sample_rate
-            clips = [(x[i, 0, :n].numpy(), x_hat[i, 0, :n].clamp(-1, 1).numpy()) for i, n in enumerate(batch["lengths"].tolist())]
+            clips = [(x[i, 0, :n].numpy(), x_hat[i, 0, :n].clamp(-1, 1).numpy()) for i, n in enumerate(batch.lengths.tolist())]
             self.save_audio(clips, sample_rate, picture.with_suffix(""))
             save_spectrograms(clips, sample_rate, picture)
         else:
@@ -275,9 +276,9 @@ class SignalQuality(L.Callback):
     def on_test_end(self, trainer: L.Trainer, model: L.LightningModule) -> None:
         self.hook.remove()
 
-    def record(self, model: L.LightningModule, inputs: tuple, output: tuple) -> None:
+    def record(self, model: L.LightningModule, inputs: tuple, output: ModelOutput) -> None:
         x, mask = inputs[0].double(), inputs[1] if len(inputs) > 1 else None
-        x_hat = output[0].double()  # SI-SNR of a poor model is ill-conditioned in float32
+        x_hat = output.x_hat.double()  # SI-SNR of a poor model is ill-conditioned in float32
         weight = channel_mask(mask, x).to(x.dtype) if exists(mask) else torch.ones_like(x)
         error = ((x_hat - x).pow(2) * weight).flatten(1).sum(1)
         samples = weight.flatten(1).sum(1)

@@ -8,15 +8,16 @@ import netrc
 import os
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 RUN_ID_ENV = "VQTRAIN_RUN_ID"
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # where `pip install .` puts configs/
+CONFIG_DIR = PACKAGED_CONFIGS if PACKAGED_CONFIGS.is_dir() else Path(__file__).resolve().parents[1] / "configs"
 
 # key -> (test, allowed values): settings that torch or Lightning accept, or refuse
 # without naming them, though they would train nothing, train backwards or log nothing

@@ -53,9 +53,11 @@ class ReconstructionLoss(nn.Module):
         self.stft_weight = stft_weight
         self.stft = MultiResolutionSTFTLoss(fft_sizes) if stft_weight > 0 else None
 
-    def forward(self, x_hat: Tensor, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x_hat: Tensor, x: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
+        """`mask` (B, T) and `lengths` (B,) mark the same real samples of padded audio."""
         loss = masked_mse(x_hat, x, mask)
         if exists(self.stft):
-            lengths = mask.sum(-1) if exists(mask) else None
+            if exists(mask) and not exists(lengths):
+                raise ValueError("the STFT term of padded audio needs the clips' lengths beside the mask")
             loss = loss + self.stft_weight * self.stft(x_hat, x, lengths)
         return loss

@@ -15,12 +15,16 @@ from vqtrain.distributed import all_reduce_max
 
 
 def count_codes(indices: Tensor, codebook_sizes: list[int]) -> Tensor:
-    """indices (..., Q) or (...) -> int64 counts (Q, max K); -1 ignored."""
+    """indices (..., Q) or (...) -> int64 counts (Q, max K); -1 ignored.
+
+    A scatter-add into a fixed-size count, not `bincount` or a boolean index:
+    those size their output from the data, a host-device sync on a GPU."""
     columns, width = len(codebook_sizes), max(codebook_sizes)
     flat = indices.reshape(-1, columns)
     offsets = torch.arange(columns, device=flat.device) * width
-    valid = flat >= 0
-    return torch.bincount((flat + offsets)[valid], minlength=columns * width).view(columns, width)
+    bins = torch.where(flat >= 0, flat + offsets, columns * width).reshape(-1)  # -1 -> one spare bin, dropped
+    counts = torch.zeros(columns * width + 1, dtype=torch.long, device=flat.device)
+    return counts.index_add_(0, bins, torch.ones_like(bins))[:-1].view(columns, width)
 
 
 def usage_summary(counts: Tensor, codebook_sizes: list[int]) -> dict[str, Tensor]:
@@ -50,7 +54,8 @@ def usage_summary(counts: Tensor, codebook_sizes: list[int]) -> dict[str, Tensor
 
 
 class CodebookUsage(Metric):
-    """Code counts over a window (an epoch, or a number of training steps)."""
+    """Code counts over a window (an epoch, or a number of training steps).
+    `update` takes counts (`count_codes`), so one count serves every tracker."""
 
     full_state_update = False
 
@@ -59,8 +64,8 @@ class CodebookUsage(Metric):
         self.codebook_sizes = list(codebook_sizes)
         self.add_state("counts", torch.zeros(len(codebook_sizes), max(codebook_sizes), dtype=torch.long), dist_reduce_fx="sum", persistent=persistent)
 
-    def update(self, indices: Tensor) -> None:
-        self.counts += count_codes(indices, self.codebook_sizes)
+    def update(self, counts: Tensor) -> None:
+        self.counts += counts
 
     def compute(self) -> dict[str, Tensor]:
         return usage_summary(self.counts, self.codebook_sizes)
@@ -80,9 +85,9 @@ class LastUse(nn.Module):
         sizes = torch.tensor(codebook_sizes)[:, None]
         self.register_buffer("real_code", torch.arange(max(codebook_sizes))[None] < sizes, persistent=False)
 
-    def update(self, indices: Tensor, step: int) -> None:
-        used = count_codes(indices, self.codebook_sizes) > 0
-        self.last_step.masked_fill_(used, step)
+    def update(self, counts: Tensor, step: int) -> None:
+        """`counts` from `count_codes` of this step's indices."""
+        self.last_step.masked_fill_(counts > 0, step)
 
     def dead_codes(self, step: int) -> Tensor:
         last = all_reduce_max(self.last_step.clone())

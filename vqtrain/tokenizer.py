@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor
 
@@ -42,8 +42,8 @@ class Tokenizer:
 
     @property
     def modality(self) -> str:
-        """"image" or "audio", from the training data module."""
-        return get_class(self.config["data"]["_target_"]).modality
+        """"image" or "audio": what the model's encoder takes."""
+        return self.model.modality
 
     @property
     def sample_rate(self) -> int | None:
@@ -107,7 +107,7 @@ class Tokenizer:
     @torch.no_grad()
     def reconstruct(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """The model's own forward pass: what training scores."""
-        return self.model(*self.inputs(x, mask))[0]
+        return self.model(*self.inputs(x, mask)).x_hat
 
 
 def load_tokenizer(ckpt_path: str | Path, device: str | torch.device = "cpu") -> Tokenizer:

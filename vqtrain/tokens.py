@@ -92,12 +92,12 @@ def encode_shard(tokenizer: Tokenizer, datamodule: DataModule, dataset: Dataset,
                         collate_fn=datamodule.collate, num_workers=datamodule.num_workers)
     tokens, sample_lengths = {}, {}
     for batch in loader:
-        if "x" not in batch:  # every item of the batch was unreadable
+        if batch.x is None:  # every item of the batch was unreadable
             continue
-        indices = tokenizer.encode(batch["x"], batch.get("mask")).cpu()
-        for i, position in enumerate(batch["index"].tolist()):
-            if "lengths" in batch:  # audio: drop the padding
-                sample_lengths[position] = int(batch["lengths"][i])
+        indices = tokenizer.encode(batch.x, batch.mask).cpu()
+        for i, position in enumerate(batch.index.tolist()):
+            if tokenizer.modality == "audio":  # drop the padding
+                sample_lengths[position] = int(batch.lengths[i])
                 tokens[position] = indices[i, : ceil_div(sample_lengths[position], tokenizer.stride)].clone()
             else:
                 tokens[position] = indices[i].clone()  # a view would save the whole batch

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vqtrain.checkpoints import resume_path
-from vqtrain.config import CONFIG_DIR, StartupError, check_config, check_paths, register_resolvers
+from vqtrain.config import CONFIG_DIR, InvalidConfig, StartupError, check_config, check_paths, register_resolvers
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_paths(datamodule.required_paths())
     ckpt_path = resume_path(cfg)
     model = instantiate(cfg.model)
+    if model.modality != datamodule.modality:
+        raise InvalidConfig(f"data gives {datamodule.modality} batches but model.encoder "
+                            f"({type(model.encoder).__name__}) takes {model.modality}: choose the matching model")
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
-    loggers = [instantiate(l) for l in (cfg.logger or {}).values() if l is not None]
+    loggers = [instantiate(logger) for logger in (cfg.logger or {}).values() if logger is not None]
     # data modules that shard batches across ranks themselves (audio bucketing) opt out of Lightning's sampler
     distributed_sampler = getattr(datamodule, "use_distributed_sampler", True)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, use_distributed_sampler=distributed_sampler)
