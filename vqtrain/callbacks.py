@@ -114,18 +114,6 @@ def forward_sigusr1() -> None:
         signal.signal(signal.SIGUSR1, lambda *_: signal.raise_signal(signal.SIGTERM))
 
 
-class SkippedFilesLogger(L.Callback):
-    """Files the data module left out when scanning (`skipped_files`: unusable
-    audio) are logged as `data/skipped_files`, next to the model's running count
-    of items skipped at load time (`data/skipped_items`)."""
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        skipped = getattr(trainer.datamodule, "skipped_files", None)
-        if skipped is not None:
-            for logger in trainer.loggers:
-                logger.log_metrics({"data/skipped_files": float(skipped)}, step=trainer.global_step)
-
-
 # --- showing a run ---------------------------------------------------------------
 
 def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
@@ -163,6 +151,18 @@ def save_spectrograms(clips: list[tuple[np.ndarray, np.ndarray]], sample_rate: i
     axes[-1, 0].set_xlabel("s")
     axes[-1, 1].set_xlabel("s")
     figure.savefig(path, dpi=80)
+
+
+class SkippedFilesLogger(L.Callback):
+    """Files the data module left out when scanning (`skipped_files`: unusable
+    audio) are logged as `data/skipped_files`, next to the model's running count
+    of items skipped at load time (`data/skipped_items`)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        skipped = getattr(trainer.datamodule, "skipped_files", None)
+        if skipped is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics({"data/skipped_files": float(skipped)}, step=trainer.global_step)
 
 
 class WandbConfigLogger(L.Callback):
