@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 export WANDB_MODE ?= offline
 
-.PHONY: install check-pins train test test-all fuzz bench report clean
+.PHONY: install check-pins lint train test test-all fuzz bench report clean
 
 install: $(STAMP)
 
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 check-pins: $(STAMP)
 	$(PY) scripts/check_pins.py
+
+# ruff's rules and line length live in pyproject.toml ([tool.ruff])
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 train: $(STAMP)
 	$(PY) train.py $(ARGS)

@@ -4,11 +4,12 @@
 """
 import sys
 from dataclasses import dataclass
-from typing import Optional
 
 from omegaconf import MISSING
 
-from vqtrain.tokenizer import decode_shard, default_device, load_tokenizer, parse_args
+from vqtrain.cli import default_device, parse_args
+from vqtrain.tokenizer import load_tokenizer
+from vqtrain.tokens import decode_shard
 
 
 @dataclass
@@ -16,8 +17,8 @@ class Args:
     ckpt_path: str = MISSING
     tokens: str = MISSING
     out: str = MISSING
-    num_levels: Optional[int] = None
-    device: Optional[str] = None
+    num_levels: int | None = None
+    device: str | None = None
 
 
 def main(argv: list[str]) -> None:

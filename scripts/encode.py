@@ -5,11 +5,13 @@ rerunning resumes, keeping the shards already written.
 """
 import sys
 from dataclasses import dataclass
-from typing import Optional
 
 from omegaconf import MISSING
 
-from vqtrain.tokenizer import default_device, encode_split, load_tokenizer, parse_args, run_config
+from vqtrain.cli import default_device, parse_args
+from vqtrain.config import run_config
+from vqtrain.tokenizer import load_tokenizer
+from vqtrain.tokens import encode_split
 
 
 @dataclass
@@ -18,7 +20,7 @@ class Args:
     out: str = MISSING
     split: str = "train"
     shard_size: int = 1000
-    device: Optional[str] = None
+    device: str | None = None
 
 
 def main(argv: list[str]) -> None:

@@ -6,18 +6,20 @@ SI-SNR and bit rates; prints a table and writes <checkpoint dir>/eval_<split>.js
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from omegaconf import MISSING
 
-from vqtrain.tokenizer import default_device, evaluate, format_table, load_tokenizer, parse_args, run_config, write_json
+from vqtrain.cli import default_device, format_table, parse_args, write_json
+from vqtrain.config import run_config
+from vqtrain.evaluation import evaluate
+from vqtrain.tokenizer import load_tokenizer
 
 
 @dataclass
 class Args:
     ckpt_path: str = MISSING
     split: str = "test"
-    device: Optional[str] = None
+    device: str | None = None
 
 
 def main(argv: list[str]) -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import SHARED_DATA
+
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 FSDD = SHARED_DATA / "fsdd" / "recordings"
 
 

@@ -17,8 +17,14 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, SequentialSampler
 
-from vqtrain.data.audio import (AudioDataModule, AudioFolder, pad_collate, split_by_folder, split_by_hash,
-                                split_by_speaker)
+from vqtrain.data.audio import (
+    AudioDataModule,
+    AudioFolder,
+    pad_collate,
+    split_by_folder,
+    split_by_hash,
+    split_by_speaker,
+)
 from vqtrain.data.common import SkippingDataset, collate_skipping
 from vqtrain.data.sampler import BucketBatchSampler, measure_padding, padding_fraction
 
@@ -91,22 +97,22 @@ def test_collate_pads_to_the_longest_clip_and_masks_the_rest(fsdd):
     items = [data[i] for i in picked]
     batch = fsdd.collate(items + [None])  # None: an unreadable item, dropped and counted
     expected = torch.tensor([data.headers[i].frames for i in picked])  # 8 kHz files at 8 kHz: lengths = frames
-    assert batch["skipped"] == 1
-    assert torch.equal(batch["lengths"], expected) and expected.unique().numel() == 4
-    assert batch["x"].shape == (4, 1, expected.max()) and batch["x"].dtype == torch.float32
-    assert torch.equal(batch["mask"].sum(-1), expected)
-    assert torch.equal(batch["index"], torch.tensor(picked))
-    for row, item, length in zip(batch["x"], items, expected):
+    assert batch.skipped == 1
+    assert torch.equal(batch.lengths, expected) and expected.unique().numel() == 4
+    assert batch.x.shape == (4, 1, expected.max()) and batch.x.dtype == torch.float32
+    assert torch.equal(batch.mask.sum(-1), expected)
+    assert torch.equal(batch.index, torch.tensor(picked))
+    for row, item, length in zip(batch.x, items, expected):
         assert torch.equal(row[:, :length], item["x"]) and not row[:, length:].any()
         assert item["x"].abs().max() <= 1
 
 
 def test_loader_batches_are_padded_and_bucketed(fsdd):
     batch = next(iter(fsdd.train_dataloader()))
-    assert batch["x"].shape[0] == 32 and batch["skipped"] == 0
-    assert torch.equal(batch["mask"].sum(-1), batch["lengths"])
-    assert batch["x"].shape[-1] == batch["lengths"].max()
-    assert padding_fraction([batch["lengths"].tolist()]) < 0.1
+    assert batch.x.shape[0] == 32 and batch.skipped == 0
+    assert torch.equal(batch.mask.sum(-1), batch.lengths)
+    assert batch.x.shape[-1] == batch.lengths.max()
+    assert padding_fraction([batch.lengths.tolist()]) < 0.1
 
 
 def test_sampler_covers_every_item_once_per_epoch(fsdd):
@@ -279,7 +285,7 @@ def test_file_broken_after_the_scan_is_skipped_and_counted(tree, tmp_path):
     (tree / "a" / "clip.flac").write_bytes(b"garbage")
     loader = DataLoader(SkippingDataset(data), batch_size=3, collate_fn=partial(collate_skipping, collate=pad_collate))
     batch = next(iter(loader))
-    assert batch["skipped"] == 1 and batch["index"].tolist() == [0, 2]
+    assert batch.skipped == 1 and batch.index.tolist() == [0, 2]
     with pytest.raises(RuntimeError, match="clip.flac"):
         SkippingDataset(data, strict=True)[1]
 

@@ -3,7 +3,7 @@ written with the expected fields. No timing is asserted: this machine is shared.
 Each run starts Python processes (one per quantizer case): the longer ones are `slow`."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import subprocess
@@ -61,11 +61,10 @@ def test_quantizers_memory_cap_reports_oom(tmp_path):
     assert record["status"] == "OOM", record
 
 
-def test_quantizers_skip_what_would_not_fit():
+def test_quantizers_skip_what_would_not_fit(monkeypatch: pytest.MonkeyPatch):
     """The need of a larger case is the largest smaller one of the same kind and implementation, scaled by K."""
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    monkeypatch.syspath_prepend(str(REPO))  # as bench.py does: the benchmarks import each other as scripts.benchmarks
+    module = importlib.import_module("scripts.benchmarks.quantizers")
     results = [
         {"impl": "ref", "kind": "vq", "size": 1024, "status": "ok", "peak_extra_bytes": 100},
         {"impl": "ref", "kind": "vq", "size": 8192, "status": "ok", "peak_extra_bytes": 1000},

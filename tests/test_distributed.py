@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 import socket
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -21,10 +21,10 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from test_train import QUANTIZERS, column, read_metrics, run_cli
+from helpers import QUANTIZERS, column, read_metrics, run_cli
 from vqtrain.config import compose
 from vqtrain.data.images import ShapesDataModule
-from vqtrain.metrics import CodebookUsage
+from vqtrain.metrics import CodebookUsage, count_codes
 from vqtrain.quantizers import BSQ, IBQ, LFQ, Quantizer, ResidualLFQ, ResidualQuantizer, SimVQ, VectorQuantizer
 from vqtrain.train import train
 
@@ -81,7 +81,7 @@ def run_steps(name: str, batches: Callable[[int], Tensor], distributed: bool) ->
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        usage.update(indices)
+        usage.update(count_codes(indices, usage.codebook_sizes))
     summary = usage.compute()  # counts summed over ranks
     return {**model.state_dict(), "replaced": torch.tensor(replaced()), "perplexity": summary["perplexity"], "utilization": summary["utilization"]}
 
@@ -146,7 +146,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(name: str, two_ra
     rank0, _ = two_ranks(name)
     single = run_steps(name, lambda step: torch.cat([batch(step, 0), batch(step, 1)]), distributed=False)
     for key, value in single.items():
-        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {key}: {m}")
+        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{name}: {key}: {m}")
 
 
 def loader_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -161,8 +161,8 @@ def loader_worker(rank: int, world: int, port: int, out: str) -> None:
         for epoch in (0, 1):
             loader = data.train_dataloader()
             loader.batch_sampler.sampler.set_epoch(epoch)
-            seen[f"train{epoch}"] = torch.cat([batch["index"] for batch in loader])
-        seen["val"] = torch.cat([batch["index"] for batch in data.val_dataloader()])
+            seen[f"train{epoch}"] = torch.cat([batch.index for batch in loader])
+        seen["val"] = torch.cat([batch.index for batch in data.val_dataloader()])
         torch.save(seen, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -182,9 +182,7 @@ def test_image_ranks_split_every_epoch_between_them(tmp_path: Path):
 
 # --- the CLI and the trainer's precision and compilation switches -------------
 
-TINY = ["model.latent_dim=8", "model.encoder.hidden_channels=8", "model.decoder.hidden_channels=8", "data.num_train=32",
-        "data.num_val=16", "data.num_test=16", "data.batch_size=8", "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false", "callbacks.reconstructions=null"]
+TINY = ["debug=tiny_image", "data.num_train=32"]
 
 
 @pytest.mark.slow

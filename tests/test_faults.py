@@ -2,7 +2,6 @@
 a clear error, a counted skip or a run that can continue, never a silent wrong result."""
 from __future__ import annotations
 
-import csv
 import io
 import os
 import re
@@ -22,32 +21,18 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from helpers import column, global_step, read_metrics
+from vqtrain.callbacks import forward_sigusr1
+from vqtrain.checkpoints import AtomicCheckpointIO, resume_path
 from vqtrain.config import compose
 from vqtrain.data.audio import AudioFolder
+from vqtrain.data.batch import Batch
 from vqtrain.data.images import TensorImages
-from vqtrain.faults import AtomicCheckpointIO, forward_sigusr1
-from vqtrain.train import resume_path, train
+from vqtrain.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = [
-    "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
-    "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "callbacks.reconstructions=null", "test=false",
-    "model.encoder.hidden_channels=16", "model.decoder.hidden_channels=16", "model.latent_dim=16", "quantizer.codebook_size=64",
-]
+FAST = ["debug=tiny", "trainer.max_steps=4", "trainer.val_check_interval=2", "test=false", "quantizer.codebook_size=64"]
 SHAPES = ["data.num_train=32", "data.num_val=16", "data.num_test=16", "data.batch_size=16"]
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def column(rows: list[dict[str, str]], name: str) -> list[float]:
-    return [float(r[name]) for r in rows if r.get(name) not in (None, "")]
-
-
-def global_step(checkpoint: Path) -> int:
-    return torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
 
 
 # --- configs ------------------------------------------------------------------
@@ -112,7 +97,7 @@ def test_cli_prints_a_missing_data_folder_as_one_line(full_error: bool, tmp_path
     message = f"data.root: no folder {missing} (expected a folder tree of images)"
     assert result.returncode == 1
     if full_error:
-        assert "Traceback" in result.stderr and result.stderr.splitlines()[-1] == f"vqtrain.faults.MissingPath: {message}"
+        assert "Traceback" in result.stderr and result.stderr.splitlines()[-1] == f"vqtrain.config.MissingPath: {message}"
     else:
         assert result.stderr.splitlines()[-1] == f"error: {message}"
         assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr
@@ -234,7 +219,7 @@ def poisoned_training_image(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_nonfinite_input_stops_the_run_naming_the_step_and_the_tensor(poisoned_training_image, tmp_path: Path):
-    with pytest.raises(FloatingPointError, match=r"non-finite input batch\['x'\] at step [01] \(model\.nonfinite=skip"):
+    with pytest.raises(FloatingPointError, match=r"non-finite input batch\.x at step [01] \(model\.nonfinite=skip"):
         train(compose([*FAST, *SHAPES], tmp_path))
 
 
@@ -248,14 +233,14 @@ def test_nonfinite_input_is_skipped_and_counted_with_policy_skip(poisoned_traini
 
 
 class NaNLoss(nn.Module):
-    def forward(self, x_hat: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_hat: torch.Tensor, x: torch.Tensor, *masks: torch.Tensor | None) -> torch.Tensor:
         return (x_hat - x).mean() * float("nan")
 
 
 def test_nonfinite_loss_names_the_step_or_is_skipped(tmp_path: Path):
     model = instantiate(compose([*FAST], tmp_path).model).train()
     model.reconstruction = NaNLoss()
-    batch = {"x": torch.randn(2, 1, 32, 32), "skipped": torch.tensor(0)}
+    batch = Batch(x=torch.randn(2, 1, 32, 32), index=torch.arange(2), skipped=torch.tensor(0))
     with pytest.raises(FloatingPointError, match="non-finite train loss at step 0"):
         model.training_step(batch, 0)
     model.nonfinite = "skip"
@@ -269,8 +254,8 @@ def audio_model(tmp_path: Path, *overrides: str):
 def test_all_padding_batch_gives_zero_losses_and_leaves_the_codebook_alone(tmp_path: Path):
     model = audio_model(tmp_path)
     before = {k: v.clone() for k, v in model.quantizer.state_dict().items()}
-    batch = {"x": torch.zeros(2, 1, 400), "mask": torch.zeros(2, 400, dtype=torch.bool),
-             "lengths": torch.zeros(2, dtype=torch.long), "skipped": torch.tensor(0)}
+    batch = Batch(x=torch.zeros(2, 1, 400), index=torch.arange(2), skipped=torch.tensor(0),
+                  mask=torch.zeros(2, 400, dtype=torch.bool), lengths=torch.zeros(2, dtype=torch.long))
     loss = model.training_step(batch, 0)
     assert loss.item() == 0.0
     loss.backward()
@@ -286,9 +271,10 @@ def test_kmeans_init_with_fewer_real_vectors_than_codes(tmp_path: Path):
     model = audio_model(tmp_path)
     lengths = torch.tensor([64, 96])  # latents at stride 32: 2 + 3 real positions
     mask = torch.arange(96) < lengths[:, None]
-    batch = {"x": torch.randn(2, 1, 96) * mask[:, None], "mask": mask, "lengths": lengths, "skipped": torch.tensor(0)}
+    batch = Batch(x=torch.randn(2, 1, 96) * mask[:, None], index=torch.arange(2), skipped=torch.tensor(0), mask=mask,
+                  lengths=lengths)
     with torch.no_grad():
-        z, latent_mask, _ = model.encode(batch["x"], mask)
+        z, latent_mask, _ = model.encode(batch.x, mask)
     real = z[latent_mask]
     assert len(real) == 5
     start = model.quantizer.embed[0].clone()

@@ -351,8 +351,8 @@ def test_audio_pipeline_on_generated_files(tmp_path: Path):
             assert x.dtype == torch.float32 and x.shape[0] == 1 and x.shape[1] >= 1, description
             assert x.shape[1] <= data.lengths[index], f"{description}: longer than its header said"
             assert bool(torch.isfinite(x).all()) and float(x.abs().max()) <= 1, f"{description}: bad samples"
-        skipped = data.skipped_files + int(batch["skipped"])
-        assert int(batch["skipped"]) == sum(item is None for item in items), description
+        skipped = data.skipped_files + int(batch.skipped)
+        assert int(batch.skipped) == sum(item is None for item in items), description
         OUTCOMES["audio file", "skipped" if skipped else "output"] += 1
 
 
@@ -402,7 +402,7 @@ def test_image_files_on_generated_bytes(tmp_path: Path):
         path = tmp_path / f"case{case}{extension}"
         path.write_bytes(content)
         channels = int(rng.choice([1, 3]))
-        item = attempt(description, lambda: SkippingDataset(ImageFiles([path], image_size=8, channels=channels))[0])
+        item = attempt(description, lambda path=path, channels=channels: SkippingDataset(ImageFiles([path], image_size=8, channels=channels))[0])
         assert not isinstance(item, Exception), f"{description}: {type(item).__name__}: {item}"
         if item is None:
             OUTCOMES["image file", "skipped"] += 1

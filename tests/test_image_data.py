@@ -19,7 +19,7 @@ from vqtrain.data.images import (
     fit_image,
 )
 
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 
 def first_batch(loader) -> dict:
     return next(iter(loader))
@@ -51,15 +51,15 @@ def test_shapes_split_does_not_depend_on_other_split_sizes():
 def test_shapes_batches_through_the_dataloader():
     module = small_shapes()
     batch = first_batch(module.train_dataloader())
-    assert batch["x"].shape == (16, 1, 32, 32) and batch["x"].dtype == torch.float32
-    assert batch["index"].shape == (16,) and batch["index"].dtype == torch.int64
-    assert batch["skipped"].item() == 0
+    assert batch.x.shape == (16, 1, 32, 32) and batch.x.dtype == torch.float32
+    assert batch.index.shape == (16,) and batch.index.dtype == torch.int64
+    assert batch.skipped.item() == 0
     images = torch.stack([module.train_set[i]["x"] for i in range(len(module.train_set))])
     assert images.min() == -1 and images.max() <= 1
     assert (images.amax(dim=(1, 2, 3)) > -0.5).all(), "every image shows at least one shape"
     assert ((images > -1).float().mean(dim=(1, 2, 3)) < 0.6).all(), "shapes do not fill the image"
     val = first_batch(module.val_dataloader())
-    assert torch.equal(val["index"], torch.arange(16)), "validation is not shuffled"
+    assert torch.equal(val.index, torch.arange(16)), "validation is not shuffled"
 
 
 def test_shapes_in_rgb_repeat_the_gray_channel():
@@ -96,9 +96,9 @@ def test_image_folder_skips_and_counts_an_unreadable_file(image_tree: Path):
     module.setup()
     assert [len(module.train_set), len(module.val_set), len(module.test_set)] == [3, 1, 1]
     batch = first_batch(module.train_dataloader())
-    assert batch["x"].shape == (2, 3, 16, 16)
-    assert batch["skipped"].item() == 1
-    assert batch["x"].min() >= -1 and batch["x"].max() <= 1
+    assert batch.x.shape == (2, 3, 16, 16)
+    assert batch.skipped.item() == 1
+    assert batch.x.min() >= -1 and batch.x.max() <= 1
 
 
 def test_image_folder_strict_mode_names_the_unreadable_file(image_tree: Path):
@@ -157,7 +157,7 @@ def test_mnist_splits_range_and_padding(mnist_root: Path):
     assert [len(module.train_set), len(module.val_set), len(module.test_set)] == [55000, 5000, 10000]
     assert module.channels == 1 and module.image_size == 32
     batch = first_batch(module.train_dataloader())
-    x = batch["x"]
+    x = batch.x
     assert x.shape == (32, 1, 32, 32) and x.dtype == torch.float32
     assert x.min() == -1 and x.max() == 1
     border = torch.cat([x[..., :2, :].flatten(), x[..., -2:, :].flatten(), x[..., :2].flatten(), x[..., -2:].flatten()])

@@ -12,15 +12,10 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 from submitit.slurm.slurm import SlurmExecutor
 
-from test_train import read_metrics, column, run_cli
+from helpers import column, read_metrics, run_cli
 from vqtrain.config import CONFIG_DIR, register_resolvers
 
-TINY = [
-    "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
-    "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "data.num_train=64", "data.num_val=16",
-    "data.num_test=16", "data.batch_size=8", "model.latent_dim=8", "model.encoder.hidden_channels=8",
-    "model.decoder.hidden_channels=8", "callbacks.reconstructions=null",
-]
+TINY = ["debug=tiny_image", "trainer.max_steps=3"]
 
 
 @pytest.mark.slow

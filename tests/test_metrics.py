@@ -53,8 +53,8 @@ def test_nothing_counted_is_all_dead_not_nan():
 
 def test_codebook_usage_accumulates_until_reset():
     usage = CodebookUsage([5])
-    usage.update(torch.tensor([[0, 1, -1]]))
-    usage.update(torch.tensor([[1, 4, -1]]))
+    usage.update(count_codes(torch.tensor([[0, 1, -1]]), [5]))
+    usage.update(count_codes(torch.tensor([[1, 4, -1]]), [5]))
     assert usage.counts.tolist() == [[1, 2, 0, 0, 1]]
     assert usage.compute()["utilization"] == pytest.approx(0.6)
     usage.reset()
@@ -63,8 +63,8 @@ def test_codebook_usage_accumulates_until_reset():
 
 def test_last_use_counts_codes_unused_for_the_window_as_dead():
     last_use = LastUse([4, 2], window=3)
-    last_use.update(torch.tensor([[0, 1]]), step=0)  # level 0 uses code 0, level 1 uses code 1
-    last_use.update(torch.tensor([[2, 1]]), step=2)
+    last_use.update(count_codes(torch.tensor([[0, 1]]), [4, 2]), step=0)  # level 0 uses code 0, level 1 code 1
+    last_use.update(count_codes(torch.tensor([[2, 1]]), [4, 2]), step=2)
     # at step 3 the window is steps 1-3: level 0 used code 2 only, level 1 code 1 only
     assert last_use.dead_codes(step=3) == 3 + 1
     # at step 2 the window is steps 0-2: level 0 used codes 0 and 2, level 1 code 1

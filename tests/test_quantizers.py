@@ -437,9 +437,9 @@ def test_residual_prefix_decoding_sums_the_first_levels(name):
     out = module(z)
     assert not (out.indices == -1).any()  # eval: no dropout
     contributions, rest = [], module.first_residual(z)
-    for l, level in enumerate(module.levels):  # each level run alone on what the previous left over
+    for number, level in enumerate(module.levels):  # each level run alone on what the previous left over
         level_out = level(rest)
-        assert torch.equal(level_out.indices, out.indices[..., l])
+        assert torch.equal(level_out.indices, out.indices[..., number])
         contributions.append(level_out.quantized)
         rest = rest - level_out.quantized
     for k in range(1, module.num_levels + 1):
@@ -693,7 +693,7 @@ def test_restarts_never_make_twin_codes_from_repeated_latents():
     restarted code sits on a different latent, and none on a latent a code already serves."""
     module = VectorQuantizer(4, 64, dead_code_threshold=0.5).train()
     latents = randn(1, 5, 4, seed=8, scale=5.0)
-    for step in range(3):
+    for _ in range(3):
         module(latents[:, torch.arange(500) % 5])
         assert_no_twin_codes(module.embed)
 

@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 from hydra.utils import instantiate
 
-from test_train import column, read_metrics, run_cli
+from helpers import column, read_metrics, run_cli
 from vqtrain.config import compose
 from vqtrain.model import WarmupCosine
 from vqtrain.train import train

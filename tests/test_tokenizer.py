@@ -22,23 +22,18 @@ from omegaconf import MISSING, OmegaConf
 from PIL import Image
 
 import vqtrain
-from vqtrain import tokenizer as tokenizer_module
-from vqtrain.tokenizer import (
-    Tokenizer,
-    decode_shard,
-    encode_split,
-    evaluate,
-    load_tokenizer,
-    parse_args,
-    run_config,
-    split_dataset,
-)
-from vqtrain.config import compose
+from helpers import QUANTIZERS
+from vqtrain import tokens as tokens_module
+from vqtrain.cli import parse_args
+from vqtrain.config import compose, run_config
 from vqtrain.data.audio import normalize_loudness
+from vqtrain.data.common import split_dataset
+from vqtrain.evaluation import evaluate
+from vqtrain.tokenizer import Tokenizer, load_tokenizer
+from vqtrain.tokens import decode_shard, encode_split
 from vqtrain.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-QUANTIZERS = ["vq", "vq_tricks", "simvq", "fsq", "rvq", "rsimvq", "rfsq"]
 RESIDUAL = {"rvq": 4, "rsimvq": 4, "rfsq": 4}  # levels in their configs
 TINY_MODEL = ["model.latent_dim=8", "model.encoder.hidden_channels=8", "model.decoder.hidden_channels=8"]
 QUICK = ["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.accelerator=cpu",
@@ -179,9 +174,9 @@ def test_eval_of_audio_matches_training_and_si_snr_of_each_clip(audio_run: Path)
     scores = []
     datamodule = instantiate(OmegaConf.create(tokenizer.config["data"]))
     for batch in datamodule.loader(split_dataset(datamodule, "test"), shuffle=False):
-        reconstructed = tokenizer.reconstruct(batch["x"], batch["mask"]).double()
-        for i, length in enumerate(batch["lengths"].tolist()):
-            estimate, target = reconstructed[i, 0, :length], batch["x"][i, 0, :length].double()
+        reconstructed = tokenizer.reconstruct(batch.x, batch.mask).double()
+        for i, length in enumerate(batch.lengths.tolist()):
+            estimate, target = reconstructed[i, 0, :length], batch.x[i, 0, :length].double()
             estimate, target = estimate - estimate.mean(), target - target.mean()
             projection = (estimate @ target) / (target @ target) * target
             scores.append(10 * torch.log10(projection.pow(2).sum() / (estimate - projection).pow(2).sum()))
@@ -196,9 +191,9 @@ def test_tokens_of_a_clip_do_not_depend_on_its_batch(audio_run: Path):
     datamodule = instantiate(OmegaConf.create(tokenizer.config["data"]))
     dataset = split_dataset(datamodule, "test")
     batch = next(iter(datamodule.loader(dataset, shuffle=False)))
-    assert batch["lengths"].unique().numel() > 1  # really padded
-    indices = tokenizer.encode(batch["x"], batch["mask"])
-    for i, position in enumerate(batch["index"].tolist()):
+    assert batch.lengths.unique().numel() > 1  # really padded
+    indices = tokenizer.encode(batch.x, batch.mask)
+    for i, position in enumerate(batch.index.tolist()):
         alone = tokenizer.encode(dataset[position]["x"])[0]
         assert torch.equal(alone, indices[i, : len(alone)])
 
@@ -274,12 +269,12 @@ def test_encode_resumes_from_the_shards_already_written(audio_run: Path, tmp_pat
     index = encode_split(tokenizer, cfg, "test", tmp_path, shard_size=4)
     before = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in tmp_path.glob("shard-*.pt")}
     (tmp_path / "shard-00001.pt").unlink()  # as if interrupted while writing it:
-    (tmp_path / "shard-00001.pt.999.tmp").write_bytes(b"half a shard")
+    (tmp_path / ".shard-00001.pt.999.tmp").write_bytes(b"half a shard")
     (tmp_path / "index.json").unlink()
 
     encoded = []
-    original = tokenizer_module.encode_shard
-    monkeypatch.setattr(tokenizer_module, "encode_shard", lambda *args: encoded.append(args[-1]) or original(*args))
+    original = tokens_module.encode_shard
+    monkeypatch.setattr(tokens_module, "encode_shard", lambda *args: encoded.append(args[-1]) or original(*args))
     assert encode_split(tokenizer, cfg, "test", tmp_path, shard_size=4) == index
     assert encoded == [range(4, 8)]
     for name in ("shard-00000.pt", "shard-00002.pt"):

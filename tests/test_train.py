@@ -1,7 +1,6 @@
 """The training spine: config composition, the CLI, real fits that log every metric."""
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -11,40 +10,14 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from helpers import QUANTIZERS, column, read_metrics, run_cli
 from vqtrain.config import compose
 from vqtrain.train import train
 
-REPO = Path(__file__).resolve().parents[1]
-QUANTIZERS = ["vq", "vq_tricks", "simvq", "fsq", "rvq", "rsimvq", "rfsq", "lfq", "bsq", "ibq", "rlfq"]
 IMAGE_DATA = ["shapes", "mnist", "cifar10", "image_folder"]
 AUDIO_DATA = ["fsdd", "audio_folder", "librispeech", "libritts", "ljspeech"]
 METRICS = ["loss", "recon_loss", "codebook_loss", "commitment_loss", "utilization", "perplexity", "dead_codes"]
-QUICK = [
-    "trainer.max_steps=6",
-    "trainer.val_check_interval=3",
-    "trainer.limit_val_batches=1",
-    "trainer.limit_test_batches=1",
-    "trainer.log_every_n_steps=1",
-    "model.usage_window=3",
-    "data.batch_size=16",
-    "trainer.enable_progress_bar=false",
-    "callbacks.reconstructions=null",
-]
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def column(rows: list[dict[str, str]], name: str) -> list[float]:
-    return [float(r[name]) for r in rows if r.get(name) not in (None, "")]
-
-
-def run_cli(*overrides: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "VQTRAIN_ROOT": str(cwd)}
-    env.pop("VQTRAIN_RUN_ID", None)
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+QUICK = ["debug=tiny", "data.batch_size=16"]
 
 
 @pytest.mark.parametrize("data", IMAGE_DATA + AUDIO_DATA)

@@ -1,22 +1,120 @@
-"""Callbacks that show what scalar curves cannot: reconstructions of fixed
-validation items, how codes are used, and (in wandb) the config behind a run."""
+"""Callbacks. Keeping a run: `last.ckpt` after every validation and on a
+scheduler's stop signal. Showing what scalar curves cannot: reconstructions of
+fixed validation items, how codes are used, the config behind a run (wandb),
+files skipped when scanning the data. Scoring: signal quality of a test pass."""
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import soundfile as sf
 import torch
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import move_data_to_device
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from matplotlib.figure import Figure
 from torchvision.utils import save_image
+
+from vqtrain.data.batch import Batch
+from vqtrain.metrics import psnr, si_snr
+from vqtrain.model import ModelOutput
+from vqtrain.utils import channel_mask, exists
+
+log = logging.getLogger(__name__)
 
 MAX_HISTOGRAM_BINS = 512  # wandb.Histogram's limit
 SPECTROGRAM_FFT = 256
 SPECTROGRAM_FLOOR_DB = -100.0
 
+
+# --- keeping a run ---------------------------------------------------------------
+
+class LastCheckpoint(L.Callback):
+    """`<dirpath>/last.ckpt` after every validation and when training ends: what
+    `resume=auto` and the tokenizer read. Lightning 2.6's ModelCheckpoint
+    refreshes its last.ckpt only in a step that also saved a top-k checkpoint,
+    so a run whose validation loss stopped improving would resume (or be
+    tokenized) from an old step.
+
+    A run that reaches `max_steps` is saved after its last batch, inside the
+    epoch: by `on_train_end` Lightning has closed the epoch as if it were
+    complete, and a run continued from there (with a larger `max_steps`) would
+    skip the rest of that epoch or count one epoch too many. A validation in
+    that last step saves again, over it, so that the checkpoint includes it."""
+
+    def __init__(self, dirpath: _PATH):
+        self.path = Path(dirpath) / "last.ckpt"
+        self.saved_step: int | None = None
+        self.in_batch_end = False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.save(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == trainer.max_steps:
+            self.in_batch_end = True
+            try:
+                self.save(trainer)
+            finally:
+                self.in_batch_end = False
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Saved in the last batch's end, the loops must read as saved after it (as
+        GracefulStop's checkpoints are), which is what Lightning resumes correctly."""
+        if self.in_batch_end:
+            loop = checkpoint["loops"]["fit_loop"]
+            for counts in ("total", "current"):
+                loop["epoch_loop.batch_progress"][counts]["completed"] += 1
+            loop["epoch_loop.state_dict"]["_batches_that_stepped"] += 1
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer, unless_saved=True)  # ended otherwise (max_epochs, early stopping)
+
+    def save(self, trainer: L.Trainer, unless_saved: bool = False) -> None:
+        if not (unless_saved and trainer.global_step == self.saved_step):
+            trainer.save_checkpoint(self.path)
+            self.saved_step = trainer.global_step
+
+
+class GracefulStop(L.Callback):
+    """A scheduler's stop signal costs no training. On SIGTERM Lightning ends
+    `fit` at the next safe point (after a training batch, or within validation)
+    with SIGTERMException, an exit with status 0; this saves `<dirpath>/last.ckpt`
+    there, so that a rerun in the same run directory with `resume=auto` continues.
+    SIGUSR1 does the same, except where Lightning handles it already (SLURM's
+    auto-requeue: an hpc checkpoint, then `scontrol requeue`)."""
+
+    def __init__(self, dirpath: _PATH):
+        self.path = Path(dirpath) / "last.ckpt"
+
+    # after Lightning has registered its signal handlers, which it restores when fit ends
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        forward_sigusr1()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        forward_sigusr1()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            trainer.save_checkpoint(self.path)
+            log.warning("stopped by a signal: saved %s at step %d; rerun in this run directory with resume=auto "
+                        "to continue", self.path, trainer.global_step)
+
+
+def forward_sigusr1() -> None:
+    """Treat SIGUSR1 as SIGTERM, unless something handles it already."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
+        signal.signal(signal.SIGUSR1, lambda *_: signal.raise_signal(signal.SIGTERM))
+
+
+# --- showing a run ---------------------------------------------------------------
 
 def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
     return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
@@ -55,6 +153,18 @@ def save_spectrograms(clips: list[tuple[np.ndarray, np.ndarray]], sample_rate: i
     figure.savefig(path, dpi=80)
 
 
+class SkippedFilesLogger(L.Callback):
+    """Files the data module left out when scanning (`skipped_files`: unusable
+    audio) are logged as `data/skipped_files`, next to the model's running count
+    of items skipped at load time (`data/skipped_items`)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        skipped = getattr(trainer.datamodule, "skipped_files", None)
+        if skipped is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics({"data/skipped_files": float(skipped)}, step=trainer.global_step)
+
+
 class WandbConfigLogger(L.Callback):
     """The resolved run config as wandb's run config: runs can then be filtered
     and grouped by any setting, and `scripts/collapse_report.py --wandb` reads it."""
@@ -72,8 +182,7 @@ class ReconstructionLogger(L.Callback):
     runs compare by eye.
 
     Files under <run dir>/reconstructions: step<N>.png, originals above their
-    reconstructions (images) or spectrograms side by side (audio: batches with
-    "lengths"), and for audio step<N>/item<i>_{original,reconstruction}.wav at
+    reconstructions (images) or spectrograms side by side (audio), and for audio step<N>/item<i>_{original,reconstruction}.wav at
     the data module's `sample_rate`. With a WandbLogger also the same media and
     histograms of each codebook's validation usage (`latest_usage["val"]`).
     """
@@ -84,9 +193,9 @@ class ReconstructionLogger(L.Callback):
         self.num_items = num_items
         self.log_every_n_val_epochs = log_every_n_val_epochs
         self.val_epochs = 0
-        self.batch: dict | None = None
+        self.batch: Batch | None = None
 
-    def fixed_batch(self, trainer: L.Trainer) -> dict:
+    def fixed_batch(self, trainer: L.Trainer) -> Batch:
         """The first items of the validation set, collated as the validation loader does."""
         if self.batch is None:
             loader = trainer.val_dataloaders
@@ -103,20 +212,20 @@ class ReconstructionLogger(L.Callback):
         if (self.val_epochs - 1) % self.log_every_n_val_epochs or not trainer.is_global_zero:
             return
         batch = self.fixed_batch(trainer)
-        if "x" not in batch:  # every item unreadable
+        if batch.x is None:  # every item unreadable
             return
         batch = trainer.precision_plugin.convert_input(move_data_to_device(batch, pl_module.device))
         with torch.no_grad(), trainer.precision_plugin.forward_context():
-            x_hat, _ = pl_module(batch["x"], batch.get("mask"))
-        x, x_hat = batch["x"].float().cpu(), x_hat.float().cpu()
+            x_hat = pl_module(batch.x, batch.mask, batch.lengths).x_hat
+        x, x_hat = batch.x.float().cpu(), x_hat.float().cpu()
 
         folder = Path(trainer.default_root_dir) / "reconstructions"
         folder.mkdir(parents=True, exist_ok=True)
         picture = folder / f"step{trainer.global_step:07d}.png"
         clips, sample_rate = [], None
-        if "lengths" in batch:
+        if pl_module.modality == "audio":
             sample_rate = trainer.datamodule.sample_rate
-            clips = [(x[i, 0, :n].numpy(), x_hat[i, 0, :n].clamp(-1, 1).numpy()) for i, n in enumerate(batch["lengths"].tolist())]
+            clips = [(x[i, 0, :n].numpy(), x_hat[i, 0, :n].clamp(-1, 1).numpy()) for i, n in enumerate(batch.lengths.tolist())]
             self.save_audio(clips, sample_rate, picture.with_suffix(""))
             save_spectrograms(clips, sample_rate, picture)
         else:
@@ -148,3 +257,39 @@ class ReconstructionLogger(L.Callback):
             for q, size in enumerate(pl_module.quantizer.codebook_sizes):
                 media[f"val/usage_histogram/codebook{q}"] = wandb.Histogram(np_histogram=code_histogram(counts[q, :size]))
         return media
+
+
+# --- scoring a run -------------------------------------------------------------------
+
+class SignalQuality(L.Callback):
+    """MSE over all real samples, and per item PSNR (images in [-1, 1]: data
+    range 2) or SI-SNR (audio), averaged. Read off the test step's own forward
+    pass through a hook, so nothing is computed twice or differently."""
+
+    def __init__(self, modality: str):
+        self.modality = modality
+
+    def on_test_start(self, trainer: L.Trainer, model: L.LightningModule) -> None:
+        self.squared_error, self.samples, self.scores, self.shape = 0.0, 0.0, [], None
+        self.hook = model.register_forward_hook(self.record)
+
+    def on_test_end(self, trainer: L.Trainer, model: L.LightningModule) -> None:
+        self.hook.remove()
+
+    def record(self, model: L.LightningModule, inputs: tuple, output: ModelOutput) -> None:
+        x, mask = inputs[0].double(), inputs[1] if len(inputs) > 1 else None
+        x_hat = output.x_hat.double()  # SI-SNR of a poor model is ill-conditioned in float32
+        weight = channel_mask(mask, x).to(x.dtype) if exists(mask) else torch.ones_like(x)
+        error = ((x_hat - x).pow(2) * weight).flatten(1).sum(1)
+        samples = weight.flatten(1).sum(1)
+        self.squared_error += float(error.sum())
+        self.samples += float(samples.sum())
+        self.shape = tuple(x.shape[2:])
+        if self.modality == "audio":
+            self.scores.append(si_snr(x_hat, x, weight).cpu())
+        else:
+            self.scores.append(psnr(error, samples).cpu())
+
+    def compute(self) -> dict[str, float]:
+        score = float(torch.cat(self.scores).mean())
+        return {"mse": self.squared_error / max(self.samples, 1), "si_snr" if self.modality == "audio" else "psnr": score}

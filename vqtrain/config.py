@@ -1,16 +1,108 @@
-"""Hydra resolvers and run-level checks: imported before any config is composed."""
+"""The run config: Hydra resolvers (registered before any config is composed),
+composition outside the CLI, the start-up checks of settings no constructor
+sees, and a trained run's config with overrides."""
 from __future__ import annotations
 
+import math
 import netrc
 import os
 import secrets
 import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 RUN_ID_ENV = "VQTRAIN_RUN_ID"
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # where `pip install .` puts configs/
+CONFIG_DIR = PACKAGED_CONFIGS if PACKAGED_CONFIGS.is_dir() else Path(__file__).resolve().parents[1] / "configs"
+
+# key -> (test, allowed values): settings that torch or Lightning accept, or refuse
+# without naming them, though they would train nothing, train backwards or log nothing
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "optimizer.lr": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+    "model.scheduler.warmup_steps": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "model.scheduler.min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "trainer.max_steps": (lambda v: v == -1 or v >= 1, "-1 (no limit) or an integer >= 1"),
+    "trainer.max_epochs": (lambda v: v is None or v == -1 or v >= 1, "null, -1 (no limit) or an integer >= 1"),
+    "trainer.gradient_clip_val": (lambda v: v is None or 0 <= v < math.inf, "null or a finite number >= 0"),
+    "trainer.log_every_n_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.val_check_interval": (
+        lambda v: v >= 1 if isinstance(v, int) else 0 < v <= 1,
+        "an integer >= 1 (training steps) or a fraction in (0, 1] of an epoch",
+    ),
+    "seed": (lambda v: v is None or isinstance(v, int) and 0 <= v < 2**32, "null or an integer in [0, 2^32)"),
+}
+ABSENT = object()
+
+
+class StartupError(Exception):
+    """A setting refused at start-up, before anything is built: the CLI prints
+    its message as one line, without a traceback (HYDRA_FULL_ERROR=1 shows it)."""
+
+
+class InvalidConfig(StartupError, ValueError):
+    """Values that would fail late, or not fail and train the wrong thing."""
+
+
+class MissingPath(StartupError, FileNotFoundError):
+    """A folder or file that a setting names is absent."""
+
+
+@dataclass(frozen=True)
+class Required:
+    """A folder or file a run reads, the config key that points to it and what
+    belongs there: what a data module's `required_paths` lists."""
+
+    key: str
+    path: Path
+    expected: str
+    folder: bool = True
+
+    def problem(self) -> str | None:
+        """None when the path exists, else one line naming the key and the path."""
+        kind, present = ("folder", self.path.is_dir()) if self.folder else ("file", self.path.is_file())
+        return None if present else f"{self.key}: no {kind} {self.path} (expected {self.expected})"
+
+    def check(self) -> None:
+        if problem := self.problem():
+            raise MissingPath(problem)
+
+
+def check_paths(required: Iterable[Required]) -> None:
+    """Refuse absent folders and files before anything is built: the first one
+    of each key, every key at once (a missing folder hides the files in it)."""
+    problems: dict[str, str] = {}
+    for item in required:
+        if item.key not in problems and (problem := item.problem()):
+            problems[item.key] = problem
+    if problems:
+        raise MissingPath("; ".join(problems.values()))
+
+
+def passes(test: Callable[[Any], bool], value: Any) -> bool:
+    try:
+        return bool(test(value))
+    except TypeError:  # e.g. a string where a number belongs
+        return False
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse, before anything is built, settings that would not fail by themselves
+    but train nothing or the wrong thing; the message names every offending key."""
+    problems = []
+    for key, (test, allowed) in RULES.items():
+        value = OmegaConf.select(cfg, key, default=ABSENT)
+        if value is not ABSENT and not passes(test, value):
+            problems.append(f"{key}={value!r} (must be {allowed})")
+    image_size = OmegaConf.select(cfg, "data.image_size")
+    downsamples = OmegaConf.select(cfg, "model.encoder.num_downsamples")
+    if isinstance(image_size, int) and isinstance(downsamples, int) and image_size % 2**downsamples:
+        problems.append(f"data.image_size={image_size} (must be divisible by 2^model.encoder.num_downsamples = {2**downsamples})")
+    if problems:
+        raise InvalidConfig("invalid config: " + "; ".join(problems))
 
 
 def run_id() -> str:
@@ -73,3 +165,32 @@ def compose(overrides: list[str] = (), output_dir: str | Path | None = None):
         del cfg.hydra  # as in a real run: the job's config holds no hydra node
     OmegaConf.resolve(cfg)
     return cfg
+
+
+# --- a trained run's config ---------------------------------------------------------
+
+def run_config(config: dict, overrides: Sequence[str] = ()) -> DictConfig:
+    """The training run's config with overrides: `data=NAME` swaps in that data
+    config as train.py would compose it (its paths resolve against the run's),
+    `key=value` sets an existing key. The checkpoint fixes every other group."""
+    cfg = OmegaConf.create(config)
+    OmegaConf.set_struct(cfg, True)  # a misspelt key is an error, not a silent no-op
+    dotlist = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key == "data":
+            cfg.data = composed_data_config(value)
+        elif (CONFIG_DIR / key).is_dir():
+            raise ValueError(f"{key}={value}: the checkpoint fixes `{key}`; only data=NAME can be switched")
+        else:
+            dotlist.append(override)
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+
+
+def composed_data_config(name: str) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose("train", overrides=[f"data={name}"]).data

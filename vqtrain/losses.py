@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vqtrain.utils import exists
+from vqtrain.utils import channel_mask, exists
 
 
 def masked_mse(x_hat: Tensor, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -14,7 +14,7 @@ def masked_mse(x_hat: Tensor, x: Tensor, mask: Tensor | None = None) -> Tensor:
     error = (x_hat.float() - x.float()).pow(2)
     if not exists(mask):
         return error.mean()
-    weight = mask[:, None].expand_as(error)
+    weight = channel_mask(mask, error)
     return torch.where(weight, error, 0.0).sum() / weight.sum().clamp_min(1)
 
 
@@ -53,9 +53,11 @@ class ReconstructionLoss(nn.Module):
         self.stft_weight = stft_weight
         self.stft = MultiResolutionSTFTLoss(fft_sizes) if stft_weight > 0 else None
 
-    def forward(self, x_hat: Tensor, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x_hat: Tensor, x: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
+        """`mask` (B, T) and `lengths` (B,) mark the same real samples of padded audio."""
         loss = masked_mse(x_hat, x, mask)
         if exists(self.stft):
-            lengths = mask.sum(-1) if exists(mask) else None
+            if exists(mask) and not exists(lengths):
+                raise ValueError("the STFT term of padded audio needs the clips' lengths beside the mask")
             loss = loss + self.stft_weight * self.stft(x_hat, x, lengths)
         return loss

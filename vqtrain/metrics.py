@@ -1,4 +1,4 @@
-"""Codebook health: utilization, perplexity, dead codes, usage histograms.
+"""Codebook health (utilization, perplexity, dead codes) and signal quality (PSNR, SI-SNR).
 
 Indices come straight from the quantizer: (B, ...) or (B, ..., Q), -1 at
 padding, which is never counted. Each index column (a residual level, a group,
@@ -13,16 +13,20 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from vqtrain.utils import is_distributed
+from vqtrain.distributed import all_reduce_max
 
 
 def count_codes(indices: Tensor, codebook_sizes: list[int]) -> Tensor:
-    """indices (..., Q) or (...) -> int64 counts (Q, max K); -1 ignored."""
+    """indices (..., Q) or (...) -> int64 counts (Q, max K); -1 ignored.
+
+    A scatter-add into a fixed-size count, not `bincount` or a boolean index:
+    those size their output from the data, a host-device sync on a GPU."""
     columns, width = len(codebook_sizes), max(codebook_sizes)
     flat = indices.reshape(-1, columns)
     offsets = torch.arange(columns, device=flat.device) * width
-    valid = flat >= 0
-    return torch.bincount((flat + offsets)[valid], minlength=columns * width).view(columns, width)
+    bins = torch.where(flat >= 0, flat + offsets, columns * width).reshape(-1)  # -1 -> one spare bin, dropped
+    counts = torch.zeros(columns * width + 1, dtype=torch.long, device=flat.device)
+    return counts.index_add_(0, bins, torch.ones_like(bins))[:-1].view(columns, width)
 
 
 def usage_summary(counts: Tensor, codebook_sizes: list[int]) -> dict[str, Tensor]:
@@ -52,7 +56,8 @@ def usage_summary(counts: Tensor, codebook_sizes: list[int]) -> dict[str, Tensor
 
 
 class CodebookUsage(Metric):
-    """Code counts over a window (an epoch, or a number of training steps)."""
+    """Code counts over a window (an epoch, or a number of training steps).
+    `update` takes counts (`count_codes`), so one count serves every tracker."""
 
     full_state_update = False
 
@@ -61,8 +66,8 @@ class CodebookUsage(Metric):
         self.codebook_sizes = list(codebook_sizes)
         self.add_state("counts", torch.zeros(len(codebook_sizes), max(codebook_sizes), dtype=torch.long), dist_reduce_fx="sum", persistent=persistent)
 
-    def update(self, indices: Tensor) -> None:
-        self.counts += count_codes(indices, self.codebook_sizes)
+    def update(self, counts: Tensor) -> None:
+        self.counts += counts
 
     def compute(self) -> dict[str, Tensor]:
         return usage_summary(self.counts, self.codebook_sizes)
@@ -82,14 +87,12 @@ class LastUse(nn.Module):
         sizes = torch.tensor(codebook_sizes)[:, None]
         self.register_buffer("real_code", torch.arange(max(codebook_sizes))[None] < sizes, persistent=False)
 
-    def update(self, indices: Tensor, step: int) -> None:
-        used = count_codes(indices, self.codebook_sizes) > 0
-        self.last_step.masked_fill_(used, step)
+    def update(self, counts: Tensor, step: int) -> None:
+        """`counts` from `count_codes` of this step's indices."""
+        self.last_step.masked_fill_(counts > 0, step)
 
     def dead_codes(self, step: int) -> Tensor:
-        last = self.last_step.clone()
-        if is_distributed():
-            torch.distributed.all_reduce(last, op=torch.distributed.ReduceOp.MAX)
+        last = all_reduce_max(self.last_step.clone())
         alive = (last >= 0) & (last > step - self.window)
         return (self.real_code & ~alive).sum()
 
@@ -187,6 +190,28 @@ def code_vectors(quantizer) -> Tensor:
         if isinstance(quantizer, FSQ):
             codes = torch.arange(quantizer.codebook_sizes[0], device=quantizer._basis.device)
             digits = (codes[:, None] // quantizer._basis) % quantizer._levels.long()
-            grid = (digits - quantizer._half_width) / quantizer._half_width * quantizer._scale
+            grid = quantizer.to_codes(digits + quantizer._low) * quantizer._scale
             return grid.unsqueeze(0).expand(quantizer.num_codebooks, -1, -1).clone()
     raise TypeError(f"no code vectors for {type(quantizer).__name__}")
+
+
+# --- signal quality -----------------------------------------------------------------
+
+def psnr(squared_error: Tensor, samples: Tensor, data_range: float = 2.0) -> Tensor:
+    """Peak SNR (dB) of each item from its summed squared error over its sample
+    count; images in [-1, 1] have a data range of 2."""
+    return 10 * torch.log10(data_range**2 / (squared_error / samples).clamp_min(1e-12))
+
+
+def si_snr(estimate: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    """Scale-invariant SNR (dB) of each item over its real samples (weight 1),
+    with the zero-mean signals of Le Roux et al. (2019)."""
+    weight = weight.flatten(1)
+    estimate, target = estimate.flatten(1) * weight, target.flatten(1) * weight
+    count = weight.sum(1, keepdim=True).clamp_min(1)
+    estimate = estimate - estimate.sum(1, keepdim=True) / count * weight
+    target = target - target.sum(1, keepdim=True) / count * weight
+    eps = torch.finfo(estimate.dtype).eps
+    projection = ((estimate * target).sum(1, keepdim=True) + eps) / (target.pow(2).sum(1, keepdim=True) + eps) * target
+    noise = estimate - projection
+    return 10 * torch.log10((projection.pow(2).sum(1) + eps) / (noise.pow(2).sum(1) + eps))

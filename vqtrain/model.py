@@ -1,8 +1,11 @@
 """The discrete autoencoder: encoder -> quantizer -> decoder, as one LightningModule.
 
 loss = reconstruction + the quantizer's weighted terms (codebook, commitment,
-anything method-specific). Every stage logs `{stage}/loss`, `recon_loss`,
-`codebook_loss`, `commitment_loss`, `utilization`, `perplexity`, `dead_codes`.
+anything method-specific). Every stage logs `{stage}/loss`, `recon_loss`, and
+each quantizer term as `<name>_loss` (`codebook_loss`, `commitment_loss`;
+residual levels `codebook/level0_loss`...), then `utilization`, `perplexity`,
+`dead_codes`. Training logs only on Lightning's logging steps
+(`trainer.log_every_n_steps`), usage figures every `usage_window` steps.
 Training usage figures cover the last `usage_window` steps; validation and test
 figures cover the whole epoch. A dead code went unused for `dead_code_window`
 training steps (in validation and test: over the whole epoch).
@@ -11,26 +14,27 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from vqtrain.checkpoints import CONFIG_KEY, MODALITY_KEY
+from vqtrain.data.batch import Batch
+from vqtrain.distributed import all_reduce_max, all_reduce_min, all_reduce_sum, is_distributed, rank
 from vqtrain.losses import ReconstructionLoss
-from vqtrain.metrics import CodebookUsage, LastUse, usage_summary
+from vqtrain.metrics import CodebookUsage, LastUse, count_codes, usage_summary
 from vqtrain.quantizers import Quantizer, QuantizerOutput
 from vqtrain.utils import (
-    all_reduce_max,
-    all_reduce_min,
-    all_reduce_sum,
     ceil_div,
+    channel_mask,
     default,
     exists,
     lengths_to_mask,
     mask_to_lengths,
-    rank,
     rng_states,
     set_rng_states,
 )
@@ -75,6 +79,14 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
         self.__dict__.update(settings)
 
 
+class ModelOutput(NamedTuple):
+    """What the autoencoder's forward gives: the reconstruction (in the input's
+    layout) and the quantizer's output (codes, indices, loss terms)."""
+
+    x_hat: Tensor
+    quantizer: QuantizerOutput
+
+
 class DiscreteAutoencoder(L.LightningModule):
     def __init__(
         self,
@@ -117,14 +129,20 @@ class DiscreteAutoencoder(L.LightningModule):
         self.resumed_rng_states: dict | None = None  # from the checkpoint resumed, until training starts
 
     # -- the model ---------------------------------------------------------
-    def encode(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """x -> channel-last latents (B, ..., D), latent mask, sample lengths."""
-        if exists(mask):
-            lengths = mask_to_lengths(mask)
-        elif x.ndim == 3:  # unpadded audio: every sample is real, and the tail past length must still be cut
-            lengths = torch.full((x.shape[0],), x.shape[-1], device=x.device)
-        else:
-            lengths = None
+    @property
+    def modality(self) -> str:
+        """"image" or "audio": what the encoder takes (nets declare it)."""
+        return self.encoder.modality
+
+    def encode(self, x: Tensor, mask: Tensor | None = None,
+               lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """x -> channel-last latents (B, ..., D), latent mask, sample lengths.
+
+        Audio: `lengths` (as the collate gives them) or else `mask` (checked to be
+        a prefix) says which samples are real; without either every sample is,
+        and the decoder still cuts the tail it upsamples past the clip."""
+        if self.modality == "audio" and not exists(lengths):
+            lengths = mask_to_lengths(mask) if exists(mask) else torch.full((x.shape[0],), x.shape[-1], device=x.device)
         z = self.encoder(x, lengths)
         latent_mask = lengths_to_mask(ceil_div(lengths, self.encoder.stride), z.shape[-1]) if exists(lengths) else None
         return rearrange(z, "b d ... -> b ... d"), latent_mask, lengths
@@ -133,11 +151,19 @@ class DiscreteAutoencoder(L.LightningModule):
         """Channel-last codes (B, ..., D) -> signal; audio is cut to `size` and masked by `lengths`."""
         return self.decoder(rearrange(quantized, "b ... d -> b d ..."), lengths, size)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, QuantizerOutput]:
-        z, latent_mask, lengths = self.encode(x, mask)
-        self.check_finite("encoder output", z, latent_mask)
+    def forward(self, x: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None) -> ModelOutput:
+        z, latent_mask, lengths = self.encode(x, mask, lengths)
+        if is_distributed():  # one rank's non-finite latents must stop every rank before the quantizer's collectives
+            self.check_finite("encoder output", z, latent_mask)
         out = self.quantizer(z, latent_mask)
-        return self.decode(out.quantized, lengths, x.shape[-1]), out
+        return ModelOutput(self.decode(out.quantized, lengths, x.shape[-1]), out)
+
+    def objective(self, batch: Batch, output: ModelOutput) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training loss and its terms by logged name: reconstruction, then the
+        quantizer's terms under their own names (`codebook`, `commitment/level0`...)."""
+        recon = self.reconstruction(output.x_hat, batch.x, batch.mask, batch.lengths)
+        terms = {"recon_loss": recon} | {f"{name}_loss": value for name, value in output.quantizer.losses.items()}
+        return recon + output.quantizer.loss, terms
 
     # -- steps -------------------------------------------------------------
     def check_finite(self, name: str, tensor: Tensor, mask: Tensor | None = None) -> None:
@@ -148,47 +174,55 @@ class DiscreteAutoencoder(L.LightningModule):
         if not bool(finite):
             raise FloatingPointError(f"non-finite {name} at step {self.global_step}")
 
-    def shared_step(self, batch: dict, stage: str) -> tuple[Tensor, QuantizerOutput] | None:
-        self.skipped_items += batch["skipped"].sum()
-        if "x" not in batch:
+    def blame(self, batch: Batch, error: FloatingPointError) -> FloatingPointError:
+        """The input, when it is what went non-finite; looked at only once a step has failed."""
+        real = batch.x if batch.mask is None else batch.x[channel_mask(batch.mask, batch.x)]
+        return error if bool(torch.isfinite(real).all()) else FloatingPointError(f"non-finite input batch.x at step {self.global_step}")
+
+    def logging_step(self, stage: str) -> bool:
+        """Whether Lightning writes this step's logs. Training values logged on other
+        steps would be dropped, but each would cost a host-device sync to fetch."""
+        if stage != "train":
+            return True
+        trainer = self._trainer
+        return trainer is not None and (trainer._logger_connector.should_update_logs or bool(trainer.fast_dev_run))
+
+    def shared_step(self, batch: Batch, stage: str) -> tuple[Tensor, ModelOutput] | None:
+        self.skipped_items += batch.skipped
+        if batch.x is None:  # every item unreadable
             return None
-        x, mask = batch["x"], batch.get("mask")
         try:
-            self.check_finite("input batch['x']", x, mask[:, None].expand_as(x) if exists(mask) else None)
-            x_hat, out = self(x, mask)
-            recon = self.reconstruction(x_hat, x, mask)
-            loss = recon + out.loss
-            self.check_finite(f"{stage} loss", loss)
-        except FloatingPointError as error:
+            output = self(batch.x, batch.mask, batch.lengths)
+            loss, terms = self.objective(batch, output)
+            self.check_finite(f"{stage} loss", loss)  # the step's one check: NaN input or latents end here too
+        except FloatingPointError as failure:
+            error = self.blame(batch, failure)
             if self.nonfinite == "raise":
                 raise FloatingPointError(f"{error} (model.nonfinite=skip skips such steps instead)") from error
             self.skipped_steps += 1
             log.warning("%s: step skipped (%d so far)", error, int(self.skipped_steps))
             return None
 
-        metrics = {"recon_loss": recon}
-        for key, value in out.losses.items():
-            name, _, level = key.partition("/")
-            metrics[f"{name}_loss" + (f"/{level}" if level else "")] = value
-        training = stage == "train"
-        self.log_dict(
-            {f"{stage}/{k}": v.detach() for k, v in metrics.items()},
-            on_step=training, on_epoch=not training, sync_dist=not training, batch_size=x.shape[0],
-        )
-        self.log(f"{stage}/loss", loss.detach(), on_step=training, on_epoch=not training, sync_dist=not training, batch_size=x.shape[0], prog_bar=True)
-        self.usage(stage).update(out.indices)
-        return loss, out
+        counts = count_codes(output.quantizer.indices, self.quantizer.codebook_sizes)
+        self.usage(stage).update(counts)
+        if stage == "train":
+            self.last_use.update(counts, self.global_step)
+        if self.logging_step(stage):
+            training = stage == "train"
+            options = dict(on_step=training, on_epoch=not training, sync_dist=not training, batch_size=len(batch))
+            self.log_dict({f"{stage}/{name}": value.detach() for name, value in terms.items()}, **options)
+            self.log(f"{stage}/loss", loss.detach(), prog_bar=True, **options)
+        return loss, output
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         result = self.shared_step(batch, "train")
-        self.log_dict({"data/skipped_items": self.skipped_items.float(), "train/skipped_steps": self.skipped_steps.float()}, on_step=True)
+        if self.logging_step("train"):
+            self.log_dict({"data/skipped_items": self.skipped_items.float(), "train/skipped_steps": self.skipped_steps.float()}, on_step=True)
         if result is None:
             return None
-        loss, out = result
-        self.last_use.update(out.indices, self.global_step)
         if (self.global_step + 1) % self.usage_window == 0:
             self.log_usage("train", dead_codes=self.last_use.dead_codes(self.global_step))
-        return loss
+        return result[0]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.shared_step(batch, "val")
@@ -246,7 +280,8 @@ class DiscreteAutoencoder(L.LightningModule):
 
     # -- checkpoints -------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["vqtrain_config"] = self.run_config
+        checkpoint[CONFIG_KEY] = self.run_config
+        checkpoint[MODALITY_KEY] = self.modality
         checkpoint["rng_states"] = rng_states()  # ranks draw alike: rank 0's states serve them all
         # Every rank runs this hook and rank 0 writes the file: its usage state must be the run's,
         # not its own (the usage window is a sum over ranks, the last use a max).
@@ -255,7 +290,7 @@ class DiscreteAutoencoder(L.LightningModule):
         state["last_use.last_step"] = all_reduce_max(self.last_use.last_step.clone())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = (checkpoint.get("vqtrain_config") or {}).get("quantizer")
+        saved = (checkpoint.get(CONFIG_KEY) or {}).get("quantizer")
         current = (self.run_config or {}).get("quantizer")
         if exists(saved) and exists(current) and saved != current:
             diff = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)}

@@ -46,6 +46,8 @@ class ResBlock(nn.Module):
 class ConvEncoder2d(nn.Module):
     """Image encoder: `num_downsamples` stride-2 convolutions, each followed by residual blocks."""
 
+    modality = "image"
+
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, num_downsamples: int = 2, num_res_blocks: int = 1):
         super().__init__()
         self.stride = 2**num_downsamples
@@ -89,7 +91,7 @@ class Downsample1d(nn.Module):
         self.conv = nn.Conv1d(in_channels, out_channels, 2 * stride, stride=stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        extra = math.ceil(x.shape[-1] / self.stride) * self.stride - x.shape[-1]
+        extra = ceil_div(x.shape[-1], self.stride) * self.stride - x.shape[-1]
         left = self.stride // 2
         return self.conv(F.pad(x, (left, self.stride - left + extra)))
 
@@ -140,6 +142,8 @@ def check_strides(strides: list[int]) -> list[int]:
 class ConvEncoder1d(nn.Module):
     """Audio encoder: a stem, then per stride a dilated residual block and a
     strided conv (channels double), then a 1x1 head to the latent dim."""
+
+    modality = "audio"
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 32, strides: list[int] = (2, 4, 4)):
         super().__init__()

@@ -7,38 +7,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vqtrain.config import CONFIG_DIR, register_resolvers
-from vqtrain.faults import InvalidConfig, Required, StartupError, check_config, check_paths
+from vqtrain.checkpoints import resume_path
+from vqtrain.config import CONFIG_DIR, InvalidConfig, StartupError, check_config, check_paths, register_resolvers
 
 log = logging.getLogger(__name__)
 
 register_resolvers()
-
-
-def resume_path(cfg: DictConfig) -> str | None:
-    """An explicit `ckpt_path`, else with resume=auto the run directory's newest
-    checkpoint to continue from: last.ckpt, a last-v<n>.ckpt (what ModelCheckpoint
-    wrote in run directories of earlier versions), or an hpc_ckpt_<n>.ckpt that
-    Lightning saved on SLURM's requeue signal."""
-    if cfg.ckpt_path:
-        Required("ckpt_path", Path(cfg.ckpt_path), "a checkpoint to resume from", folder=False).check()
-        return str(cfg.ckpt_path)
-    if cfg.resume not in ("auto", "never"):
-        raise InvalidConfig(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
-    run_dir = Path(cfg.paths.output_dir)
-    saved = [path for pattern in ("last*.ckpt", "hpc_ckpt_*.ckpt") for path in run_dir.glob(pattern) if path.is_file()]
-    if cfg.resume == "auto" and saved:
-        newest = max(saved, key=lambda path: path.stat().st_mtime_ns)
-        log.info("resuming from %s", newest)
-        return str(newest)
-    return None
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -49,9 +29,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_paths(datamodule.required_paths())
     ckpt_path = resume_path(cfg)
     model = instantiate(cfg.model)
+    if model.modality != datamodule.modality:
+        raise InvalidConfig(f"data gives {datamodule.modality} batches but model.encoder "
+                            f"({type(model.encoder).__name__}) takes {model.modality}: choose the matching model")
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
-    loggers = [instantiate(l) for l in (cfg.logger or {}).values() if l is not None]
+    loggers = [instantiate(logger) for logger in (cfg.logger or {}).values() if logger is not None]
     # data modules that shard batches across ranks themselves (audio bucketing) opt out of Lightning's sampler
     distributed_sampler = getattr(datamodule, "use_distributed_sampler", True)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, use_distributed_sampler=distributed_sampler)

@@ -6,9 +6,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+
+# The quantizers import these from here; their home is vqtrain.distributed.
+from vqtrain.distributed import all_reduce_sum, broadcast, gather_rows, rank  # noqa: F401
 
 
 def exists(value) -> bool:
@@ -36,58 +38,14 @@ def mask_to_lengths(mask: Tensor) -> Tensor:
     return lengths
 
 
-def ceil_div(a: Tensor, b: int) -> Tensor:
-    return torch.div(a + b - 1, b, rounding_mode="floor")
+def ceil_div(a: Tensor | int, b: int) -> Tensor | int:
+    """ceil(a / b) for integers and integer tensors: positions a stride leaves of `a` samples."""
+    return -(-a // b)
 
 
-# --- distributed: every helper is a no-op in a single process ---------------
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def all_reduce_sum(t: Tensor) -> Tensor:
-    if is_distributed():
-        dist.all_reduce(t)
-    return t
-
-
-def all_reduce_max(t: Tensor) -> Tensor:
-    if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
-def all_reduce_min(t: Tensor) -> Tensor:
-    if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return t
-
-
-def broadcast(t: Tensor, src: int = 0) -> Tensor:
-    if is_distributed():
-        dist.broadcast(t, src)
-    return t
-
-
-def gather_rows(t: Tensor) -> Tensor:
-    """Concatenate the rows of `t` from every rank (row counts may differ, even be 0)."""
-    if not is_distributed():
-        return t
-    world = dist.get_world_size()
-    count = torch.tensor([t.shape[0]], device=t.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    padded = t.new_zeros((max(counts), *t.shape[1:]))
-    padded[: t.shape[0]] = t
-    gathered = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[:c] for g, c in zip(gathered, counts)])
+def channel_mask(mask: Tensor, like: Tensor) -> Tensor:
+    """A (B, T) sample mask spread over the channels of a (B, C, T) signal."""
+    return mask[:, None].expand_as(like)
 
 
 # --- random number generators: saved in checkpoints for exact resumes --------

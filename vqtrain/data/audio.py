@@ -30,8 +30,10 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from ..faults import Required
-from ..utils import default, lengths_to_mask
+from ..checkpoints import write_atomic
+from ..config import Required
+from ..utils import ceil_div, default, lengths_to_mask
+from .batch import Batch
 from .common import DataModule, UnreadableItem, collate_skipping, hash_fraction
 from .sampler import BucketBatchSampler
 
@@ -72,7 +74,7 @@ def resampling_problem(orig_rate: int, new_rate: int) -> str | None:
 
 def resampled_length(frames: int, orig_rate: int, new_rate: int) -> int:
     """Length after torchaudio.functional.resample: ceil(frames * new / orig)."""
-    return -(-frames * new_rate // orig_rate)
+    return ceil_div(frames * new_rate, orig_rate)
 
 
 def list_audio(root: Path) -> list[str]:
@@ -143,14 +145,11 @@ def save_cache(locations: list[Path], entries: dict[str, list]) -> None:
     """Atomic write to the first writable location (ranks may scan at once); failing only costs a rescan."""
     text = json.dumps({"version": CACHE_VERSION, "files": entries})
     for path in locations:
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary.write_text(text)
-            os.replace(temporary, path)
+            write_atomic(path, lambda file: file.write(text.encode()))
             return
         except OSError:
-            temporary.unlink(missing_ok=True)
+            continue
     log.warning("cannot write the audio header cache to %s: headers will be read again next time",
                 " or ".join(map(str, locations)))
 
@@ -262,16 +261,12 @@ class AudioFolder(Dataset):
         return {"x": x, "index": index}
 
 
-def pad_collate(items: list[dict]) -> dict:
-    """Zero-pad clips to the longest of the batch; "mask" and "lengths" mark the real samples."""
+def pad_collate(items: list[dict]) -> Batch:
+    """Zero-pad clips to the longest of the batch; `mask` and `lengths` mark the real samples."""
     lengths = torch.tensor([item["x"].shape[-1] for item in items])
     x = pad_sequence([item["x"][0] for item in items], batch_first=True)
-    return {
-        "x": rearrange(x, "b t -> b 1 t"),
-        "mask": lengths_to_mask(lengths, x.shape[-1]),
-        "lengths": lengths,
-        "index": torch.tensor([item["index"] for item in items]),
-    }
+    return Batch(x=rearrange(x, "b t -> b 1 t"), index=torch.tensor([item["index"] for item in items]),
+                 skipped=torch.tensor(0), mask=lengths_to_mask(lengths, x.shape[-1]), lengths=lengths)
 
 
 # --- splits: relative paths -> {"train": [...], "val": [...], "test": [...]} (empty test: test on val)
@@ -383,7 +378,7 @@ class AudioDataModule(DataModule):
         )
         self.skipped_files = sum(s.skipped_files for s in (self.train_set, self.val_set, self.test_set) if s is not None)
 
-    def collate(self, items: list) -> dict:
+    def collate(self, items: list) -> Batch:
         return collate_skipping(items, collate=pad_collate)
 
     def batch_sampler(self, dataset: AudioFolder, shuffle: bool, drop_last: bool) -> BucketBatchSampler:

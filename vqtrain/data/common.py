@@ -1,9 +1,5 @@
-"""What every data module shares: batch layout, skip-counting collate, loaders.
-
-A batch is a dict: "x" (the signal: images (B, C, H, W) in [-1, 1], audio
-(B, 1, T)), "index" (B,) dataset positions, for audio also "mask" (B, T) bool
-(True = real sample) and "lengths" (B,), and "skipped": how many items of this
-batch were unreadable and dropped (the model logs the running total).
+"""What every data module shares: the skip-counting collate to a `Batch`,
+samplers, loaders, and a split in a fixed order for evaluation and tokens.
 
 Batch order is a function of (seed, epoch) alone and every sampler shards
 itself across ranks, so a checkpoint only needs to say how far into its epoch
@@ -12,19 +8,22 @@ a run never stopped would have.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
-from ..faults import Required
-from ..utils import is_distributed, rank
+from ..config import Required
+from ..distributed import rank, world_size
+from ..utils import exists
+from .batch import Batch, empty_batch
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +58,7 @@ class EpochSampler(DistributedSampler):
     (seed, epoch) alone, never by the global random stream."""
 
     def __init__(self, dataset: Dataset, shuffle: bool, seed: int):
-        world = torch.distributed.get_world_size() if is_distributed() else 1
-        super().__init__(dataset, num_replicas=world, rank=rank(), shuffle=shuffle, seed=seed)
+        super().__init__(dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed)
 
 
 class ResumingBatchSampler(Sampler[list[int]]):
@@ -84,12 +82,16 @@ class ResumingBatchSampler(Sampler[list[int]]):
         return len(self.batches)
 
 
-def collate_skipping(items: list, collate=default_collate) -> dict:
+def stack_images(items: list[dict]) -> Batch:
+    return Batch(x=torch.stack([item["x"] for item in items]), index=torch.tensor([item["index"] for item in items]),
+                 skipped=torch.tensor(0))
+
+
+def collate_skipping(items: list, collate: Callable[[list[dict]], Batch] = stack_images) -> Batch:
     """Drop unreadable (None) items and record how many were dropped."""
     kept = [item for item in items if item is not None]
-    batch = collate(kept) if kept else {}
-    batch["skipped"] = torch.tensor(len(items) - len(kept))
-    return batch
+    skipped = len(items) - len(kept)
+    return dataclasses.replace(collate(kept), skipped=torch.tensor(skipped)) if kept else empty_batch(skipped)
 
 
 class DataModule(L.LightningDataModule):
@@ -99,7 +101,7 @@ class DataModule(L.LightningDataModule):
     Samplers shard batches across ranks themselves, so the trainer must not
     inject a DistributedSampler: `use_distributed_sampler` says so."""
 
-    modality: str = "image"
+    modality: str = "image"  # or "audio": what the batches hold; the model must agree (checked at start-up)
     channels: int = 1
     use_distributed_sampler = False  # for Trainer(use_distributed_sampler=...)
 
@@ -132,7 +134,7 @@ class DataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.resume_at = dict(state)
 
-    def collate(self, items: list) -> dict:
+    def collate(self, items: list) -> Batch:
         return collate_skipping(items)
 
     def batch_sampler(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> Sampler[list[int]]:
@@ -167,3 +169,27 @@ class DataModule(L.LightningDataModule):
 def hash_fraction(path: Path) -> float:
     """A stable pseudo-random number in [0, 1) from a path: the split survives adding files."""
     return int.from_bytes(hashlib.sha1(path.as_posix().encode()).digest()[:8], "big") / 2**64
+
+
+# --- a split in a fixed order (evaluation, token shards) -------------------------
+
+SPLITS = ("train", "val", "test")
+
+
+def split_dataset(datamodule: DataModule, split: str) -> Dataset:
+    """A split in a fixed order, as training's val/test see it: test falls back
+    to val, and the training split's random crops are off."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    datamodule.setup()
+    dataset = {"train": datamodule.train_set, "val": datamodule.val_set, "test": datamodule.test_set}[split]
+    dataset = datamodule.val_set if dataset is None else dataset
+    if getattr(dataset, "random_crop", False):
+        dataset.random_crop = False  # this data module is ours alone
+    return dataset
+
+
+def item_id(dataset: Dataset, position: int) -> str | int:
+    """A file's path (relative to the data root for audio), else the position in the split."""
+    files = getattr(dataset, "files", None)
+    return str(files[position]) if exists(files) else position

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms.v2 import functional as TF
 
-from ..faults import Required, check_paths
+from ..config import Required, check_paths
 from .common import DataModule, UnreadableItem, hash_fraction
 
 IMAGE_LAYOUT = "a folder tree of images"

@@ -3,14 +3,14 @@ batch, so little compute goes to padding. Distributed-aware by itself, because
 Lightning cannot inject a DistributedSampler into a custom batch sampler."""
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from ..utils import default, is_distributed, rank as current_rank
+from ..distributed import rank as current_rank
+from ..distributed import world_size
+from ..utils import ceil_div, default
 
 
 class BucketBatchSampler(Sampler[list[int]]):
@@ -38,7 +38,7 @@ class BucketBatchSampler(Sampler[list[int]]):
                             "set trainer.use_distributed_sampler=false so Lightning does not replace its sampler")
         if batch_size < 1 or pool_batches < 1:
             raise ValueError(f"batch_size and pool_batches must be >= 1, got {batch_size} and {pool_batches}")
-        self.num_replicas = default(num_replicas, dist.get_world_size() if is_distributed() else 1)
+        self.num_replicas = default(num_replicas, world_size())
         self.rank = default(rank, current_rank())
         if not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"rank must be in [0, {self.num_replicas}), got {self.rank}")
@@ -91,7 +91,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         full, rest = divmod(len(self.lengths), self.batch_size)
         if self.drop_last:
             return full // self.num_replicas
-        return math.ceil((full + (rest > 0)) / self.num_replicas)
+        return ceil_div(full + (rest > 0), self.num_replicas)
 
 
 def padding_fraction(batch_lengths: Iterable[Sequence[int]]) -> float:

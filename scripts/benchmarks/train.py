@@ -1,0 +1,183 @@
+"""train: steps/s of the Lightning Trainer with the DiscreteAutoencoder (default
+config: shapes data, image model, VQ; logging as in a normal run, no
+checkpointing, no validation) against a plain PyTorch loop over the same
+encoder/quantizer/decoder modules, optimizer, scheduler, clipping and batches;
+the overhead is the extra time per step. Rounds alternate; the best of each is
+reported.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from scripts.benchmarks.common import load, print_table, sync
+
+
+class StepTimes:
+    """Wall-clock time at the end of every training step."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.times: list[float] = []
+        self.cpu_times: list[float] = []
+        self.indices: list[int] = []
+
+    def mark(self, batch: dict | None = None) -> None:
+        sync(self.device)
+        self.times.append(time.perf_counter())
+        self.cpu_times.append(time.process_time())
+        if batch is not None and len(self.indices) < 20:
+            self.indices.append(int(batch.index.sum()))
+
+    def seconds_per_step(self, warmup: int, cpu: bool = False) -> float:
+        """Mean time per step after `warmup` steps (the first step's end is the first mark)."""
+        marks = self.cpu_times if cpu else self.times
+        measured = marks[max(warmup, 1) - 1 :]
+        return (measured[-1] - measured[0]) / (len(measured) - 1)
+
+
+def compose_train(overrides: list[str], output_dir: Path):
+    from vqtrain.config import compose
+
+    return compose(list(overrides), output_dir)
+
+
+def lightning_run(cfg, steps: int, device: str, output_dir: Path) -> tuple[StepTimes, list[str]]:
+    import lightning as L
+    from hydra.utils import instantiate
+
+    class Timer(L.Callback):
+        def __init__(self):
+            self.clock = StepTimes(device)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.clock.mark(batch)
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    callbacks, used = [], []
+    for name, conf in (cfg.callbacks or {}).items():
+        if conf is None or name in ("model_checkpoint", "last_checkpoint"):
+            continue
+        try:
+            callbacks.append(instantiate(conf))
+            used.append(name)
+        except Exception as error:  # a callback that cannot be built here is left out, and said so
+            used.append(f"{name} (left out: {type(error).__name__})")
+    loggers = [instantiate(conf) for conf in (cfg.logger or {}).values() if conf is not None]
+    timer = Timer()
+    trainer = instantiate(
+        cfg.trainer, callbacks=callbacks + [timer], logger=loggers or False, max_steps=steps,
+        enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator="gpu" if device == "cuda" else "cpu", default_root_dir=str(output_dir),
+    )
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)
+    try:  # progress bar, model summary and info messages run as usual, out of sight
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            trainer.fit(model, datamodule=datamodule)
+    finally:
+        lightning_log.setLevel(level)
+    return timer.clock, used
+
+
+def plain_run(cfg, steps: int, device: str) -> StepTimes:
+    """The model's own forward and objective in a bare loop: the Trainer's cost is the difference."""
+    from types import SimpleNamespace
+
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.utilities import move_data_to_device
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    datamodule.setup("fit")
+    model = model.to(device).train()
+    # the model's own optimizer and schedule (param groups, weight decay, warm-up), without a Trainer
+    model.trainer = SimpleNamespace(estimated_stepping_batches=steps)
+    configured = model.configure_optimizers()
+    model.trainer = None
+    optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+    scheduler = configured["lr_scheduler"]["scheduler"] if isinstance(configured, dict) else None
+    clip = cfg.trainer.get("gradient_clip_val")
+    clock = StepTimes(device)
+    step = 0
+    while step < steps:
+        for batch in datamodule.train_dataloader():
+            batch = move_data_to_device(batch, device)
+            loss, _ = model.objective(batch, model(batch.x, batch.mask, batch.lengths))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            clock.mark(batch)
+            step += 1
+            if step >= steps:
+                break
+    return clock
+
+
+def run(args: argparse.Namespace) -> dict:
+    steps = args.steps or (6 if args.quick else 200)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 20)
+    rounds = args.rounds or (1 if args.quick else 2)
+    overrides = list(args.overrides or [])
+    if args.quick:
+        overrides += ["data.num_train=256", "data.num_val=16", "data.num_test=16", "data.batch_size=16",
+                      "model.encoder.hidden_channels=8", "model.decoder.hidden_channels=8", "quantizer.codebook_size=64"]
+    if args.device == "cuda":
+        overrides.append("trainer.accelerator=gpu")
+    load_start = load()
+    runs: dict[str, list[dict]] = {"lightning": [], "plain": []}
+    callbacks_used: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="vqtrain-bench-") as tmp:
+        for r in range(rounds):
+            for kind in ("plain", "lightning"):
+                out_dir = Path(tmp) / f"{kind}{r}"
+                cfg = compose_train(overrides, out_dir)
+                before = load()
+                if kind == "lightning":
+                    clock, callbacks_used = lightning_run(cfg, warmup + steps, args.device, out_dir)
+                else:
+                    clock = plain_run(cfg, warmup + steps, args.device)
+                spp, cpu = clock.seconds_per_step(warmup), clock.seconds_per_step(warmup, cpu=True)
+                runs[kind].append({"seconds_per_step": spp, "steps_per_s": 1 / spp, "cpu_seconds_per_step": cpu,
+                                   "load_before": before, "load_after": load(), "batch_index_sums": clock.indices})
+                print(f"  round {r} {kind:<9} {1 / spp:7.2f} steps/s  ({1e3 * cpu:.0f} ms CPU/step)  load {before}->{load()}", flush=True)
+    best = {kind: min(runs[kind], key=lambda run: run["seconds_per_step"]) for kind in runs}
+    overhead = best["lightning"]["seconds_per_step"] / best["plain"]["seconds_per_step"] - 1
+    cpu_best = {kind: min(run["cpu_seconds_per_step"] for run in runs[kind]) for kind in runs}
+    cpu_overhead = cpu_best["lightning"] / cpu_best["plain"] - 1
+    same_batches = best["lightning"]["batch_index_sums"] == best["plain"]["batch_index_sums"]
+    print(f"\ntraining steps, {steps} timed after {warmup} warm-up, best of {rounds} rounds, {args.device}; "
+          f"load {load_start} -> {load()}\n")
+    print_table(["loop", "steps/s", "ms/step", "all rounds (steps/s)"], [
+        [kind, f"{1 / best[kind]['seconds_per_step']:.2f}", f"{1e3 * best[kind]['seconds_per_step']:.1f}",
+         ", ".join(f"{run['steps_per_s']:.2f}" for run in runs[kind])] for kind in ("plain", "lightning")])
+    print(f"\nframework overhead: {100 * overhead:+.1f}% per step, wall clock (target <= 10%); "
+          f"{100 * cpu_overhead:+.1f}% in process CPU time (less sensitive to load with --threads 1)"
+          f"{'' if same_batches else '  [note: the two loops saw different batch orders]'}")
+    return {"steps": steps, "warmup": warmup, "rounds": rounds, "overrides": overrides, "callbacks": callbacks_used,
+            "runs": runs, "overhead_fraction": overhead, "cpu_overhead_fraction": cpu_overhead, "same_batches": same_batches,
+            "load_start": load_start, "load_end": load()}
+
+
+def add_parser(sub, common: argparse.ArgumentParser) -> None:
+    t = sub.add_parser("train", parents=[common], help="Lightning training loop vs a plain PyTorch loop")
+    t.add_argument("--steps", type=int, help="timed steps per run (default 200)")
+    t.add_argument("--warmup", type=int, help="untimed steps first (default 20)")
+    t.add_argument("--rounds", type=int, help="alternating rounds of both loops (default 2)")
+    t.add_argument("overrides", nargs="*", help="config overrides, as for train.py")

@@ -1,0 +1,43 @@
+"""What the scripts share: typed `key=value` arguments, the default device,
+tables and JSON files. The scripts in `scripts/` only parse arguments and call
+the package."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from omegaconf import OmegaConf
+
+from vqtrain.checkpoints import write_atomic
+
+Schema = TypeVar("Schema")
+
+
+def parse_args(schema: type[Schema], argv: Sequence[str]) -> tuple[Schema, list[str]]:
+    """Hydra-style `key=value` arguments -> (the script's own, typed by the
+    dataclass `schema`; the rest, config overrides for `run_config`)."""
+    if bad := [arg for arg in argv if "=" not in arg]:
+        raise SystemExit(f"arguments are key=value, got {bad}")
+    names = {field.name for field in dataclasses.fields(schema)}
+    own = [arg for arg in argv if arg.partition("=")[0] in names]
+    args = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(own))
+    if missing := sorted(OmegaConf.missing_keys(args)):
+        raise SystemExit(f"missing required arguments: {' '.join(f'{name}=...' for name in missing)}")
+    return OmegaConf.to_object(args), [arg for arg in argv if arg not in own]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def format_table(figures: dict[str, float]) -> str:
+    width = max(map(len, figures))
+    return "\n".join(f"{name:<{width}}  {value:>14.6g}" for name, value in figures.items())
+
+
+def write_json(path: Path, content: dict, indent: int | None = 2) -> None:
+    write_atomic(path, lambda file: file.write((json.dumps(content, indent=indent) + "\n").encode()))

@@ -1,0 +1,134 @@
+"""Token shards: a split's tokens on disk, and the jobs that write and read them.
+
+A shard (`shard-00000.pt`, torch.save of a dict) holds `format_version`,
+`meta` (checkpoint, split, shard size, item count: what wrote it), and per
+item in split order `ids` (file path or position), `index` (position in the
+split), `tokens` (int64: images (H', W'[, Q]), audio (ceil(length / stride)[, Q])
+without padding) and, for audio, `lengths` in samples (else None); `skipped`
+lists unreadable items. `index.json` beside the shards lists every item.
+
+Versions: 1 adds `format_version` to the layout of the unversioned shards of
+earlier releases, which are read as version 0. A newer or unknown version is
+refused with an error naming it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import soundfile
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from vqtrain.checkpoints import write_atomic
+from vqtrain.cli import write_json
+from vqtrain.data.common import DataModule, SkippingDataset, item_id, split_dataset
+from vqtrain.tokenizer import Tokenizer
+from vqtrain.utils import ceil_div, exists
+
+FORMAT_VERSION = 1
+READABLE_VERSIONS = (0, 1)  # 0: the unversioned shards of earlier releases, same layout
+
+
+def save_shard(path: Path, shard: dict) -> None:
+    """Written whole (by rename): a shard that exists is complete."""
+    write_atomic(path, lambda file: torch.save({"format_version": FORMAT_VERSION, **shard}, file))
+
+
+def load_shard(path: str | Path) -> dict:
+    shard = torch.load(path, weights_only=True)
+    version = shard.get("format_version", 0)
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: token shard format version {version!r} is not one this vqtrain reads "
+                         f"({', '.join(map(str, READABLE_VERSIONS))}): written by a newer vqtrain?")
+    return shard
+
+
+def encode_split(tokenizer: Tokenizer, cfg: DictConfig, split: str, out_dir: str | Path,
+                 shard_size: int = 1000) -> dict:
+    """Tokens of every item of a split, in split order, as shards of `shard_size`
+    items and `index.json`. Shards already written are kept (each is written
+    whole, by rename), so an interrupted run resumes."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    datamodule = instantiate(cfg.data)
+    dataset = split_dataset(datamodule, split)
+    meta = {"checkpoint": tokenizer.checkpoint, "split": split, "shard_size": shard_size, "num_items": len(dataset)}
+    items, skipped, shards = [], [], []
+    with tqdm(total=len(dataset), unit="item", desc=f"encode {split}") as progress:
+        for number, start in enumerate(range(0, len(dataset), shard_size)):
+            path = out_dir / f"shard-{number:05d}.pt"
+            if path.is_file():
+                shard = load_shard(path)
+                if shard["meta"] != meta:
+                    raise ValueError(f"{path} was written by another run ({shard['meta']}, now {meta}): use a fresh out directory")
+            else:
+                shard = encode_shard(tokenizer, datamodule, dataset, range(start, min(start + shard_size, len(dataset))))
+                shard["meta"] = meta
+                save_shard(path, shard)
+            progress.update(len(shard["ids"]) + len(shard["skipped"]))
+            shards.append(path.name)
+            skipped += shard["skipped"]
+            for i, (identifier, position, tokens) in enumerate(zip(shard["ids"], shard["index"], shard["tokens"])):
+                item = {"id": identifier, "index": position, "shard": path.name, "shape": list(tokens.shape)}
+                if exists(shard["lengths"]):
+                    item["length"] = shard["lengths"][i]
+                items.append(item)
+    index = {**meta, **tokenizer.describe(), "shards": shards, "items": items, "skipped": skipped}
+    write_json(out_dir / "index.json", index, indent=None)  # compact: it lists every item
+    return index
+
+
+def encode_shard(tokenizer: Tokenizer, datamodule: DataModule, dataset: Dataset, positions: range) -> dict:
+    lengths = getattr(dataset, "lengths", None)
+    order = sorted(positions, key=lengths.__getitem__) if exists(lengths) else list(positions)  # little padding
+    loader = DataLoader(Subset(SkippingDataset(dataset, datamodule.strict), order), batch_size=datamodule.batch_size,
+                        collate_fn=datamodule.collate, num_workers=datamodule.num_workers)
+    tokens, sample_lengths = {}, {}
+    for batch in loader:
+        if batch.x is None:  # every item of the batch was unreadable
+            continue
+        indices = tokenizer.encode(batch.x, batch.mask).cpu()
+        for i, position in enumerate(batch.index.tolist()):
+            if tokenizer.modality == "audio":  # drop the padding
+                sample_lengths[position] = int(batch.lengths[i])
+                tokens[position] = indices[i, : ceil_div(sample_lengths[position], tokenizer.stride)].clone()
+            else:
+                tokens[position] = indices[i].clone()  # a view would save the whole batch
+    kept = sorted(tokens)
+    return {
+        "ids": [item_id(dataset, position) for position in kept],
+        "index": kept,
+        "tokens": [tokens[position] for position in kept],
+        "lengths": [sample_lengths[position] for position in kept] if sample_lengths else None,
+        "skipped": [item_id(dataset, position) for position in positions if position not in tokens],
+    }
+
+
+def decode_shard(tokenizer: Tokenizer, shard_path: str | Path, out_dir: str | Path,
+                 num_levels: int | None = None, batch_size: int = 32) -> list[Path]:
+    """Tokens of a shard back to files under `out_dir` named after the item ids:
+    PNG for images ([-1, 1] -> [0, 1]), WAV at the run's sample rate for audio."""
+    shard = load_shard(shard_path)
+    audio = tokenizer.modality == "audio"
+    written = []
+    for start in range(0, len(shard["ids"]), batch_size):
+        tokens = pad_sequence(shard["tokens"][start : start + batch_size], batch_first=True, padding_value=-1)
+        lengths = shard["lengths"][start : start + batch_size] if audio else None
+        signals = tokenizer.decode(tokens, lengths, num_levels).cpu()
+        for i, identifier in enumerate(shard["ids"][start : start + batch_size]):
+            path = Path(str(identifier))
+            path = Path(out_dir) / path.relative_to(path.anchor).with_suffix(".wav" if audio else ".png")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if audio:
+                soundfile.write(path, signals[i, 0, : lengths[i]].clamp(-1, 1).numpy(), tokenizer.sample_rate)
+            else:
+                save_image((signals[i] + 1) / 2, path)
+            written.append(path)
+    return written
