@@ -30,7 +30,18 @@ from PIL import Image
 from vqtrain.data.audio import AudioFolder, pad_collate
 from vqtrain.data.common import SkippingDataset, collate_skipping
 from vqtrain.data.images import ImageFiles
-from vqtrain.quantizers import BSQ, FSQ, IBQ, LFQ, Quantizer, ResidualFSQ, ResidualLFQ, ResidualQuantizer, SimVQ, VectorQuantizer
+from vqtrain.quantizers import (
+    BSQ,
+    FSQ,
+    IBQ,
+    LFQ,
+    Quantizer,
+    ResidualFSQ,
+    ResidualLFQ,
+    ResidualQuantizer,
+    SimVQ,
+    VectorQuantizer,
+)
 
 CASES = int(os.environ.get("VQTRAIN_FUZZ_CASES", 60))
 SECONDS_PER_CASE = 20

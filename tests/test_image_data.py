@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import MNIST
 
+from helpers import SHARED_DATA
 from vqtrain.data.images import (
     CIFAR10DataModule,
     ImageFolderDataModule,
@@ -19,7 +20,6 @@ from vqtrain.data.images import (
     fit_image,
 )
 
-from helpers import SHARED_DATA
 
 def first_batch(loader) -> dict:
     return next(iter(loader))

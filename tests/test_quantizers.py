@@ -525,12 +525,12 @@ def test_symmetric_fsq_is_the_papers_formula(bound):
     assert torch.equal(out.indices, (digits.long() * basis).sum(-1))
 
 
-@pytest.mark.parametrize("symmetric, rule", [(False, lambda l, level: (l - 1) ** -level), (True, lambda l, level: l**-level)])
+@pytest.mark.parametrize("symmetric, rule", [(False, lambda size, level: (size - 1) ** -level), (True, lambda size, level: size**-level)])
 def test_residual_fsq_level_scales(symmetric, rule):
     levels = [8, 5, 4]
     module = ResidualFSQ(DIM, levels=levels, num_levels=4, symmetric=symmetric)
     for level, fsq in enumerate(module.levels):
-        expected = torch.tensor([rule(l, level) for l in levels], dtype=torch.float32)
+        expected = torch.tensor([rule(size, level) for size in levels], dtype=torch.float32)
         assert torch.equal(fsq._scale, expected)
         assert fsq.symmetric == symmetric and fsq.bound_mode == ("clamp" if symmetric else "tanh")
 

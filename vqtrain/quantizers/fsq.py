@@ -28,7 +28,6 @@ from torch import Tensor, nn
 
 from vqtrain.quantizers.base import Quantizer, check_choice, check_positive_int, straight_through, zero
 
-
 # Levels recommended by the FSQ paper (Table 3) for a target codebook size.
 RECOMMENDED_LEVELS = {
     2**8: [8, 6, 5],
@@ -49,7 +48,7 @@ def fsq_levels(levels: list[int] | None, codebook_size: int | None) -> list[int]
             raise ValueError(f"FSQ codebook_size={codebook_size} has no recommended levels; use one of {sorted(RECOMMENDED_LEVELS)} or give `levels`")
         return RECOMMENDED_LEVELS[codebook_size]
     levels = list(levels)
-    if not levels or any(isinstance(l, bool) or not isinstance(l, int) or l < 2 for l in levels):
+    if not levels or any(isinstance(size, bool) or not isinstance(size, int) or size < 2 for size in levels):
         raise ValueError(f"FSQ levels must be a non-empty list of integers >= 2, got {levels!r}")
     return levels
 

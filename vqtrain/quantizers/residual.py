@@ -10,7 +10,7 @@ levels' collective operations always match across ranks.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +43,7 @@ class ResidualQuantizer(Quantizer):
 
         self.level_factory = quantizer
         self.level_kwargs = {} if codebook_size is None else {"codebook_size": codebook_size}
-        levels = [self.make_level(0)] * num_levels if shared_codebook else [self.make_level(l) for l in range(num_levels)]
+        levels = [self.make_level(0)] * num_levels if shared_codebook else [self.make_level(i) for i in range(num_levels)]
         self.levels = nn.ModuleList(levels)
         if any(level.num_index_columns != 1 for level in self.levels):
             raise ValueError("residual levels must have one codebook each (groups=1, num_codebooks=1)")
@@ -89,20 +89,20 @@ class ResidualQuantizer(Quantizer):
         indices = torch.full((x.shape[0], self.num_levels), -1, dtype=torch.long, device=x.device)
         losses = {"commitment": zero(x.device), "codebook": zero(x.device)}
         loss = zero(x.device)
-        for l, level in enumerate(self.levels):
-            active = None if depth is None else depth > l
+        for i, level in enumerate(self.levels):
+            active = None if depth is None else depth > i
             rows = residual if active is None else residual[active]
             out, idx, level_losses, level_loss = level.quantize_rows(rows, sample_ids if active is None else sample_ids[active], num_samples)
             if active is None:
                 total = total + out
-                indices[:, l] = idx[:, 0]
+                indices[:, i] = idx[:, 0]
                 residual = residual - out.detach()
             else:
                 total = total.index_put((active,), total[active] + out)
-                indices[active, l] = idx[:, 0]
+                indices[active, i] = idx[:, 0]
                 residual = residual.index_put((active,), rows - out.detach())
             for name, value in level_losses.items():
-                losses[f"{name}/level{l}"] = value
+                losses[f"{name}/level{i}"] = value
             losses["commitment"] = losses["commitment"] + level_losses["commitment"]
             losses["codebook"] = losses["codebook"] + level_losses["codebook"]
             loss = loss + level_loss
@@ -110,9 +110,9 @@ class ResidualQuantizer(Quantizer):
 
     def decode_rows(self, indices: Tensor, num_levels: int | None = None) -> Tensor:
         total = torch.zeros(indices.shape[0], self.code_dim, device=indices.device)
-        for l, level in enumerate(self.levels[: num_levels or self.num_levels]):
-            used = indices[:, l] >= 0
-            total = total.index_put((used,), total[used] + level.decode_rows(indices[used, l : l + 1]))
+        for i, level in enumerate(self.levels[: num_levels or self.num_levels]):
+            used = indices[:, i] >= 0
+            total = total.index_put((used,), total[used] + level.decode_rows(indices[used, i : i + 1]))
         return self.project_out(total)
 
     def indices_to_codes(self, indices: Tensor, num_levels: int | None = None) -> Tensor:
@@ -166,7 +166,7 @@ class ResidualFSQ(ResidualQuantizer):
 
     def level_scale(self, level: int) -> list[float]:
         """Per-channel scale of `level`: L^-level on the symmetric grid, (L - 1)^-level on the standard one."""
-        return [(l if self.symmetric else l - 1) ** -level for l in self.fsq_levels]
+        return [(size if self.symmetric else size - 1) ** -level for size in self.fsq_levels]
 
     def make_level(self, level: int) -> Quantizer:
         bound = "clamp" if self.symmetric else "tanh"
