@@ -1,4 +1,5 @@
 """Train a discrete autoencoder: `python train.py quantizer=fsq data=mnist`."""
+
 from vqtrain.train import main
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ shared machine are noisy: read them next to the load figures. On a CPU shared
 with other busy processes, OpenMP's default spin-waiting can add milliseconds
 to every parallel op; `--omp-wait-policy passive` runs with OMP_WAIT_POLICY=PASSIVE.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,17 +42,24 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "_case":  # a child process: one quantizer case
         print(json.dumps(quantizers.run_case(json.loads(argv[1]))), flush=True)
         return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     common.add_argument("--out", type=Path, help="JSON output (default reports/bench-<subcommand>.json)")
-    common.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs, measures nothing useful")
+    common.add_argument(
+        "--quick", action="store_true", help="tiny sizes: checks that everything runs, measures nothing useful"
+    )
     common.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
-    common.add_argument("--omp-wait-policy", choices=["passive", "active"],
-                        help="set OMP_WAIT_POLICY for the run (default: as in the environment). On a machine "
-                             "shared with other busy processes, 'passive' avoids OpenMP threads spinning while "
-                             "their peers wait for a core, which can slow every parallel op by milliseconds")
+    common.add_argument(
+        "--omp-wait-policy",
+        choices=["passive", "active"],
+        help="set OMP_WAIT_POLICY for the run (default: as in the environment). On a machine "
+        "shared with other busy processes, 'passive' avoids OpenMP threads spinning while "
+        "their peers wait for a core, which can slow every parallel op by milliseconds",
+    )
 
     for benchmark in BENCHMARKS.values():
         benchmark.add_parser(sub, common)
@@ -65,7 +73,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--device cuda: no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
-    payload = {"subcommand": args.command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": argv, "machine": machine_info(args.device)}
+    payload = {
+        "subcommand": args.command,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "argv": argv,
+        "machine": machine_info(args.device),
+    }
     payload.update(BENCHMARKS[args.command].run(args))
     payload["machine"]["load_avg_end"] = os.getloadavg()
     write_json(args.out or REPO / "reports" / f"bench-{args.command}.json", payload)

@@ -8,6 +8,7 @@ A mismatched trio installs without complaint and fails only at import
 reads package metadata only, so it runs (and names the versions) even when
 importing torchaudio would crash. `make install` runs it after installing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,13 @@ def trio_problems(versions: dict[str, str]) -> list[str]:
     torch, vision, audio = (release(versions[name]) for name in TRIO)
     problems = []
     if audio[:3] != torch[:3]:
-        problems.append(f"torchaudio {versions['torchaudio']} is built for torch {'.'.join(map(str, audio[:3]))}, not {versions['torch']}")
+        problems.append(
+            f"torchaudio {versions['torchaudio']} is built for torch {'.'.join(map(str, audio[:3]))}, not {versions['torch']}"
+        )
     if vision[:2] != (0, torch[1] + 15) or torch[0] != 2:
-        problems.append(f"torchvision {versions['torchvision']} does not belong to torch {versions['torch']} (expected 0.{torch[1] + 15}.x)")
+        problems.append(
+            f"torchvision {versions['torchvision']} does not belong to torch {versions['torch']} (expected 0.{torch[1] + 15}.x)"
+        )
     return problems
 
 

@@ -6,6 +6,7 @@
 
 Writes utilization.png, tradeoff.png, summary.md and report.html (see vqtrain/report.py).
 """
+
 import argparse
 import os
 from pathlib import Path
@@ -15,7 +16,9 @@ from vqtrain.report import find_run_dirs, load_run, load_wandb_runs, write_repor
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dirs", nargs="*", type=Path, help="folders searched for run directories (metrics.csv + .hydra/)")
+    parser.add_argument(
+        "dirs", nargs="*", type=Path, help="folders searched for run directories (metrics.csv + .hydra/)"
+    )
     parser.add_argument("--out", type=Path, help="output folder (default: <first dir>/report)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from wandb instead of folders")
     args = parser.parse_args(argv)

@@ -1,7 +1,8 @@
 """Decode a token shard back to PNG images or WAV clips, named after the items.
 
-    python scripts/decode.py ckpt_path=runs/<run>/last.ckpt tokens=tokens/shard-00000.pt out=recon/ [num_levels=2] [device=cpu]
+python scripts/decode.py ckpt_path=runs/<run>/last.ckpt tokens=tokens/shard-00000.pt out=recon/ [num_levels=2] [device=cpu]
 """
+
 import sys
 from dataclasses import dataclass
 

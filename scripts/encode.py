@@ -3,6 +3,7 @@ rerunning resumes, keeping the shards already written.
 
     python scripts/encode.py ckpt_path=runs/<run>/last.ckpt out=tokens/ [split=train] [shard_size=1000] [data=fsdd] [device=cpu]
 """
+
 import sys
 from dataclasses import dataclass
 
@@ -27,7 +28,9 @@ def main(argv: list[str]) -> None:
     args, overrides = parse_args(Args, argv)
     tokenizer = load_tokenizer(args.ckpt_path, args.device or default_device())
     index = encode_split(tokenizer, run_config(tokenizer.config, overrides), args.split, args.out, args.shard_size)
-    print(f"{len(index['items'])} items in {len(index['shards'])} shards, {len(index['skipped'])} unreadable: {args.out}")
+    print(
+        f"{len(index['items'])} items in {len(index['shards'])} shards, {len(index['skipped'])} unreadable: {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ SI-SNR and bit rates; prints a table and writes <checkpoint dir>/eval_<split>.js
 
     python scripts/eval.py ckpt_path=runs/<run>/last.ckpt [split=test] [data=mnist] [data.batch_size=256] [device=cpu]
 """
+
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,9 @@ def main(argv: list[str]) -> None:
     cfg = run_config(tokenizer.config, overrides)
     figures = evaluate(tokenizer, cfg, args.split)
     path = Path(args.ckpt_path).parent / f"eval_{args.split}.json"
-    write_json(path, {"checkpoint": tokenizer.checkpoint, "split": args.split, "data": cfg.data._target_, "metrics": figures})
+    write_json(
+        path, {"checkpoint": tokenizer.checkpoint, "split": args.split, "data": cfg.data._target_, "metrics": figures}
+    )
     print(format_table(figures))
     print(f"written to {path}")
 

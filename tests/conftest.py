@@ -1,4 +1,5 @@
 """Shared fixtures: real data from ../shared/data (skipped with a reason when absent), offline wandb."""
+
 from __future__ import annotations
 
 import gzip

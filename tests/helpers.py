@@ -1,4 +1,5 @@
 """What several test modules share: the quantizer configs, a CLI run, the metrics a run logged."""
+
 from __future__ import annotations
 
 import csv
@@ -18,8 +19,14 @@ def run_cli(*overrides: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """`python train.py OVERRIDES` in `cwd` (the run directory's root), wandb offline."""
     env = {**os.environ, "WANDB_MODE": "offline", "VQTRAIN_ROOT": str(cwd)}
     env.pop("VQTRAIN_RUN_ID", None)
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:

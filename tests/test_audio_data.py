@@ -1,4 +1,5 @@
 """Padded variable-length audio: scanning, header cache, bad files, splits, padding and bucketing."""
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,13 @@ def fsdd_cache(tmp_path_factory) -> Path:
 def fsdd(fsdd_cache) -> AudioDataModule:
     if not FSDD.is_dir():
         pytest.skip(f"Free Spoken Digit Dataset not found at {FSDD}")
-    data = AudioDataModule(str(FSDD), sample_rate=RATE, batch_size=32, cache_dir=str(fsdd_cache),
-                           split=partial(split_by_speaker, val_speakers=["theo"], test_speakers=["george"]))
+    data = AudioDataModule(
+        str(FSDD),
+        sample_rate=RATE,
+        batch_size=32,
+        cache_dir=str(fsdd_cache),
+        split=partial(split_by_speaker, val_speakers=["theo"], test_speakers=["george"]),
+    )
     data.setup()
     return data
 
@@ -82,6 +88,7 @@ BAD = ["bad/corrupt.wav", "bad/empty.wav", "bad/truncated.wav"]
 
 
 # --- real data: FSDD -------------------------------------------------------------
+
 
 def test_speaker_split_keeps_val_and_test_voices_unseen(fsdd):
     speakers = {name: {speaker(f) for f in getattr(fsdd, f"{name}_set").files} for name in ("train", "val", "test")}
@@ -132,10 +139,15 @@ def test_sampler_covers_every_item_once_per_epoch(fsdd):
 def test_ranks_get_disjoint_batches_and_equally_many(fsdd):
     lengths = fsdd.train_set.lengths  # 2000 clips: 62.5 batches of 32, an odd count
     for drop_last in (True, False):
-        ranks = [list(BucketBatchSampler(lengths, 32, drop_last=drop_last, num_replicas=2, rank=rank, seed=3))
-                 for rank in (0, 1)]
-        assert len(ranks[0]) == len(ranks[1]) == len(BucketBatchSampler(lengths, 32, drop_last=drop_last,
-                                                                         num_replicas=2, rank=0))
+        ranks = [
+            list(BucketBatchSampler(lengths, 32, drop_last=drop_last, num_replicas=2, rank=rank, seed=3))
+            for rank in (0, 1)
+        ]
+        assert (
+            len(ranks[0])
+            == len(ranks[1])
+            == len(BucketBatchSampler(lengths, 32, drop_last=drop_last, num_replicas=2, rank=0))
+        )
         items = [{i for batch in batches for i in batch} for batches in ranks]
         if drop_last:
             assert not items[0] & items[1] and len(ranks[0]) == 31
@@ -167,7 +179,9 @@ def test_validation_batches_are_fixed_sorted_and_in_mixed_order(fsdd):
     longest = [max(lengths[i] for i in batch) for batch in first]
     assert longest != sorted(longest, reverse=True)  # a partial pass does not see only the longest clips
     sorted_padding = padding_fraction([lengths[i] for i in batch] for batch in first)
-    assert sorted_padding <= measure_padding(lengths, 32, bucketing=True) < measure_padding(lengths, 32, bucketing=False)
+    assert (
+        sorted_padding <= measure_padding(lengths, 32, bucketing=True) < measure_padding(lengths, 32, bucketing=False)
+    )
 
 
 def test_sampler_refuses_lightnings_distributed_sampler_injection():
@@ -246,6 +260,7 @@ def test_loudness_normalisation_limits_the_peak_and_keeps_silence(tmp_path):
 
 # --- files written by the test ---------------------------------------------------
 
+
 def test_reads_flac_ogg_and_mixes_stereo_down(tree, tmp_path):
     data = AudioFolder(tree, RATE, cache_dir=tmp_path / "cache")
     assert data.files == GOOD and data.skipped_files == len(BAD)
@@ -319,15 +334,21 @@ def test_missing_or_empty_root_names_the_path(tmp_path):
 
 # --- split functions and configs ---------------------------------------------------
 
-LIBRI = [f"{subset}/{spk}/{chapter}/{spk}-{chapter}-000{utt}.flac"
-         for subset in ("train-clean-100", "dev-clean", "test-clean")
-         for spk, chapter in ((19, 198), (26, 495)) for utt in range(3)]
+LIBRI = [
+    f"{subset}/{spk}/{chapter}/{spk}-{chapter}-000{utt}.flac"
+    for subset in ("train-clean-100", "dev-clean", "test-clean")
+    for spk, chapter in ((19, 198), (26, 495))
+    for utt in range(3)
+]
 
 
 def test_folder_split_takes_whole_subsets():
     parts = split_by_folder(LIBRI, train=["train-clean-100"], val=["dev-clean"], test="test-clean")
     assert {name: {f.split("/")[0] for f in files} for name, files in parts.items()} == {
-        "train": {"train-clean-100"}, "val": {"dev-clean"}, "test": {"test-clean"}}
+        "train": {"train-clean-100"},
+        "val": {"dev-clean"},
+        "test": {"test-clean"},
+    }
     with pytest.raises(ValueError, match="train-clean-360"):
         split_by_folder(LIBRI, train=["train-clean-360"], val=["dev-clean"])
 
@@ -353,8 +374,9 @@ CONFIGS = ["fsdd", "audio_folder", "librispeech", "libritts", "ljspeech"]
 def test_config_switches_the_model_and_builds_the_data(name, fsdd_cache):
     path = REPO / "configs" / "data" / f"{name}.yaml"
     assert path.read_text().startswith("# @package _global_")
-    config = OmegaConf.merge({"paths": {"data_dir": str(REPO.parent / "shared" / "data")}, "seed": 0},
-                             OmegaConf.load(path))
+    config = OmegaConf.merge(
+        {"paths": {"data_dir": str(REPO.parent / "shared" / "data")}, "seed": 0}, OmegaConf.load(path)
+    )
     assert {"override /model": "audio"} in OmegaConf.to_container(config)["defaults"]
     config.data.cache_dir = str(fsdd_cache)
     data = hydra.utils.instantiate(config.data)

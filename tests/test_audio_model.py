@@ -1,4 +1,5 @@
 """Padded audio end to end: the whole model under masks, on real FSDD clips."""
+
 from __future__ import annotations
 
 import copy
@@ -46,7 +47,11 @@ def training_step(model, x: torch.Tensor, mask: torch.Tensor) -> dict:
     recon = model.reconstruction(x_hat, x, mask)
     (recon + out.loss).backward()
     return {
-        "losses": {"recon": recon.detach(), "total": out.loss.detach(), **{k: v.detach() for k, v in out.losses.items()}},
+        "losses": {
+            "recon": recon.detach(),
+            "total": out.loss.detach(),
+            **{k: v.detach() for k, v in out.losses.items()},
+        },
         "x_hat": x_hat.detach()[mask[:, None].expand_as(x_hat)],
         "indices": out.indices,
         "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
@@ -81,7 +86,9 @@ def test_masked_loss_equals_the_length_weighted_loss_of_clips_alone(quantizer: s
         batch_recon = masked_mse(x_hat, x, mask)
         alone = [model(x[i : i + 1, :, :n], mask[i : i + 1, :n]) for i, n in enumerate(lengths.tolist())]
     weights = lengths.float() / lengths.sum()
-    recon_alone = sum(w * masked_mse(y, x[i : i + 1, :, : y.shape[-1]]) for i, ((y, _), w) in enumerate(zip(alone, weights)))
+    recon_alone = sum(
+        w * masked_mse(y, x[i : i + 1, :, : y.shape[-1]]) for i, ((y, _), w) in enumerate(zip(alone, weights))
+    )
     torch.testing.assert_close(batch_recon, recon_alone, rtol=1e-4, atol=1e-7)
     stride = model.encoder.stride
     latent_lengths = torch.tensor([math.ceil(n / stride) for n in lengths.tolist()])
@@ -131,10 +138,23 @@ def test_short_fsdd_run_beats_silence(quantizer: str, fsdd_root: Path, tmp_path:
     """150 steps on the four training speakers; the masked MSE on the unseen validation
     speaker (clips at -20 dBFS, the fsdd default) must fall below predicting zeros."""
     cfg = compose(
-        ["data=fsdd", f"data.root={fsdd_root}", f"data.cache_dir={tmp_path / 'cache'}", f"quantizer={quantizer}",
-         "quantizer.codebook_size=256", "trainer.max_steps=150", "trainer.val_check_interval=150", "trainer.limit_val_batches=4",
-         "data.batch_size=16", "data.max_length=1.0", "test=false", "trainer.enable_progress_bar=false", "optimizer.lr=2e-3",
-         "model.scheduler=null", "callbacks.reconstructions=null"],
+        [
+            "data=fsdd",
+            f"data.root={fsdd_root}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"quantizer={quantizer}",
+            "quantizer.codebook_size=256",
+            "trainer.max_steps=150",
+            "trainer.val_check_interval=150",
+            "trainer.limit_val_batches=4",
+            "data.batch_size=16",
+            "data.max_length=1.0",
+            "test=false",
+            "trainer.enable_progress_bar=false",
+            "optimizer.lr=2e-3",
+            "model.scheduler=null",
+            "callbacks.reconstructions=null",
+        ],
         tmp_path,
     )
     metrics = train(cfg)

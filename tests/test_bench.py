@@ -1,6 +1,7 @@
 """scripts/bench.py runs end to end: every subcommand at tiny sizes (`--quick`), JSON
 written with the expected fields. No timing is asserted: this machine is shared.
 Each run starts Python processes (one per quantizer case): the longer ones are `slow`."""
+
 from __future__ import annotations
 
 import importlib
@@ -19,7 +20,9 @@ BENCH = REPO / "scripts" / "bench.py"
 
 
 def bench(*args: str, timeout: float = 600) -> str:
-    proc = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
 
@@ -38,7 +41,16 @@ def test_quantizers_quick(tmp_path):
 def test_quantizers_with_reference(tmp_path):
     pytest.importorskip("vector_quantize_pytorch")
     out = tmp_path / "q.json"
-    stdout = bench("quantizers", "--compare", "vector-quantize-pytorch", "--quick", "--cases", r"VQ \(EMA\) K=16$|Residual|FSQ \[8, 5", "--out", str(out))
+    stdout = bench(
+        "quantizers",
+        "--compare",
+        "vector-quantize-pytorch",
+        "--quick",
+        "--cases",
+        r"VQ \(EMA\) K=16$|Residual|FSQ \[8, 5",
+        "--out",
+        str(out),
+    )
     report = json.loads(out.read_text())
     assert report["subcommand"] == "quantizers" and "load_avg_end" in report["machine"]
     cases = {(r["case"], r["impl"]): r for r in report["results"]}
@@ -56,7 +68,18 @@ def test_quantizers_with_reference(tmp_path):
 def test_quantizers_memory_cap_reports_oom(tmp_path):
     """A cap far below what a case needs: reported as OOM, not a crash."""
     out = tmp_path / "q.json"
-    bench("quantizers", "--quick", "--cases", r"VQ \(EMA\) K=16$", "--tokens", "65536", "--mem-cap-gb", "0.05", "--out", str(out))
+    bench(
+        "quantizers",
+        "--quick",
+        "--cases",
+        r"VQ \(EMA\) K=16$",
+        "--tokens",
+        "65536",
+        "--mem-cap-gb",
+        "0.05",
+        "--out",
+        str(out),
+    )
     (record,) = json.loads(out.read_text())["results"]
     assert record["status"] == "OOM", record
 
@@ -123,7 +146,9 @@ def test_quality_quick(tmp_path):
     """Ours beside the reference for two methods on real MNIST at a tiny budget: every row
     has its scores (per level for the residual one) and both sides of a pair trained the
     same initial net on the same batches."""
-    report, stdout = quality_rows(tmp_path, "mnist", "--methods", "vq", "rvq", "--steps", "5", "--batch-size", "16", "--test-limit", "256")
+    report, stdout = quality_rows(
+        tmp_path, "mnist", "--methods", "vq", "rvq", "--steps", "5", "--batch-size", "16", "--test-limit", "256"
+    )
     rows = {(r["method"], r["impl"]): r for r in report["rows"]}
     assert set(rows) == {(m, i) for m in ("vq", "rvq") for i in ("vqtrain", "vector-quantize-pytorch")}
     for (method, _), r in rows.items():
@@ -146,7 +171,20 @@ def test_quality_quick(tmp_path):
 def test_quality_fsdd_masks(tmp_path):
     """FSDD: padded batches; ours and the reference's VectorQuantize both get the mask,
     scores count real positions only, and both sides saw the same batches."""
-    report, _ = quality_rows(tmp_path, "fsdd", "--methods", "vq", "--steps", "3", "--batch-size", "4", "--train-limit", "24", "--test-limit", "8")
+    report, _ = quality_rows(
+        tmp_path,
+        "fsdd",
+        "--methods",
+        "vq",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--train-limit",
+        "24",
+        "--test-limit",
+        "8",
+    )
     ours, ref = report["rows"]
     assert ours["impl"] == "vqtrain" and ref["impl"] == "vector-quantize-pytorch" and ref["reference_masked"]
     assert ours["test_items"] == 8 and ours["test_positions"] == ref["test_positions"] > 0

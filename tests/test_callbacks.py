@@ -1,5 +1,6 @@
 """ReconstructionLogger and WandbConfigLogger after tiny real fits: image grids,
 audio WAVs at the data's rate and length, and what reaches a wandb logger."""
+
 from __future__ import annotations
 
 from functools import partial
@@ -35,11 +36,28 @@ def tiny_model(audio: bool = False, quantizer: Quantizer | None = None) -> Discr
     return DiscreteAutoencoder(encoder, quantizer, decoder, partial(torch.optim.Adam, lr=1e-3), LATENT, usage_window=2)
 
 
-def fit(model: DiscreteAutoencoder, data: L.LightningDataModule, root: Path, callbacks: list, loggers=False,
-        max_steps: int = 4, sanity_steps: int = 1) -> None:
-    trainer = L.Trainer(default_root_dir=root, max_steps=max_steps, val_check_interval=2, check_val_every_n_epoch=None,
-                        accelerator="cpu", logger=loggers, callbacks=callbacks, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=sanity_steps)
+def fit(
+    model: DiscreteAutoencoder,
+    data: L.LightningDataModule,
+    root: Path,
+    callbacks: list,
+    loggers=False,
+    max_steps: int = 4,
+    sanity_steps: int = 1,
+) -> None:
+    trainer = L.Trainer(
+        default_root_dir=root,
+        max_steps=max_steps,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        accelerator="cpu",
+        logger=loggers,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=sanity_steps,
+    )
     trainer.fit(model, datamodule=data)
 
 
@@ -58,8 +76,10 @@ def test_image_grid_shows_fixed_originals_above_reconstructions(tmp_path: Path):
     for i in range(4):
         left = pad + i * (cell + pad)
         original = (data.val_set[i]["x"][0].numpy() + 1) / 2 * 255
-        assert np.abs(grid[pad:pad + cell, left:left + cell] - original).max() <= 1, f"top row, item {i}"
-        assert np.abs(grid[2 * pad + cell:2 * (pad + cell), left:left + cell] - original).max() > 1, "bottom row: reconstructions"
+        assert np.abs(grid[pad : pad + cell, left : left + cell] - original).max() <= 1, f"top row, item {i}"
+        assert np.abs(grid[2 * pad + cell : 2 * (pad + cell), left : left + cell] - original).max() > 1, (
+            "bottom row: reconstructions"
+        )
 
 
 def test_audio_wavs_have_the_data_rate_and_item_lengths(tmp_path: Path):
@@ -70,15 +90,28 @@ def test_audio_wavs_have_the_data_rate_and_item_lengths(tmp_path: Path):
     lengths = [900, 1300, 700, 1100, 1500, 800, 1000, 1200]
     for i, length in enumerate(lengths):
         t = np.arange(length) / source_rate
-        sf.write(clips / f"clip{i}.wav", 0.5 * np.sin(2 * np.pi * (200 + 50 * i) * t) + 0.01 * generator.standard_normal(length), source_rate)
-    data = AudioDataModule(str(clips), sample_rate=rate, split=lambda files: {"train": files[:5], "val": files[5:], "test": []},
-                           batch_size=4, cache_dir=str(tmp_path / "cache"))
+        sf.write(
+            clips / f"clip{i}.wav",
+            0.5 * np.sin(2 * np.pi * (200 + 50 * i) * t) + 0.01 * generator.standard_normal(length),
+            source_rate,
+        )
+    data = AudioDataModule(
+        str(clips),
+        sample_rate=rate,
+        split=lambda files: {"train": files[:5], "val": files[5:], "test": []},
+        batch_size=4,
+        cache_dir=str(tmp_path / "cache"),
+    )
     fit(tiny_model(audio=True), data, tmp_path / "run", [ReconstructionLogger(num_items=2)])
 
     folder = tmp_path / "run" / "reconstructions"
     assert (folder / "step0000002.png").is_file() and (folder / "step0000004.png").is_file(), "spectrograms"
     assert sorted(p.name for p in (folder / "step0000004").iterdir()) == [
-        "item0_original.wav", "item0_reconstruction.wav", "item1_original.wav", "item1_reconstruction.wav"]
+        "item0_original.wav",
+        "item0_reconstruction.wav",
+        "item1_original.wav",
+        "item1_reconstruction.wav",
+    ]
     for i in range(2):
         expected = data.val_set[i]["x"][0].numpy()
         assert data.val_set.files[i] == f"clip{5 + i}.wav" and len(expected) == lengths[5 + i] // 2
@@ -99,7 +132,9 @@ class RecordingWandbLogger(WandbLogger):
 
     @property
     def experiment(self):
-        return SimpleNamespace(config=SimpleNamespace(update=lambda config, allow_val_change: self.config.update(config)))
+        return SimpleNamespace(
+            config=SimpleNamespace(update=lambda config, allow_val_change: self.config.update(config))
+        )
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         self.logged.append((step, dict(metrics)))
@@ -111,7 +146,14 @@ def test_wandb_gets_config_media_and_usage_histograms_per_codebook(tmp_path: Pat
     model.run_config = {"quantizer": {"codebook_size": 16}, "seed": 0}
     logger = RecordingWandbLogger()
     # no sanity check: the first validation's histograms must be its own, not left over
-    fit(model, shapes(), tmp_path, [ReconstructionLogger(num_items=4), WandbConfigLogger()], loggers=[logger], sanity_steps=0)
+    fit(
+        model,
+        shapes(),
+        tmp_path,
+        [ReconstructionLogger(num_items=4), WandbConfigLogger()],
+        loggers=[logger],
+        sanity_steps=0,
+    )
 
     assert logger.config == model.run_config
     media = {step: metrics for step, metrics in logger.logged if "val/reconstructions" in metrics}

@@ -6,6 +6,7 @@ k-means and restarts are decided on rank 0 and broadcast), and the 2-rank run
 must match one process that sees both ranks' batches concatenated: proof that
 the reductions are the right sums. Then the CLI's DDP, bf16 and compile paths.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,13 @@ FACTORIES: dict[str, Callable[[], Quantizer]] = {
     "vq": lambda: TRICKS(DIM, CODES),
     "simvq": lambda: SimVQ(DIM, CODES),  # learned by gradient: relies on DDP's gradient averaging
     # quantizer dropout drawn per sample and rank ...
-    "rvq": lambda: ResidualQuantizer(DIM, TRICKS, num_levels=3, codebook_size=CODES, dropout=0.5, dropout_mode="sample"),
+    "rvq": lambda: ResidualQuantizer(
+        DIM, TRICKS, num_levels=3, codebook_size=CODES, dropout=0.5, dropout_mode="sample"
+    ),
     # ... or once per step for all ranks, which one process can reproduce
-    "rvq_batch_dropout": lambda: ResidualQuantizer(DIM, TRICKS, num_levels=3, codebook_size=CODES, dropout=0.5, dropout_mode="batch"),
+    "rvq_batch_dropout": lambda: ResidualQuantizer(
+        DIM, TRICKS, num_levels=3, codebook_size=CODES, dropout=0.5, dropout_mode="batch"
+    ),
     # entropy penalties: the batch-codebook entropy's mean probabilities are all-reduced (with their gradient)
     "lfq": lambda: LFQ(DIM, CODES, inv_temperature=1.0, chunk_elements=50),
     "bsq": lambda: BSQ(DIM, CODES, inv_temperature=1.0, codebook_entropy="factorized"),
@@ -83,7 +88,12 @@ def run_steps(name: str, batches: Callable[[int], Tensor], distributed: bool) ->
         optimizer.step()
         usage.update(count_codes(indices, usage.codebook_sizes))
     summary = usage.compute()  # counts summed over ranks
-    return {**model.state_dict(), "replaced": torch.tensor(replaced()), "perplexity": summary["perplexity"], "utilization": summary["utilization"]}
+    return {
+        **model.state_dict(),
+        "replaced": torch.tensor(replaced()),
+        "perplexity": summary["perplexity"],
+        "utilization": summary["utilization"],
+    }
 
 
 def count_code_replacements(quantizer: Quantizer) -> Callable[[], int]:
@@ -91,9 +101,11 @@ def count_code_replacements(quantizer: Quantizer) -> Callable[[], int]:
     levels = [m for m in quantizer.modules() if isinstance(m, VectorQuantizer) and not isinstance(m, SimVQ)]
     calls = [0]
     for level in levels:
+
         def counted(*args, original=level._replace_codes):
             calls[0] += 1
             return original(*args)
+
         level._replace_codes = counted
     return lambda: calls[0]
 
@@ -139,14 +151,18 @@ def test_ranks_with_different_data_keep_identical_codebooks(name: str, two_ranks
         assert int(rank0["replaced"]) > len(FACTORIES[name]().codebook_sizes), "no dead code was restarted"
 
 
-@pytest.mark.parametrize("name", ["vq_ema", "vq", "simvq", "rvq_batch_dropout", "lfq", "bsq", "bsq_exact", "rlfq", "ibq"])
+@pytest.mark.parametrize(
+    "name", ["vq_ema", "vq", "simvq", "rvq_batch_dropout", "lfq", "bsq", "bsq_exact", "rlfq", "ibq"]
+)
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(name: str, two_ranks):
     """DDP averages equal-sized ranks' mean losses = the mean over the joint batch;
     EMA sums are all-reduced; k-means and restarts pool rows in rank order = concat order."""
     rank0, _ = two_ranks(name)
     single = run_steps(name, lambda step: torch.cat([batch(step, 0), batch(step, 1)]), distributed=False)
     for key, value in single.items():
-        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{name}: {key}: {m}")
+        torch.testing.assert_close(
+            rank0[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{name}: {key}: {m}"
+        )
 
 
 def loader_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -189,8 +205,18 @@ TINY = ["debug=tiny_image", "data.num_train=32"]
 def test_cli_ddp_run_keeps_one_run_directory(tmp_path: Path):
     """Lightning's DDP launcher re-runs train.py for rank 1 with hydra.run.dir set to
     rank 0's directory (and VQTRAIN_RUN_ID inherited): both ranks write one run."""
-    result = run_cli("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=3",
-                     "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", *TINY, cwd=tmp_path)
+    result = run_cli(
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        *TINY,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "last.ckpt").is_file()
@@ -208,8 +234,19 @@ def test_bf16_mixed_trains_every_quantizer_without_nan(quantizer: str, tmp_path:
         return forward(self, z, mask)
 
     monkeypatch.setattr(Quantizer, "forward", recording)
-    train(compose([f"quantizer={quantizer}", "trainer.precision=bf16-mixed", "trainer.max_steps=3",
-                       "trainer.limit_val_batches=0", "test=false", *TINY], tmp_path))
+    train(
+        compose(
+            [
+                f"quantizer={quantizer}",
+                "trainer.precision=bf16-mixed",
+                "trainer.max_steps=3",
+                "trainer.limit_val_batches=0",
+                "test=false",
+                *TINY,
+            ],
+            tmp_path,
+        )
+    )
     assert torch.bfloat16 in seen  # autocast really ran the encoder in bf16
     rows = read_metrics(tmp_path)
     for name in ("loss", "recon_loss", "commitment_loss", "codebook_loss"):
@@ -219,6 +256,17 @@ def test_bf16_mixed_trains_every_quantizer_without_nan(quantizer: str, tmp_path:
 
 @pytest.mark.slow
 def test_compiled_encoder_and_decoder_train(tmp_path: Path):
-    metrics = train(compose(["model.compile=true", "trainer.max_steps=3", "trainer.val_check_interval=3",
-                                 "trainer.limit_val_batches=1", "test=false", *TINY], tmp_path))
+    metrics = train(
+        compose(
+            [
+                "model.compile=true",
+                "trainer.max_steps=3",
+                "trainer.val_check_interval=3",
+                "trainer.limit_val_batches=1",
+                "test=false",
+                *TINY,
+            ],
+            tmp_path,
+        )
+    )
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/loss"])

@@ -1,4 +1,5 @@
 """The effective rank and per-level usage against hand-built codebooks of known answer."""
+
 from __future__ import annotations
 
 import math

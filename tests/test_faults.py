@@ -1,5 +1,6 @@
 """Bad configs, bad data, non-finite numbers, kills and stop signals: each ends in
 a clear error, a counted skip or a run that can continue, never a silent wrong result."""
+
 from __future__ import annotations
 
 import io
@@ -37,16 +38,29 @@ SHAPES = ["data.num_train=32", "data.num_val=16", "data.num_test=16", "data.batc
 
 # --- configs ------------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides, message", [
-    (["quantizer=fsq", "quantizer.codebook_size=null", "quantizer.levels=[1,4]"], "FSQ levels must be a non-empty list of integers >= 2"),
-    (["quantizer=fsq", "quantizer.codebook_size=null", "quantizer.levels=[]"], "FSQ levels must be a non-empty list of integers >= 2"),
-    (["quantizer.codebook_size=0"], "codebook_size must be an integer >= 1, got 0"),
-    (["quantizer.decay=1.0"], "decay must lie in the open interval (0, 1), got 1.0"),
-    (["quantizer=rvq", "quantizer.quantizer.decay=0"], "decay must lie in the open interval (0, 1), got 0"),
-    (["quantizer.commitment_weight=-0.5"], "commitment_weight must be a finite number >= 0, got -0.5"),
-    (["model.latent_dim=32", "model.encoder.out_channels=16"], "latent dims must all equal model.latent_dim=32"),
-    (["data=fsdd", "data.root={tmp}", "model.latent_dim=32", "quantizer.dim=8"], "latent dims must all equal model.latent_dim=32"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["quantizer=fsq", "quantizer.codebook_size=null", "quantizer.levels=[1,4]"],
+            "FSQ levels must be a non-empty list of integers >= 2",
+        ),
+        (
+            ["quantizer=fsq", "quantizer.codebook_size=null", "quantizer.levels=[]"],
+            "FSQ levels must be a non-empty list of integers >= 2",
+        ),
+        (["quantizer.codebook_size=0"], "codebook_size must be an integer >= 1, got 0"),
+        (["quantizer.decay=1.0"], "decay must lie in the open interval (0, 1), got 1.0"),
+        (["quantizer=rvq", "quantizer.quantizer.decay=0"], "decay must lie in the open interval (0, 1), got 0"),
+        (["quantizer.commitment_weight=-0.5"], "commitment_weight must be a finite number >= 0, got -0.5"),
+        (["model.latent_dim=32", "model.encoder.out_channels=16"], "latent dims must all equal model.latent_dim=32"),
+        (
+            ["data=fsdd", "data.root={tmp}", "model.latent_dim=32", "quantizer.dim=8"],
+            "latent dims must all equal model.latent_dim=32",
+        ),
+    ],
+)
 def test_invalid_model_settings_fail_at_start_naming_the_key(overrides: list[str], message: str, tmp_path: Path):
     overrides = [o.format(tmp=tmp_path) for o in overrides]  # an existing data folder: the model is what is wrong
     with pytest.raises(Exception, match=re.escape(message)) as error:
@@ -55,17 +69,20 @@ def test_invalid_model_settings_fail_at_start_naming_the_key(overrides: list[str
     assert not (tmp_path / "run").exists()  # nothing was trained or written
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optimizer.lr=0", "optimizer.lr=0 (must be a finite number > 0)"),
-    ("model.scheduler.min_lr_ratio=-0.5", "model.scheduler.min_lr_ratio=-0.5 (must be a number in [0, 1])"),
-    ("model.scheduler.warmup_steps=-1", "model.scheduler.warmup_steps=-1 (must be an integer >= 0)"),
-    ("trainer.max_steps=0", "trainer.max_steps=0 (must be -1 (no limit) or an integer >= 1)"),
-    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1 (must be null or a finite number >= 0)"),
-    ("trainer.val_check_interval=0", "trainer.val_check_interval=0 (must be an integer >= 1"),
-    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 (must be an integer >= 1)"),
-    ("seed=-1", "seed=-1 (must be null or an integer in [0, 2^32))"),
-    ("data.image_size=30", "data.image_size=30 (must be divisible by 2^model.encoder.num_downsamples = 4)"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.lr=0", "optimizer.lr=0 (must be a finite number > 0)"),
+        ("model.scheduler.min_lr_ratio=-0.5", "model.scheduler.min_lr_ratio=-0.5 (must be a number in [0, 1])"),
+        ("model.scheduler.warmup_steps=-1", "model.scheduler.warmup_steps=-1 (must be an integer >= 0)"),
+        ("trainer.max_steps=0", "trainer.max_steps=0 (must be -1 (no limit) or an integer >= 1)"),
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1 (must be null or a finite number >= 0)"),
+        ("trainer.val_check_interval=0", "trainer.val_check_interval=0 (must be an integer >= 1"),
+        ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 (must be an integer >= 1)"),
+        ("seed=-1", "seed=-1 (must be null or an integer in [0, 2^32))"),
+        ("data.image_size=30", "data.image_size=30 (must be divisible by 2^model.encoder.num_downsamples = 4)"),
+    ],
+)
 def test_settings_that_would_silently_misbehave_are_refused(override: str, message: str, tmp_path: Path):
     """Lightning and torch accept these: lr 0 or a negative clip value trains nothing or backwards."""
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -80,24 +97,45 @@ def test_every_offending_key_is_named_at_once(tmp_path: Path):
 
 def test_cli_refuses_a_bad_config_naming_the_key(tmp_path: Path):
     env = {**os.environ, "WANDB_MODE": "offline", "VQTRAIN_ROOT": str(tmp_path)}
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), "quantizer.codebook_size=0"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "quantizer.codebook_size=0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
-    assert "codebook_size must be an integer >= 1, got 0" in result.stderr and "full_key: model.quantizer" in result.stderr
+    assert (
+        "codebook_size must be an integer >= 1, got 0" in result.stderr and "full_key: model.quantizer" in result.stderr
+    )
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
 @pytest.mark.parametrize("full_error", [False, True])
 def test_cli_prints_a_missing_data_folder_as_one_line(full_error: bool, tmp_path: Path):
     """`error: <key>: ...` and a non-zero exit, no traceback; HYDRA_FULL_ERROR=1 still shows it."""
-    env = {**os.environ, "WANDB_MODE": "offline", "VQTRAIN_ROOT": str(tmp_path), "HYDRA_FULL_ERROR": "1" if full_error else "0"}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "VQTRAIN_ROOT": str(tmp_path),
+        "HYDRA_FULL_ERROR": "1" if full_error else "0",
+    }
     missing = tmp_path / "missing"
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), "data=image_folder", f"data.root={missing}"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "data=image_folder", f"data.root={missing}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     message = f"data.root: no folder {missing} (expected a folder tree of images)"
     assert result.returncode == 1
     if full_error:
-        assert "Traceback" in result.stderr and result.stderr.splitlines()[-1] == f"vqtrain.config.MissingPath: {message}"
+        assert (
+            "Traceback" in result.stderr and result.stderr.splitlines()[-1] == f"vqtrain.config.MissingPath: {message}"
+        )
     else:
         assert result.stderr.splitlines()[-1] == f"error: {message}"
         assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr
@@ -127,8 +165,17 @@ def audio_root(tmp_path: Path) -> Path:
 
 
 def audio_run(root: Path, cache: Path, *overrides: str) -> list[str]:
-    return ["data=audio_folder", f"data.root={root}", f"data.cache_dir={cache}", f"data.sample_rate={RATE}",
-            "data.max_length=0.05", "data.batch_size=8", "data.split.val_fraction=0.3", *FAST, *overrides]
+    return [
+        "data=audio_folder",
+        f"data.root={root}",
+        f"data.cache_dir={cache}",
+        f"data.sample_rate={RATE}",
+        "data.max_length=0.05",
+        "data.batch_size=8",
+        "data.split.val_fraction=0.3",
+        *FAST,
+        *overrides,
+    ]
 
 
 def break_keeping_size_and_mtime(path: Path) -> None:
@@ -157,19 +204,31 @@ def test_strict_data_turns_a_skip_into_an_error_naming_the_file(audio_root: Path
         train(compose(audio_run(audio_root, tmp_path / "cache", "data.strict=true"), tmp_path / "run"))
 
 
-@pytest.mark.parametrize("data, message", [
-    ("audio_folder", r"no folder {root} \(expected a folder tree of \.wav/\.flac/\.ogg/\.opus/\.mp3/\.aiff/\.aif files"),
-    ("image_folder", r"no folder {root} \(expected a folder tree of images\)"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            "audio_folder",
+            r"no folder {root} \(expected a folder tree of \.wav/\.flac/\.ogg/\.opus/\.mp3/\.aiff/\.aif files",
+        ),
+        ("image_folder", r"no folder {root} \(expected a folder tree of images\)"),
+    ],
+)
 @pytest.mark.parametrize("empty", [False, True])
-def test_missing_or_empty_data_folder_names_the_path_and_what_was_expected(data: str, message: str, empty: bool, tmp_path: Path):
+def test_missing_or_empty_data_folder_names_the_path_and_what_was_expected(
+    data: str, message: str, empty: bool, tmp_path: Path
+):
     root = tmp_path / "data"
     if empty:
         root.mkdir()
         (root / "readme.txt").write_text("nothing usable here")
-        message = {"audio_folder": r"no audio files under {root} \(expected a folder tree of \.wav",
-                   "image_folder": r"no images with extensions .* under {root}"}[data]
-    overrides = [*FAST, f"data={data}", f"data.root={root}"] + ([f"data.cache_dir={tmp_path}"] if data == "audio_folder" else [])
+        message = {
+            "audio_folder": r"no audio files under {root} \(expected a folder tree of \.wav",
+            "image_folder": r"no images with extensions .* under {root}",
+        }[data]
+    overrides = [*FAST, f"data={data}", f"data.root={root}"] + (
+        [f"data.cache_dir={tmp_path}"] if data == "audio_folder" else []
+    )
     with pytest.raises(FileNotFoundError, match=message.format(root=re.escape(str(root)))):
         train(compose(overrides, tmp_path / "run"))
 
@@ -177,16 +236,38 @@ def test_missing_or_empty_data_folder_names_the_path_and_what_was_expected(data:
 MNIST_LABEL_FILES = ["train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["data=image_folder", "data.root={missing}"], "data.root: no folder {missing} (expected a folder tree of images)"),
-    (["data=audio_folder", "data.root={missing}"], "data.root: no folder {missing} (expected a folder tree of .wav/"),
-    (["data=mnist", "data.root={missing}"], "data.root: no folder {missing}/MNIST/raw (expected the IDX image files"),
-    (["data=mnist", "data.root={labels_only}"], "data.root: no file {labels_only}/MNIST/raw/train-images-idx3-ubyte (expected"),
-    (["data=cifar10", "data.root={missing}"], "data.root: no folder {missing}/cifar-10-batches-py (expected the extracted"),
-    (["ckpt_path={missing}/last.ckpt"], "ckpt_path: no file {missing}/last.ckpt (expected a checkpoint to resume from)"),
-])
-def test_missing_paths_are_refused_before_the_model_or_trainer_exist(overrides: list[str], message: str, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["data=image_folder", "data.root={missing}"],
+            "data.root: no folder {missing} (expected a folder tree of images)",
+        ),
+        (
+            ["data=audio_folder", "data.root={missing}"],
+            "data.root: no folder {missing} (expected a folder tree of .wav/",
+        ),
+        (
+            ["data=mnist", "data.root={missing}"],
+            "data.root: no folder {missing}/MNIST/raw (expected the IDX image files",
+        ),
+        (
+            ["data=mnist", "data.root={labels_only}"],
+            "data.root: no file {labels_only}/MNIST/raw/train-images-idx3-ubyte (expected",
+        ),
+        (
+            ["data=cifar10", "data.root={missing}"],
+            "data.root: no folder {missing}/cifar-10-batches-py (expected the extracted",
+        ),
+        (
+            ["ckpt_path={missing}/last.ckpt"],
+            "ckpt_path: no file {missing}/last.ckpt (expected a checkpoint to resume from)",
+        ),
+    ],
+)
+def test_missing_paths_are_refused_before_the_model_or_trainer_exist(
+    overrides: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """Found at start-up, not in `fit` after the model and trainer were built; labels_only:
     MNIST's label files without its image files."""
     paths = {"missing": tmp_path / "missing", "labels_only": tmp_path / "labels_only"}
@@ -195,13 +276,16 @@ def test_missing_paths_are_refused_before_the_model_or_trainer_exist(overrides: 
         (paths["labels_only"] / "MNIST" / "raw" / f"{name}.gz").write_bytes(b"")
     cfg = compose([*FAST, *(override.format(**paths) for override in overrides)], tmp_path / "run")
     built = []
-    monkeypatch.setattr("vqtrain.train.instantiate", lambda node, **kwargs: built.append(node._target_) or instantiate(node, **kwargs))
+    monkeypatch.setattr(
+        "vqtrain.train.instantiate", lambda node, **kwargs: built.append(node._target_) or instantiate(node, **kwargs)
+    )
     with pytest.raises(FileNotFoundError, match=re.escape(message.format(**paths))):
         train(cfg)
     assert built == [cfg.data._target_]
 
 
 # --- numerics ---------------------------------------------------------------------
+
 
 @pytest.fixture
 def poisoned_training_image(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -254,8 +338,13 @@ def audio_model(tmp_path: Path, *overrides: str):
 def test_all_padding_batch_gives_zero_losses_and_leaves_the_codebook_alone(tmp_path: Path):
     model = audio_model(tmp_path)
     before = {k: v.clone() for k, v in model.quantizer.state_dict().items()}
-    batch = Batch(x=torch.zeros(2, 1, 400), index=torch.arange(2), skipped=torch.tensor(0),
-                  mask=torch.zeros(2, 400, dtype=torch.bool), lengths=torch.zeros(2, dtype=torch.long))
+    batch = Batch(
+        x=torch.zeros(2, 1, 400),
+        index=torch.arange(2),
+        skipped=torch.tensor(0),
+        mask=torch.zeros(2, 400, dtype=torch.bool),
+        lengths=torch.zeros(2, dtype=torch.long),
+    )
     loss = model.training_step(batch, 0)
     assert loss.item() == 0.0
     loss.backward()
@@ -271,8 +360,13 @@ def test_kmeans_init_with_fewer_real_vectors_than_codes(tmp_path: Path):
     model = audio_model(tmp_path)
     lengths = torch.tensor([64, 96])  # latents at stride 32: 2 + 3 real positions
     mask = torch.arange(96) < lengths[:, None]
-    batch = Batch(x=torch.randn(2, 1, 96) * mask[:, None], index=torch.arange(2), skipped=torch.tensor(0), mask=mask,
-                  lengths=lengths)
+    batch = Batch(
+        x=torch.randn(2, 1, 96) * mask[:, None],
+        index=torch.arange(2),
+        skipped=torch.tensor(0),
+        mask=mask,
+        lengths=lengths,
+    )
     with torch.no_grad():
         z, latent_mask, _ = model.encode(batch.x, mask)
     real = z[latent_mask]
@@ -289,6 +383,7 @@ def test_kmeans_init_with_fewer_real_vectors_than_codes(tmp_path: Path):
 
 
 # --- runs: atomic checkpoints, signals, resume --------------------------------------
+
 
 def test_a_crash_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     checkpoint_io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
@@ -339,8 +434,14 @@ def stopped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Co
     root = tmp_path_factory.mktemp("stopped")
     run_dir = root / "run"
     env = {**os.environ, "WANDB_MODE": "offline", "VQTRAIN_ROOT": str(root)}
-    command = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run_dir}", *FAST, *SHAPES,
-               "trainer.max_steps=100000"]
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        f"hydra.run.dir={run_dir}",
+        *FAST,
+        *SHAPES,
+        "trainer.max_steps=100000",
+    ]
     process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while not list(run_dir.glob("step*.ckpt")) and process.poll() is None and time.monotonic() < deadline:
@@ -372,16 +473,21 @@ def test_resume_auto_continues_from_the_saved_step_and_keeps_the_metrics(stopped
     train(cfg)
     assert global_step(Path(resume_path(cfg))) > step  # (ModelCheckpoint saves at validations, every 2 steps)
     rows = read_metrics(run_dir)
-    assert rows[: len(logged)] == [{k: r.get(k, "") for k in rows[0]} for r in logged]  # the stopped run's history is kept
+    assert rows[: len(logged)] == [
+        {k: r.get(k, "") for k in rows[0]} for r in logged
+    ]  # the stopped run's history is kept
     before = [int(r["step"]) for r in logged if r["train/loss"]]
-    after = [int(r["step"]) for r in rows[len(logged):] if r["train/loss"]]
+    after = [int(r["step"]) for r in rows[len(logged) :] if r["train/loss"]]
     assert before and after and min(after) > max(before)  # more steps, not a restart at 0
 
 
 def test_a_checkpoint_of_another_quantizer_config_is_refused(stopped_run, tmp_path: Path):
     run_dir = copy_of(stopped_run[1], tmp_path)
     before = (run_dir / "last.ckpt").read_bytes()
-    with pytest.raises(ValueError, match=r"another quantizer config; differing keys \(checkpoint, now\): \{'codebook_size': \(64, 32\)\}"):
+    with pytest.raises(
+        ValueError,
+        match=r"another quantizer config; differing keys \(checkpoint, now\): \{'codebook_size': \(64, 32\)\}",
+    ):
         train(compose([*FAST, *SHAPES, "quantizer.codebook_size=32", "trainer.max_steps=100"], run_dir))
     assert (run_dir / "last.ckpt").read_bytes() == before
 
@@ -398,8 +504,14 @@ class RaiseSignal(L.Callback):
 
 
 def test_sigusr1_saves_last_checkpoint_and_stops_like_sigterm(tmp_path: Path):
-    overrides = [*FAST, *SHAPES, "trainer.max_steps=100", f"+callbacks.signal._target_={__name__}.RaiseSignal",
-                 f"+callbacks.signal.signum={int(signal.SIGUSR1)}", "+callbacks.signal.step=3"]
+    overrides = [
+        *FAST,
+        *SHAPES,
+        "trainer.max_steps=100",
+        f"+callbacks.signal._target_={__name__}.RaiseSignal",
+        f"+callbacks.signal.signum={int(signal.SIGUSR1)}",
+        "+callbacks.signal.step=3",
+    ]
     with pytest.raises(SystemExit) as stop:
         train(compose(overrides, tmp_path))
     assert stop.value.code is None  # exit status 0

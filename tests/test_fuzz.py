@@ -7,6 +7,7 @@ indices, codes that do not decode back). Cases come from a seeded generator
 (hypothesis is not a dependency), so a failure names a reproducible case.
 VQTRAIN_FUZZ_CASES sets the number of cases per target (default 60).
 """
+
 from __future__ import annotations
 
 import io
@@ -51,13 +52,16 @@ QUANTIZERS: dict[str, Callable[[], Quantizer]] = {
     "vq": partial(VectorQuantizer, DIM, 8),
     "vq_cosine_rotation": partial(VectorQuantizer, DIM, 8, distance="cosine", estimator="rotation"),
     "vq_gradient_groups": partial(VectorQuantizer, DIM, 8, groups=2, learning="gradient"),
-    "vq_projected_kmeans_dead": partial(VectorQuantizer, DIM, 8, codebook_dim=2, kmeans_init=True, kmeans_iters=2,
-                                        dead_code_threshold=0.5),
+    "vq_projected_kmeans_dead": partial(
+        VectorQuantizer, DIM, 8, codebook_dim=2, kmeans_init=True, kmeans_iters=2, dead_code_threshold=0.5
+    ),
     "simvq": partial(SimVQ, DIM, 8),
     "fsq": partial(FSQ, DIM, levels=[3, 4]),
     "fsq_unprojected": partial(FSQ, DIM, levels=[5, 4, 3, 2]),
     "fsq_symmetric": partial(FSQ, DIM, levels=[4, 2], symmetric=True),
-    "rvq_dropout": partial(ResidualQuantizer, DIM, partial(VectorQuantizer, codebook_size=8), num_levels=2, dropout=0.5),
+    "rvq_dropout": partial(
+        ResidualQuantizer, DIM, partial(VectorQuantizer, codebook_size=8), num_levels=2, dropout=0.5
+    ),
     "rfsq": partial(ResidualFSQ, DIM, levels=[3, 3], num_levels=2),
     "rfsq_symmetric": partial(ResidualFSQ, DIM, levels=[4, 2], num_levels=2, symmetric=True),
     "lfq": partial(LFQ, DIM, 16),
@@ -117,6 +121,7 @@ def check_clear_error(error: BaseException, case: str) -> None:
 
 
 # --- quantizers: forward -------------------------------------------------------------
+
 
 def random_input(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None, str]:
     """A tensor of random shape, dtype and values, and a mask that may not fit it."""
@@ -199,10 +204,13 @@ def check_forward(module: Quantizer, z: torch.Tensor, mask: torch.Tensor | None,
     if z.grad is not None and z.dtype != torch.float16:  # float16 overflows are for a GradScaler to catch
         assert bool(torch.isfinite(z.grad).all()), f"{case}: non-finite gradient"
     if not module.training and z.dtype == torch.float32:
-        torch.testing.assert_close(module.indices_to_codes(out.indices), out.quantized, msg=f"{case}: codes do not decode back")
+        torch.testing.assert_close(
+            module.indices_to_codes(out.indices), out.quantized, msg=f"{case}: codes do not decode back"
+        )
 
 
 # --- quantizers: indices_to_codes ---------------------------------------------------
+
 
 def refusal_reason(module: Quantizer, indices: torch.Tensor) -> str | None:
     """Why `indices` must be refused, or None when they must decode."""
@@ -243,7 +251,9 @@ def test_indices_to_codes_on_generated_indices(name: str):
             continue
         assert refuse is None, f"{description}: invalid indices ({refuse}) decoded silently"
         lead = indices.shape[:-1] if columns > 1 else indices.shape
-        assert codes.shape == (*lead, DIM) and codes.dtype == torch.float32 and bool(torch.isfinite(codes).all()), description
+        assert codes.shape == (*lead, DIM) and codes.dtype == torch.float32 and bool(torch.isfinite(codes).all()), (
+            description
+        )
         unused = (indices.reshape(-1, columns).long() < 0).all(-1)
         assert not codes.reshape(-1, DIM)[unused].any(), f"{description}: -1 did not decode to zeros"
         OUTCOMES["indices_to_codes", "output"] += 1
@@ -252,8 +262,14 @@ def test_indices_to_codes_on_generated_indices(name: str):
 # --- data: audio files ---------------------------------------------------------------
 
 AUDIO_EXTENSIONS = [".wav", ".WAV", ".flac", ".ogg", ".opus", ".mp3", ".aiff"]
-FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS"),
-           ".opus": ("OGG", "OPUS"), ".mp3": ("MP3", "MPEG_LAYER_III"), ".aiff": ("AIFF", "PCM_16")}
+FORMATS = {
+    ".wav": ("WAV", "PCM_16"),
+    ".flac": ("FLAC", "PCM_16"),
+    ".ogg": ("OGG", "VORBIS"),
+    ".opus": ("OGG", "OPUS"),
+    ".mp3": ("MP3", "MPEG_LAYER_III"),
+    ".aiff": ("AIFF", "PCM_16"),
+}
 
 
 def valid_audio(rng: np.random.Generator, extension: str, frames: int | None = None) -> bytes:
@@ -273,8 +289,15 @@ def lying_wav_header(rng: np.random.Generator) -> bytes:
     bits = int(rng.choice([0, 7, 8, 16, 24, 32, 64]))
     data_size = int(rng.choice([0, 16, 2**31, 2**32 - 1]))
     riff_size = int(rng.choice([4, 36 + data_size % 2**32, 2**32 - 1])) % 2**32
-    fmt = struct.pack("<HHIIHH", int(rng.choice([1, 3, 0xFFFE, 0x1234])), channels, rate,
-                      rate * channels * bits // 8 % 2**32, channels * bits // 8 % 2**16, bits)
+    fmt = struct.pack(
+        "<HHIIHH",
+        int(rng.choice([1, 3, 0xFFFE, 0x1234])),
+        channels,
+        rate,
+        rate * channels * bits // 8 % 2**32,
+        channels * bits // 8 % 2**16,
+        bits,
+    )
     header = b"RIFF" + struct.pack("<I", riff_size) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
     return header + b"data" + struct.pack("<I", data_size) + rng.bytes(int(rng.integers(0, 200)))
 
@@ -302,11 +325,15 @@ def bad_audio(rng: np.random.Generator) -> tuple[str, bytes, str]:
     elif kind == "truncated":
         content = truncate(rng, valid_audio(rng, extension))
     elif kind == "mutated":  # mostly in the header
-        content = mutate(rng, valid_audio(rng, extension, frames=int(rng.integers(1, 3000))), 64 if rng.random() < 0.7 else None)
+        content = mutate(
+            rng, valid_audio(rng, extension, frames=int(rng.integers(1, 3000))), 64 if rng.random() < 0.7 else None
+        )
     elif kind == "lying_header":
         extension, content = ".wav", lying_wav_header(rng)
     elif kind == "other_format":  # e.g. FLAC bytes named .wav
-        content = valid_audio(rng, str(rng.choice([e for e in FORMATS if e != extension.lower()])), frames=int(rng.integers(1, 3000)))
+        content = valid_audio(
+            rng, str(rng.choice([e for e in FORMATS if e != extension.lower()])), frames=int(rng.integers(1, 3000))
+        )
     elif kind == "text":
         content = b"this is not audio\n" * int(rng.integers(1, 50))
     else:
@@ -346,11 +373,17 @@ def test_audio_pipeline_on_generated_files(tmp_path: Path):
         rate = int(rng.choice([8000, 16000]))
         max_length = rng.choice([None, 0.05])
         strict = bool(rng.random() < 0.3)
-        options = dict(max_length=max_length, random_crop=bool(rng.random() < 0.5), strict=strict, cache_dir=tmp_path / "cache")
+        options = dict(
+            max_length=max_length, random_crop=bool(rng.random() < 0.5), strict=strict, cache_dir=tmp_path / "cache"
+        )
         result = attempt(description, partial(load_audio, root, rate, options))
         if isinstance(result, Exception):
-            assert strict and isinstance(result, RuntimeError) and "data.strict=true" in str(result) \
-                and f"file{extension}" in str(result), f"{description}: {type(result).__name__}: {result}"
+            assert (
+                strict
+                and isinstance(result, RuntimeError)
+                and "data.strict=true" in str(result)
+                and f"file{extension}" in str(result)
+            ), f"{description}: {type(result).__name__}: {result}"
             OUTCOMES["audio file", "strict error"] += 1
             continue
         data, items, batch = result
@@ -368,6 +401,7 @@ def test_audio_pipeline_on_generated_files(tmp_path: Path):
 
 
 # --- data: image files ---------------------------------------------------------------
+
 
 def image_bytes(rng: np.random.Generator, extension: str) -> bytes:
     size = (int(rng.integers(1, 40)), int(rng.integers(1, 40)))
@@ -413,7 +447,12 @@ def test_image_files_on_generated_bytes(tmp_path: Path):
         path = tmp_path / f"case{case}{extension}"
         path.write_bytes(content)
         channels = int(rng.choice([1, 3]))
-        item = attempt(description, lambda path=path, channels=channels: SkippingDataset(ImageFiles([path], image_size=8, channels=channels))[0])
+        item = attempt(
+            description,
+            lambda path=path, channels=channels: SkippingDataset(ImageFiles([path], image_size=8, channels=channels))[
+                0
+            ],
+        )
         assert not isinstance(item, Exception), f"{description}: {type(item).__name__}: {item}"
         if item is None:
             OUTCOMES["image file", "skipped"] += 1

@@ -1,4 +1,5 @@
 """Image data modules: item/batch layout, determinism, skipping of unreadable files, clear errors, real MNIST."""
+
 from __future__ import annotations
 
 import gzip
@@ -26,6 +27,7 @@ def first_batch(loader) -> dict:
 
 
 # --- shapes --------------------------------------------------------------------
+
 
 def small_shapes(**options) -> ShapesDataModule:
     module = ShapesDataModule(num_train=256, num_val=64, num_test=32, batch_size=16, **options)
@@ -74,6 +76,7 @@ def test_unsupported_channel_count_is_refused_at_construction():
 
 
 # --- image folder ----------------------------------------------------------------
+
 
 def write_image(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +154,7 @@ def test_image_folder_without_images_fails_at_setup(tmp_path: Path):
 
 # --- torchvision data sets ---------------------------------------------------------
 
+
 def test_mnist_splits_range_and_padding(mnist_root: Path):
     module = MNISTDataModule(str(mnist_root), batch_size=32)
     module.setup()
@@ -174,11 +178,14 @@ def test_mnist_reads_the_gzipped_archives_as_torchvision_reads_the_gunzipped_fil
         assert torch.equal(from_archives, MNIST(str(mnist_root), train=train).data[:, None])
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda raw: raw[:1000], "bytes of pixels where the header announces"),
-    (lambda raw: b"\0\0\x08\x01" + raw[4:], "not an IDX file of uint8 images"),
-    (lambda raw: b"", "not an IDX file of uint8 images (header empty)"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda raw: raw[:1000], "bytes of pixels where the header announces"),
+        (lambda raw: b"\0\0\x08\x01" + raw[4:], "not an IDX file of uint8 images"),
+        (lambda raw: b"", "not an IDX file of uint8 images (header empty)"),
+    ],
+)
 def test_a_damaged_mnist_file_is_refused_naming_it(tmp_path: Path, damage, message: str):
     raw_dir = tmp_path / "MNIST" / "raw"
     raw_dir.mkdir(parents=True)

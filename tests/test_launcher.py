@@ -1,5 +1,6 @@
 """Sweeps through submitit: hydra/launcher=local runs real jobs here; hydra/launcher=slurm
 is checked up to the sbatch script it would submit (no cluster on a test machine)."""
+
 from __future__ import annotations
 
 import os
@@ -40,7 +41,11 @@ def sbatch_script(overrides: list[str], sweep_dir: Path, monkeypatch: pytest.Mon
     """The sbatch script hydra/launcher=slurm submits for a two-point sweep."""
     register_resolvers()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = compose("train", overrides=["hydra/launcher=slurm", f"hydra.sweep.dir={sweep_dir}", *overrides], return_hydra_config=True)
+        cfg = compose(
+            "train",
+            overrides=["hydra/launcher=slurm", f"hydra.sweep.dir={sweep_dir}", *overrides],
+            return_hydra_config=True,
+        )
     with open_dict(cfg):
         cfg.hydra.runtime.cwd = os.getcwd()
     HydraConfig.instance().set_config(cfg)
@@ -57,12 +62,26 @@ def sbatch_script(overrides: list[str], sweep_dir: Path, monkeypatch: pytest.Mon
     return str(submitted.value)
 
 
-def test_slurm_launcher_asks_for_one_task_per_gpu_and_a_requeue_signal_lightning_handles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    script = sbatch_script(["trainer=ddp", "trainer.num_nodes=2", "hydra.launcher.gpus_per_node=4", "hydra.launcher.partition=gpu"],
-                           tmp_path, monkeypatch)
+def test_slurm_launcher_asks_for_one_task_per_gpu_and_a_requeue_signal_lightning_handles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    script = sbatch_script(
+        ["trainer=ddp", "trainer.num_nodes=2", "hydra.launcher.gpus_per_node=4", "hydra.launcher.partition=gpu"],
+        tmp_path,
+        monkeypatch,
+    )
     lines = set(script.splitlines())
-    for flag in ["--partition=gpu", "--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--cpus-per-task=8",
-                 "--time=1440", "--signal=USR1@120", "--requeue", "--array=0-1%2"]:
+    for flag in [
+        "--partition=gpu",
+        "--nodes=2",
+        "--gpus-per-node=4",
+        "--ntasks-per-node=4",
+        "--cpus-per-task=8",
+        "--time=1440",
+        "--signal=USR1@120",
+        "--requeue",
+        "--array=0-1%2",
+    ]:
         assert f"#SBATCH {flag}" in lines, f"{flag} missing from\n{script}"
     assert "USR2" not in script  # submitit's signal would requeue without a checkpoint
     assert any(line.startswith("srun ") and "submitit.core._submit" in line for line in lines)

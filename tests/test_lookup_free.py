@@ -4,6 +4,7 @@ code, built in one piece, is what the chunked computations must reproduce.
 The shared contract (padding, round trips, dtypes, eval state) is covered by
 registration in tests/test_quantizers.py, DDP equality in tests/test_distributed.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,7 +49,9 @@ LFQS = {
     "lfq": partial(LFQ, 4, 16, inv_temperature=1.0),
     "lfq_projection_two_codebooks": partial(LFQ, 8, 8, num_codebooks=2, inv_temperature=0.7, scale=0.5),
     "bsq_exact": partial(BSQ, 5, 32, codebook_entropy="exact", inv_temperature=2.0),
-    "bsq_exact_projection": partial(BSQ, 8, 16, num_codebooks=2, codebook_entropy="exact", inv_temperature=3.0, scale=2.0),
+    "bsq_exact_projection": partial(
+        BSQ, 8, 16, num_codebooks=2, codebook_entropy="exact", inv_temperature=3.0, scale=2.0
+    ),
 }
 
 
@@ -94,7 +97,9 @@ def test_entropy_terms_and_their_gradient_equal_the_full_softmax(name, chunk_ele
     torch.testing.assert_close(out.losses["per_sample_entropy"], per_sample)
     torch.testing.assert_close(out.losses["codebook_entropy"], codebook)
     torch.testing.assert_close(out.losses["entropy"], per_sample - module.diversity_gamma * codebook)
-    expected_loss = module.weights["entropy"] * (per_sample - codebook) + module.weights["commitment"] * out.losses["commitment"]
+    expected_loss = (
+        module.weights["entropy"] * (per_sample - codebook) + module.weights["commitment"] * out.losses["commitment"]
+    )
     torch.testing.assert_close(out.loss, expected_loss)
     # the chunked, checkpointed backward equals autograd through the full softmax
     (ours,) = torch.autograd.grad(out.losses["entropy"], z)
@@ -117,7 +122,9 @@ def test_factorized_codebook_entropy_is_bsqs_per_bit_sum_and_an_upper_bound():
     torch.testing.assert_close(exact, torch.tensor(4 * math.log(2)))
 
 
-@pytest.mark.parametrize("build", [LFQS["lfq"], partial(BSQ, 4, 16), partial(IBQ, 4, 16, entropy_weight=0.1, inv_temperature=1.0)])
+@pytest.mark.parametrize(
+    "build", [LFQS["lfq"], partial(BSQ, 4, 16), partial(IBQ, 4, 16, entropy_weight=0.1, inv_temperature=1.0)]
+)
 def test_entropy_statistics_see_real_rows_only(build):
     """The batch-codebook entropy of a padded batch is that of its real rows alone."""
     torch.manual_seed(0)
@@ -137,7 +144,11 @@ def test_entropy_is_a_training_statistic(build):
     module = build().eval()
     out = module(randn(2, 5, 4))
     assert out.losses["entropy"] == 0 and out.losses["codebook_entropy"] == 0 and out.losses["per_sample_entropy"] == 0
-    torch.testing.assert_close(out.loss, module.weights["commitment"] * out.losses["commitment"] + module.weights.get("codebook", 0) * out.losses["codebook"])
+    torch.testing.assert_close(
+        out.loss,
+        module.weights["commitment"] * out.losses["commitment"]
+        + module.weights.get("codebook", 0) * out.losses["codebook"],
+    )
 
 
 def test_2_18_codes_stay_within_the_chunk_bound(monkeypatch):
@@ -174,7 +185,11 @@ def naive_ibq(module: IBQ, z: torch.Tensor):
     commitment = (h - (hard @ module.embed).detach()).pow(2).mean()
     tempered = (logits * module.inv_temperature).softmax(-1)
     per_sample, batch = exact_entropy(tempered).mean(), exact_entropy(tempered.mean(0))
-    loss = module.weights["codebook"] * codebook + module.weights["commitment"] * commitment + module.weights["entropy"] * (per_sample - batch)
+    loss = (
+        module.weights["codebook"] * codebook
+        + module.weights["commitment"] * commitment
+        + module.weights["entropy"] * (per_sample - batch)
+    )
     return module.project_out(q), logits.argmax(-1), loss, per_sample, batch
 
 
@@ -182,7 +197,14 @@ def naive_ibq(module: IBQ, z: torch.Tensor):
 @pytest.mark.parametrize("codebook_dim, entropy_weight", [(None, 0.0), (3, 0.1)])
 def test_ibq_equals_the_full_softmax_estimator(chunk_elements, codebook_dim, entropy_weight):
     torch.manual_seed(0)
-    module = IBQ(6, 24, codebook_dim=codebook_dim, entropy_weight=entropy_weight, inv_temperature=5.0, chunk_elements=chunk_elements).train()
+    module = IBQ(
+        6,
+        24,
+        codebook_dim=codebook_dim,
+        entropy_weight=entropy_weight,
+        inv_temperature=5.0,
+        chunk_elements=chunk_elements,
+    ).train()
     with torch.no_grad():
         module.embed.normal_()  # spread codes: a non-trivial softmax
     z = randn(4, 5, 6)

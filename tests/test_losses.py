@@ -1,5 +1,6 @@
 """Reconstruction losses against values worked out independently: the masked MSE
 by hand, the STFT loss with numpy's FFT on frames cut by hand."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Codebook usage figures against counts done by hand: which codes, how often, padding never counted."""
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,9 @@ def test_summary_equals_hand_computed_figures():
     per = summary["per_codebook"]
     torch.testing.assert_close(per["utilization"], torch.tensor([0.5, 1.0]))
     torch.testing.assert_close(per["perplexity"], torch.tensor([2.0, math.exp(entropy1)]))
-    torch.testing.assert_close(per["entropy_utilization"], torch.tensor([entropy0 / math.log(4), entropy1 / math.log(3)]))
+    torch.testing.assert_close(
+        per["entropy_utilization"], torch.tensor([entropy0 / math.log(4), entropy1 / math.log(3)])
+    )
     torch.testing.assert_close(per["dead_codes"], torch.tensor([2.0, 0.0]))
     torch.testing.assert_close(summary["utilization"], torch.tensor(0.75))
     torch.testing.assert_close(summary["perplexity"], torch.tensor((2 + math.exp(entropy1)) / 2))

@@ -1,5 +1,6 @@
 """scripts/check_pins.py: a torch / torchvision / torchaudio trio that cannot load
 together is refused by name before any test imports it (simulated, never installed)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,7 +20,10 @@ def test_the_pinned_trio_belongs_together():
 
 
 def test_matching_cuda_builds_pass():
-    assert check_pins.trio_problems({"torch": "2.11.0+cu130", "torchvision": "0.26.0+cu130", "torchaudio": "2.11.0+cu130"}) == []
+    assert (
+        check_pins.trio_problems({"torch": "2.11.0+cu130", "torchvision": "0.26.0+cu130", "torchaudio": "2.11.0+cu130"})
+        == []
+    )
     assert check_pins.trio_problems({"torch": "2.9.1", "torchvision": "0.24.1", "torchaudio": "2.9.1"}) == []
 
 
@@ -47,9 +51,14 @@ def test_cli_fails_with_one_clear_line_on_a_mismatched_lock(tmp_path: Path):
     """The installed torch against a lock that pins another torchaudio: exit 1, naming both."""
     lock = tmp_path / "constraints.txt"
     lock.write_text("torchaudio==2.11.1\n")
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "check_pins.py"), "--constraints", str(lock)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "check_pins.py"), "--constraints", str(lock)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1
     assert "torchaudio" in proc.stderr and "2.11.1 pinned" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert subprocess.run([sys.executable, str(REPO / "scripts" / "check_pins.py")], capture_output=True).returncode == 0
+    assert (
+        subprocess.run([sys.executable, str(REPO / "scripts" / "check_pins.py")], capture_output=True).returncode == 0
+    )

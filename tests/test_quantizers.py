@@ -4,6 +4,7 @@ Every quantizer configuration under test lives in `QUANTIZER_FACTORIES`; the
 parametrized tests run them all. Everything is small (dim 8, 16 codes), so the
 file runs in seconds on CPU.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,20 +44,33 @@ QUANTIZER_FACTORIES = {
     "vq_kmeans": vq(kmeans_init=True, kmeans_iters=3, kmeans_max_samples=12),
     "vq_kmeans_gradient_groups": vq(kmeans_init=True, kmeans_iters=3, learning="gradient", groups=2),
     "vq_dead_code": vq(dead_code_threshold=0.9, usage_decay=0.5),
-    "vq_dead_code_gradient_cosine": vq(dead_code_threshold=0.9, usage_decay=0.5, learning="gradient", distance="cosine"),
+    "vq_dead_code_gradient_cosine": vq(
+        dead_code_threshold=0.9, usage_decay=0.5, learning="gradient", distance="cosine"
+    ),
     "simvq": partial(SimVQ, DIM, CODES),
-    "simvq_groups_cosine_ste": partial(SimVQ, DIM, CODES, groups=2, distance="cosine", estimator="ste", learn_basis=True),
+    "simvq_groups_cosine_ste": partial(
+        SimVQ, DIM, CODES, groups=2, distance="cosine", estimator="ste", learn_basis=True
+    ),
     "fsq": partial(FSQ, 4, levels=[5, 4, 3, 3]),
     "fsq_projection": partial(FSQ, DIM, levels=[5, 4, 3]),
     "fsq_two_codebooks": partial(FSQ, DIM, levels=[5, 4, 3, 3], num_codebooks=2),
     "fsq_two_codebooks_projection": partial(FSQ, DIM, levels=[4, 3], num_codebooks=2, scale=0.5),
     "fsq_symmetric": partial(FSQ, 4, levels=[5, 4, 3, 2], symmetric=True),
-    "fsq_symmetric_clamp_projection": partial(FSQ, DIM, levels=[8, 5], num_codebooks=2, symmetric=True, bound="clamp", scale=0.5),
+    "fsq_symmetric_clamp_projection": partial(
+        FSQ, DIM, levels=[8, 5], num_codebooks=2, symmetric=True, bound="clamp", scale=0.5
+    ),
     "rvq": residual(partial(VectorQuantizer, codebook_size=CODES)),
     "rvq_shared": residual(partial(VectorQuantizer, codebook_size=CODES, learning="gradient"), shared_codebook=True),
     "rvq_dropout": residual(partial(VectorQuantizer, codebook_size=CODES, learning="gradient"), dropout=0.5),
     "rvq_dropout_batch_kmeans_dead": residual(
-        partial(VectorQuantizer, codebook_size=CODES, kmeans_init=True, kmeans_iters=2, dead_code_threshold=0.9, usage_decay=0.5),
+        partial(
+            VectorQuantizer,
+            codebook_size=CODES,
+            kmeans_init=True,
+            kmeans_iters=2,
+            dead_code_threshold=0.9,
+            usage_decay=0.5,
+        ),
         codebook_dim=4,
         dropout=0.5,
         dropout_mode="batch",
@@ -68,19 +82,34 @@ QUANTIZER_FACTORIES = {
     "rfsq_symmetric": partial(ResidualFSQ, DIM, levels=[8, 5, 4], num_levels=3, symmetric=True),
     "rfsq_symmetric_dropout": partial(ResidualFSQ, DIM, levels=[8, 5, 4], num_levels=3, symmetric=True, dropout=0.5),
     "lfq": partial(LFQ, 4, CODES, commitment_weight=0.25),
-    "lfq_two_codebooks_projection": partial(LFQ, DIM, 8, num_codebooks=2, inv_temperature=1.0, chunk_elements=7, commitment_weight=0.25),
+    "lfq_two_codebooks_projection": partial(
+        LFQ, DIM, 8, num_codebooks=2, inv_temperature=1.0, chunk_elements=7, commitment_weight=0.25
+    ),
     "lfq_factorized_projection": partial(LFQ, DIM, CODES, codebook_entropy="factorized", commitment_weight=0.25),
     "bsq_factorized": partial(BSQ, 4, CODES, codebook_entropy="factorized"),
     "bsq": partial(BSQ, 4, CODES),
-    "bsq_exact_two_codebooks_projection": partial(BSQ, DIM, 8, num_codebooks=2, codebook_entropy="exact", scale=2.0, chunk_elements=5),
+    "bsq_exact_two_codebooks_projection": partial(
+        BSQ, DIM, 8, num_codebooks=2, codebook_entropy="exact", scale=2.0, chunk_elements=5
+    ),
     "rlfq": partial(ResidualLFQ, DIM, num_levels=3, codebook_size=CODES, commitment_weight=0.25),
-    "rlfq_dropout": partial(ResidualLFQ, DIM, num_levels=3, codebook_size=8, dropout=0.5, inv_temperature=1.0, commitment_weight=0.25),
+    "rlfq_dropout": partial(
+        ResidualLFQ, DIM, num_levels=3, codebook_size=8, dropout=0.5, inv_temperature=1.0, commitment_weight=0.25
+    ),
     "ibq": partial(IBQ, DIM, CODES),
-    "ibq_codebook_dim_entropy_chunked": partial(IBQ, DIM, CODES, codebook_dim=3, entropy_weight=0.1, inv_temperature=1.0, chunk_elements=7),
+    "ibq_codebook_dim_entropy_chunked": partial(
+        IBQ, DIM, CODES, codebook_dim=3, entropy_weight=0.1, inv_temperature=1.0, chunk_elements=7
+    ),
 }
 RESIDUAL = [name for name in QUANTIZER_FACTORIES if name.startswith("r")]
 FSQS = [name for name in QUANTIZER_FACTORIES if name.startswith("fsq")]
-GRADIENT_LEARNED = ["vq_gradient", "vq_cosine_gradient", "vq_groups_codebook_dim_gradient", "vq_rotation", "simvq", "simvq_groups_cosine_ste"]
+GRADIENT_LEARNED = [
+    "vq_gradient",
+    "vq_cosine_gradient",
+    "vq_groups_codebook_dim_gradient",
+    "vq_rotation",
+    "simvq",
+    "simvq_groups_cosine_ste",
+]
 EMA_LEARNED = ["vq_ema", "vq_cosine", "vq_codebook_dim", "vq_groups", "vq_kmeans", "vq_dead_code"]
 
 
@@ -173,7 +202,9 @@ def test_nearest_codes_of_no_rows():
 @pytest.mark.parametrize("groups", [1, 2])
 def test_vq_picks_the_nearest_code(distance, codebook_dim, groups):
     torch.manual_seed(0)
-    module = VectorQuantizer(DIM, CODES, codebook_dim=codebook_dim, groups=groups, distance=distance, chunk_elements=5).eval()
+    module = VectorQuantizer(
+        DIM, CODES, codebook_dim=codebook_dim, groups=groups, distance=distance, chunk_elements=5
+    ).eval()
     z = randn(4, 9, DIM)
     indices = module(z).indices
     with torch.no_grad():
@@ -208,11 +239,15 @@ def test_gradient_learning_routes_each_loss(name):
     out = module(z, mask)
     codebook = codebook_parameters(module)
 
-    grad_z, *grad_codebook = torch.autograd.grad(out.losses["commitment"], [z, *codebook], allow_unused=True, retain_graph=True)
+    grad_z, *grad_codebook = torch.autograd.grad(
+        out.losses["commitment"], [z, *codebook], allow_unused=True, retain_graph=True
+    )
     assert grad_z[mask].abs().sum() > 0 and not grad_z[~mask].any()
     assert all(g is None or not g.any() for g in grad_codebook), "commitment loss must not move the codebook"
 
-    grad_z, *grad_codebook = torch.autograd.grad(out.losses["codebook"], [z, *codebook], allow_unused=True, retain_graph=True)
+    grad_z, *grad_codebook = torch.autograd.grad(
+        out.losses["codebook"], [z, *codebook], allow_unused=True, retain_graph=True
+    )
     assert grad_z is None or not grad_z.any(), "codebook loss must not reach the encoder"
     assert all(g is not None and g.abs().sum() > 0 for g in grad_codebook)
 
@@ -221,7 +256,9 @@ def test_gradient_learning_routes_each_loss(name):
     assert grad_z[mask].abs().sum() > 0
     assert all(g is None or not g.any() for g in grad_codebook), "quantized must pass gradient to z only"
 
-    expected = module.weights["commitment"] * out.losses["commitment"] + module.weights["codebook"] * out.losses["codebook"]
+    expected = (
+        module.weights["commitment"] * out.losses["commitment"] + module.weights["codebook"] * out.losses["codebook"]
+    )
     torch.testing.assert_close(out.loss, expected)
 
 
@@ -238,7 +275,9 @@ def test_ema_codebook_gets_no_gradient(name):
 
 
 @pytest.mark.parametrize(
-    "build", [vq(), vq(learning="gradient"), vq(groups=2), partial(SimVQ, DIM, CODES, estimator="ste")], ids=["ema", "gradient", "groups", "simvq"]
+    "build",
+    [vq(), vq(learning="gradient"), vq(groups=2), partial(SimVQ, DIM, CODES, estimator="ste")],
+    ids=["ema", "gradient", "groups", "simvq"],
 )
 def test_straight_through_gradient_is_identity(build):
     torch.manual_seed(0)
@@ -317,7 +356,9 @@ def test_ema_update_matches_hand_computed_formula(groups):
 def test_frozen_codes_stay_bitwise_unchanged(learning, distance, how):
     frozen, codes, dim = [0, 3], 6, 4
     torch.manual_seed(0)
-    module = VectorQuantizer(dim, codes, learning=learning, distance=distance, frozen_codes=None if how == "set_update_weight" else frozen)
+    module = VectorQuantizer(
+        dim, codes, learning=learning, distance=distance, frozen_codes=None if how == "set_update_weight" else frozen
+    )
     if how == "set_update_weight":
         weight = torch.ones(codes)
         weight[frozen] = 0
@@ -447,7 +488,9 @@ def test_residual_prefix_decoding_sums_the_first_levels(name):
         torch.testing.assert_close(module.indices_to_codes(out.indices, num_levels=k), expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(module.indices_to_codes(out.indices, num_levels=module.num_levels), out.quantized)
     if isinstance(module.project_in, torch.nn.Identity):
-        assert torch.equal(module.indices_to_codes(out.indices, num_levels=1), module.levels[0](module.first_residual(z)).quantized)
+        assert torch.equal(
+            module.indices_to_codes(out.indices, num_levels=1), module.levels[0](module.first_residual(z)).quantized
+        )
     for bad in (0, module.num_levels + 1):
         with pytest.raises(ValueError, match="num_levels"):
             module.indices_to_codes(out.indices, num_levels=bad)
@@ -525,7 +568,9 @@ def test_symmetric_fsq_is_the_papers_formula(bound):
     assert torch.equal(out.indices, (digits.long() * basis).sum(-1))
 
 
-@pytest.mark.parametrize("symmetric, rule", [(False, lambda size, level: (size - 1) ** -level), (True, lambda size, level: size**-level)])
+@pytest.mark.parametrize(
+    "symmetric, rule", [(False, lambda size, level: (size - 1) ** -level), (True, lambda size, level: size**-level)]
+)
 def test_residual_fsq_level_scales(symmetric, rule):
     levels = [8, 5, 4]
     module = ResidualFSQ(DIM, levels=levels, num_levels=4, symmetric=symmetric)
@@ -551,7 +596,9 @@ def test_symmetric_residual_fsq_levels_tile_each_others_cells():
         error = (bounded - module.indices_to_codes(indices, num_levels=k)).abs()
         half_cell = lv.pow(-(k - 1)) / (lv - 1)
         assert bool((error <= half_cell * (1 + 1e-4) + 1e-6).all()), k
-        assert bool((error.amax(0) > 0.9 * half_cell).all()), k  # and the bound is tight: every cell is used to its edge
+        assert bool((error.amax(0) > 0.9 * half_cell).all()), (
+            k
+        )  # and the bound is tight: every cell is used to its edge
 
 
 # -- 7. k-means init and dead codes -----------------------------------------------
@@ -603,8 +650,10 @@ def test_kmeans_init_with_fewer_vectors_than_codes():
 
 def test_kmeans_returns_a_fixed_point_of_lloyds_algorithm():
     centers = randn(1, 4, 3, scale=10.0)
-    x = (centers[:, torch.arange(4).repeat(25)] + 0.1 * randn(1, 100, 3, seed=2))
-    centroids, counts = kmeans(x, randn(1, 4, 3, seed=3), iters=20, cosine=False, generator=torch.Generator().manual_seed(0))
+    x = centers[:, torch.arange(4).repeat(25)] + 0.1 * randn(1, 100, 3, seed=2)
+    centroids, counts = kmeans(
+        x, randn(1, 4, 3, seed=3), iters=20, cosine=False, generator=torch.Generator().manual_seed(0)
+    )
     assert counts.sum() == 100
     assign = brute_force_nearest(x, centroids)[0]
     for k in range(4):
@@ -628,9 +677,15 @@ def test_kmeans_never_leaves_identical_codes(distinct):
     centroids, _ = kmeans(x, fallback, iters=5, cosine=False, generator=torch.Generator().manual_seed(0))
     assert_no_twin_codes(centroids)
     if distinct < codes:
-        on_latent = (centroids[0, :, None] - latents[0][None]).norm(dim=-1) < 1e-5  # a mean of copies is the copy, up to rounding
-        assert torch.equal(on_latent.sum(0), torch.ones(distinct, dtype=torch.long)), "every distinct latent has its own code"
-        assert torch.equal(centroids[0, ~on_latent.any(1)], fallback[0, distinct:]), "the surplus codes are the fallback"
+        on_latent = (centroids[0, :, None] - latents[0][None]).norm(
+            dim=-1
+        ) < 1e-5  # a mean of copies is the copy, up to rounding
+        assert torch.equal(on_latent.sum(0), torch.ones(distinct, dtype=torch.long)), (
+            "every distinct latent has its own code"
+        )
+        assert torch.equal(centroids[0, ~on_latent.any(1)], fallback[0, distinct:]), (
+            "the surplus codes are the fallback"
+        )
 
 
 def test_kmeans_init_from_a_batch_with_fewer_rows_than_codes_is_deterministic():
@@ -672,7 +727,9 @@ def test_a_code_unused_from_step_s_is_restarted_at_step_s_plus_n(usage_decay, th
     (11 for the defaults and a code at the uniform share 1/K), whatever the batch size."""
     codes, dim = 4, 2
     # a codebook learned by gradient and no optimizer: a code moves only when it is restarted
-    module = VectorQuantizer(dim, codes, learning="gradient", dead_code_threshold=threshold, usage_decay=usage_decay).train()
+    module = VectorQuantizer(
+        dim, codes, learning="gradient", dead_code_threshold=threshold, usage_decay=usage_decay
+    ).train()
     with torch.no_grad():
         module.embed.copy_(torch.tensor([[[10.0, 0], [0, 10], [-10, 0], [0, -10]]]))
     around = module.embed[0].detach().clone()
@@ -713,12 +770,16 @@ def test_simvq_basis_is_the_papers_gaussian():
 def test_dead_codes_are_restarted_onto_data(learning):
     codes, dim = 8, 4
     torch.manual_seed(0)
-    module = VectorQuantizer(dim, codes, learning=learning, dead_code_threshold=0.5, usage_decay=0.5, frozen_codes=[7]).train()
+    module = VectorQuantizer(
+        dim, codes, learning=learning, dead_code_threshold=0.5, usage_decay=0.5, frozen_codes=[7]
+    ).train()
     start = module.embed.detach().clone()
     # data concentrated on two clusters (near codes 0 and 1): the rest go unused
     near = start[0, torch.tensor([0, 1]).repeat(16)]
+
     def skewed(step):
         return (near + 0.01 * randn(32, dim, seed=step))[None]
+
     module.eval()
     assert module(skewed(0)).indices.unique().numel() <= 2
     module.train()
@@ -782,7 +843,9 @@ def test_residual_dropout_per_sample(name):
     assert (depth == depth[:, :1]).all(), "one depth per sample"
     assert depth[:, 0].unique().numel() > 1, "samples get different depths"
     assert (depth >= 1).all() and (depth < module.num_levels).any()
-    assert torch.equal(out.indices >= 0, torch.arange(module.num_levels) < depth[..., None]), "dropped levels are a suffix"
+    assert torch.equal(out.indices >= 0, torch.arange(module.num_levels) < depth[..., None]), (
+        "dropped levels are a suffix"
+    )
     # dropped levels contribute nothing: the output is the decode of the kept ones
     assert torch.equal(out.quantized, module.indices_to_codes(out.indices))
     module.eval()

@@ -1,5 +1,6 @@
 """Agreement with the reference implementation, vector-quantize-pytorch 1.32.0
 (installed with the `bench` extra; these tests skip without it)."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,7 +15,9 @@ def randn(*shape, seed: int = 1, scale: float = 1.0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
-@pytest.mark.parametrize("levels, num_codebooks", [([8, 5, 5, 5], 1), ([7, 5, 5, 5, 5], 1), ([8, 6, 5], 1), ([4, 3], 2)])
+@pytest.mark.parametrize(
+    "levels, num_codebooks", [([8, 5, 5, 5], 1), ([7, 5, 5, 5, 5], 1), ([8, 6, 5], 1), ([4, 3], 2)]
+)
 def test_fsq_matches_reference(levels, num_codebooks):
     dim = len(levels) * num_codebooks  # no projection on either side
     ours = FSQ(dim, levels=levels, num_codebooks=num_codebooks).eval()
@@ -91,7 +94,13 @@ def reference_lfq(ours, spherical: bool):
 LFQ_CASES = {
     "lfq_1024": {"dim": 10, "codebook_size": 1024},
     "lfq_projection": {"dim": 64, "codebook_size": 1024},
-    "lfq_two_codebooks_projection": {"dim": 12, "codebook_size": 32, "num_codebooks": 2, "diversity_gamma": 0.5, "scale": 0.5},
+    "lfq_two_codebooks_projection": {
+        "dim": 12,
+        "codebook_size": 32,
+        "num_codebooks": 2,
+        "diversity_gamma": 0.5,
+        "scale": 0.5,
+    },
     "bsq_1024": {"dim": 10, "codebook_size": 1024, "spherical": True},
     "bsq_projection_two_codebooks": {"dim": 12, "codebook_size": 64, "num_codebooks": 2, "spherical": True},
 }
@@ -110,8 +119,12 @@ def test_lfq_and_bsq_match_reference(name, inv_temperature):
     spherical = case.pop("spherical", False)
     torch.manual_seed(0)
     build = BSQ if spherical else LFQ
-    ours = build(**case, inv_temperature=inv_temperature, commitment_weight=0.25,
-                 **({"codebook_entropy": "exact"} if spherical else {}))
+    ours = build(
+        **case,
+        inv_temperature=inv_temperature,
+        commitment_weight=0.25,
+        **({"codebook_entropy": "exact"} if spherical else {}),
+    )
     theirs = reference_lfq(ours, spherical)
     z = randn(3, 40, case["dim"], scale=0.2)
     for training in (False, True):
@@ -120,12 +133,18 @@ def test_lfq_and_bsq_match_reference(name, inv_temperature):
         (quantized, indices, aux), breakdown = theirs(z, inv_temperature=inv_temperature, return_loss_breakdown=True)
         assert torch.equal(out.indices, indices.long())
         torch.testing.assert_close(out.quantized, quantized, rtol=0, atol=1e-6)
-        torch.testing.assert_close(ours.indices_to_codes(out.indices), theirs.indices_to_codes(indices), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            ours.indices_to_codes(out.indices), theirs.indices_to_codes(indices), rtol=0, atol=1e-6
+        )
         if training:
-            torch.testing.assert_close(out.losses["per_sample_entropy"], breakdown.per_sample_entropy, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                out.losses["per_sample_entropy"], breakdown.per_sample_entropy, rtol=1e-5, atol=1e-6
+            )
             torch.testing.assert_close(out.losses["codebook_entropy"], breakdown.batch_entropy, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(out.losses["commitment"], breakdown.commitment, rtol=1e-6, atol=1e-7)
-            torch.testing.assert_close(out.loss, aux, rtol=1e-5, atol=1e-5)  # a difference of two entropies: absolute error
+            torch.testing.assert_close(
+                out.loss, aux, rtol=1e-5, atol=1e-5
+            )  # a difference of two entropies: absolute error
 
 
 def test_lfq_entropy_differs_from_reference_only_by_its_log_clamp():
@@ -175,6 +194,10 @@ def test_lfq_gradients_match_reference(spherical):
             quantized, loss = out.quantized, out.loss
         else:
             quantized, _, loss = theirs(x, inv_temperature=0.5)
-        grads.append(torch.autograd.grad(loss + (quantized * probe).sum(), [x, *module.project_in.parameters(), *module.project_out.parameters()]))
+        grads.append(
+            torch.autograd.grad(
+                loss + (quantized * probe).sum(), [x, *module.project_in.parameters(), *module.project_out.parameters()]
+            )
+        )
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -1,5 +1,6 @@
 """scripts/collapse_report.py on a real (tiny) multirun sweep: the files, one table
 row per run with its method and size, and numbers that are those of metrics.csv."""
+
 from __future__ import annotations
 
 import base64
@@ -20,15 +21,30 @@ from vqtrain.report import describe, find_run_dirs, load_run, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
-    "data.num_train=32", "data.num_val=8", "data.num_test=8", "data.batch_size=8", "data.image_size=16",
-    "model.latent_dim=8", "model.encoder.hidden_channels=8", "model.decoder.hidden_channels=8",
-    "model.usage_window=2", "trainer.log_every_n_steps=2", "trainer.val_check_interval=3", "trainer.max_steps=6",
-    "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+    "data.num_train=32",
+    "data.num_val=8",
+    "data.num_test=8",
+    "data.batch_size=8",
+    "data.image_size=16",
+    "model.latent_dim=8",
+    "model.encoder.hidden_channels=8",
+    "model.decoder.hidden_channels=8",
+    "model.usage_window=2",
+    "trainer.log_every_n_steps=2",
+    "trainer.val_check_interval=3",
+    "trainer.max_steps=6",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
 ]
 RUNS = {("fsq", 256), ("fsq", 1024), ("vq", 256), ("vq", 1024)}
 # summary.md column -> metric whose last logged value it shows
-METRICS = {"val utilization": "val/utilization", "val perplexity": "val/perplexity", "val dead codes": "val/dead_codes",
-           "val recon loss": "val/recon_loss", "test recon loss": "test/recon_loss"}
+METRICS = {
+    "val utilization": "val/utilization",
+    "val perplexity": "val/perplexity",
+    "val dead codes": "val/dead_codes",
+    "val recon loss": "val/recon_loss",
+    "test recon loss": "test/recon_loss",
+}
 FILES = ["utilization.png", "tradeoff.png", "summary.md", "report.html"]
 
 
@@ -43,17 +59,34 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four 6-step runs: vq and fsq at two codebook sizes, as `train.py -m` lays them out."""
     root = tmp_path_factory.mktemp("sweep")
     result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "-m", "quantizer=vq,fsq", "quantizer.codebook_size=256,1024",
-         *TINY, f"hydra.sweep.dir={root / 'multirun'}"],
-        cwd=root, env=environment(root), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "-m",
+            "quantizer=vq,fsq",
+            "quantizer.codebook_size=256,1024",
+            *TINY,
+            f"hydra.sweep.dir={root / 'multirun'}",
+        ],
+        cwd=root,
+        env=environment(root),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "multirun"
 
 
 def report(*args: str | Path, root: Path) -> str:
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "collapse_report.py"), *map(str, args)],
-                            cwd=root, env=environment(root), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "collapse_report.py"), *map(str, args)],
+        cwd=root,
+        env=environment(root),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -83,7 +116,10 @@ def test_report_has_a_row_per_run_with_the_logged_numbers(sweep: Path):
         assert row["data"] == "shapes" and row["steps"] == "6"
         for column, key in METRICS.items():
             expected = last_logged(run_dir / "metrics.csv", key)
-            assert expected is not None and math.isclose(float(row[column]), expected, rel_tol=1e-3, abs_tol=1e-6), (column, row)
+            assert expected is not None and math.isclose(float(row[column]), expected, rel_tol=1e-3, abs_tol=1e-6), (
+                column,
+                row,
+            )
 
 
 def test_html_embeds_both_plots_and_the_table(sweep: Path):
@@ -100,7 +136,11 @@ def test_training_utilization_series_is_the_logged_one(sweep: Path):
     for run_dir in run_dirs:
         steps, values = load_run(run_dir).series("train/utilization")
         with (run_dir / "metrics.csv").open() as file:
-            logged = [(int(row["step"]), float(row["train/utilization"])) for row in csv.DictReader(file) if row["train/utilization"]]
+            logged = [
+                (int(row["step"]), float(row["train/utilization"]))
+                for row in csv.DictReader(file)
+                if row["train/utilization"]
+            ]
         assert list(zip(steps, values)) == logged and steps == [1, 3, 5]  # every usage window of 2 steps
 
 
@@ -124,9 +164,15 @@ def test_failed_runs_keep_a_row_and_are_named_in_the_notes(sweep: Path, tmp_path
 
 
 def test_method_and_size_come_from_the_config_choices_and_overrides():
-    fsq = {"quantizer": {"_target_": "vqtrain.quantizers.FSQ", "codebook_size": None, "levels": [8, 5, 5, 5]}, "data": {}}
+    fsq = {
+        "quantizer": {"_target_": "vqtrain.quantizers.FSQ", "codebook_size": None, "levels": [8, 5, 5, 5]},
+        "data": {},
+    }
     assert describe(fsq, {"quantizer": "fsq", "data": "mnist"}, []) == ("fsq", 1000, "mnist")
-    vq = {"quantizer": {"_target_": "vqtrain.quantizers.VectorQuantizer", "codebook_size": 512}, "data": {"_target_": "x.Shapes"}}
+    vq = {
+        "quantizer": {"_target_": "vqtrain.quantizers.VectorQuantizer", "codebook_size": 512},
+        "data": {"_target_": "x.Shapes"},
+    }
     overrides = ["quantizer=vq", "quantizer.codebook_size=512", "quantizer.learning=gradient", "trainer.max_steps=5"]
     assert describe(vq, {}, overrides) == ("vq learning=gradient", 512, "Shapes")
     assert describe(vq, {}, []) == ("VectorQuantizer", 512, "Shapes")
@@ -135,10 +181,16 @@ def test_method_and_size_come_from_the_config_choices_and_overrides():
 def fake_run(folder: Path, quantizer: str, size: int, val_check_interval: int, rows: list[dict[str, float]]) -> None:
     """A run directory as train.py lays it out: the default training windows (every 100 steps), given rows."""
     (folder / ".hydra").mkdir(parents=True)
-    config = {"quantizer": {"_target_": "vqtrain.quantizers.Q", "codebook_size": size}, "data": {"_target_": "x.Shapes"},
-              "model": {"usage_window": 100}, "trainer": {"val_check_interval": val_check_interval}}
+    config = {
+        "quantizer": {"_target_": "vqtrain.quantizers.Q", "codebook_size": size},
+        "data": {"_target_": "x.Shapes"},
+        "model": {"usage_window": 100},
+        "trainer": {"val_check_interval": val_check_interval},
+    }
     (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
-    (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"quantizer": quantizer, "data": "shapes"}}}}))
+    (folder / ".hydra" / "hydra.yaml").write_text(
+        yaml.safe_dump({"hydra": {"runtime": {"choices": {"quantizer": quantizer, "data": "shapes"}}}})
+    )
     with (folder / "metrics.csv").open("w", newline="") as file:
         writer = csv.DictWriter(file, sorted({key for row in rows for key in row}))
         writer.writeheader()
@@ -150,22 +202,34 @@ def evaluation(stage: str, step: int, utilization: float) -> dict[str, float]:
 
 
 SHORT = {  # 15-step runs: test figures only (validation every 200 steps), or validations every 5 steps too
-    "test only": (200, lambda u: [evaluation("test", 15, u)],
-                  ["Utilization over steps: Not drawn: no run logged a training window (one ends every model.usage_window"
-                   " = 100 steps; the longest run trained 15 steps) or a validation (one every trainer.val_check_interval"
-                   " = 200 steps).",
-                   "Test utilization and reconstruction against codebook size (tradeoff.png): Test utilization: the "
-                   "fraction of the codebook used over the whole test pass. Shown since no run logged a validation"]),
-    "validations": (5, lambda u: [evaluation("val", step, u * step / 15) for step in (5, 10, 15)] + [evaluation("test", 15, u)],
-                    ["Validation utilization over steps (utilization.png): Validation utilization: the fraction of the "
-                     "codebook used over a whole validation pass. Shown since no run logged a training window",
-                     "Validation utilization and reconstruction against codebook size (tradeoff.png): Validation "
-                     "utilization: the fraction of the codebook used over a whole validation pass.\n"]),  # no "Shown since"
+    "test only": (
+        200,
+        lambda u: [evaluation("test", 15, u)],
+        [
+            "Utilization over steps: Not drawn: no run logged a training window (one ends every model.usage_window"
+            " = 100 steps; the longest run trained 15 steps) or a validation (one every trainer.val_check_interval"
+            " = 200 steps).",
+            "Test utilization and reconstruction against codebook size (tradeoff.png): Test utilization: the "
+            "fraction of the codebook used over the whole test pass. Shown since no run logged a validation",
+        ],
+    ),
+    "validations": (
+        5,
+        lambda u: [evaluation("val", step, u * step / 15) for step in (5, 10, 15)] + [evaluation("test", 15, u)],
+        [
+            "Validation utilization over steps (utilization.png): Validation utilization: the fraction of the "
+            "codebook used over a whole validation pass. Shown since no run logged a training window",
+            "Validation utilization and reconstruction against codebook size (tradeoff.png): Validation "
+            "utilization: the fraction of the codebook used over a whole validation pass.\n",
+        ],
+    ),  # no "Shown since"
 }
 
 
 @pytest.mark.parametrize("case", SHORT)
-def test_short_runs_report_the_figures_they_have_and_never_empty_axes(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_short_runs_report_the_figures_they_have_and_never_empty_axes(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """Training windows end every model.usage_window=100 steps: 15-step runs have none. The report
     shows what they logged, says which, and explains a figure it cannot draw instead of drawing it empty."""
     val_check_interval, evaluations, captions = SHORT[case]

@@ -3,6 +3,7 @@ statistics, the usage window, the last-use steps, the optimizer, the schedule,
 the loops, the global random streams and how far into its epoch training was
 (the batch order is drawn from the seed and the epoch, so the rest of the epoch
 is known)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -24,12 +25,25 @@ USAGE_FIGURES = ("train/utilization", "train/entropy_utilization", "train/perple
 # Residual VQ with everything that keeps state or draws random numbers: EMA statistics,
 # k-means init, dead-code restarts (global RNG), quantizer dropout (the step counter).
 RESUMABLE = [
-    "quantizer=rvq", "quantizer.num_levels=2", "quantizer.codebook_size=16", "quantizer.dropout=0.5",
-    "quantizer.quantizer.kmeans_init=true", "quantizer.quantizer.dead_code_threshold=0.5",
-    "model.latent_dim=8", "model.encoder.hidden_channels=8", "model.decoder.hidden_channels=8",
-    "model.usage_window=3", "model.dead_code_window=2", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-    "trainer.deterministic=true", "callbacks.reconstructions=null", "test=false",
-    "model.scheduler.warmup_steps=2", "model.scheduler.min_lr_ratio=0.1",
+    "quantizer=rvq",
+    "quantizer.num_levels=2",
+    "quantizer.codebook_size=16",
+    "quantizer.dropout=0.5",
+    "quantizer.quantizer.kmeans_init=true",
+    "quantizer.quantizer.dead_code_threshold=0.5",
+    "model.latent_dim=8",
+    "model.encoder.hidden_channels=8",
+    "model.decoder.hidden_channels=8",
+    "model.usage_window=3",
+    "model.dead_code_window=2",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.deterministic=true",
+    "callbacks.reconstructions=null",
+    "test=false",
+    "model.scheduler.warmup_steps=2",
+    "model.scheduler.min_lr_ratio=0.1",
 ]
 SHAPES = [f"data.num_train={8 * STEPS_PER_EPOCH}", "data.batch_size=8", "data.num_val=8", "data.num_test=8"]
 
@@ -52,8 +66,15 @@ def audio_data(root: Path) -> list[str]:
     root.mkdir()
     for i in range(40):
         sf.write(root / f"clip{i}.wav", 0.1 * rng.standard_normal(int(rng.integers(240, 960))).astype(np.float32), 8000)
-    return ["data=audio_folder", f"data.root={root}", f"data.cache_dir={root.parent / 'cache'}", "data.sample_rate=8000",
-            "data.max_length=0.05", "data.batch_size=8", "data.split.val_fraction=0.2"]
+    return [
+        "data=audio_folder",
+        f"data.root={root}",
+        f"data.cache_dir={root.parent / 'cache'}",
+        "data.sample_rate=8000",
+        "data.max_length=0.05",
+        "data.batch_size=8",
+        "data.split.val_fraction=0.2",
+    ]
 
 
 def train_rows(run_dir: Path, first_step: int) -> list[dict[str, str]]:
@@ -62,7 +83,9 @@ def train_rows(run_dir: Path, first_step: int) -> list[dict[str, str]]:
 
 
 def validations(run_dir: Path, first_step: int) -> list[tuple[str, str]]:
-    return [(r["step"], r["val/loss"]) for r in read_metrics(run_dir) if r.get("val/loss") and int(r["step"]) >= first_step]
+    return [
+        (r["step"], r["val/loss"]) for r in read_metrics(run_dir) if r.get("val/loss") and int(r["step"]) >= first_step
+    ]
 
 
 @pytest.mark.parametrize("data", ["shapes", "audio"])
@@ -82,8 +105,11 @@ def test_resume_equals_a_run_never_stopped(validated: bool, where: str, data: st
     assert steps_per_epoch >= 3
     stop = steps_per_epoch + (2 if where == "mid-epoch" else 0)
     end = 3 * steps_per_epoch
-    overrides = [*data_overrides, f"model.scheduler.total_steps={end}",
-                 f"trainer.val_check_interval={stop if validated else stop + 1}"]
+    overrides = [
+        *data_overrides,
+        f"model.scheduler.total_steps={end}",
+        f"trainer.val_check_interval={stop if validated else stop + 1}",
+    ]
     fit(tmp_path / "whole", end, *overrides)
     fit(tmp_path / "first", stop, *overrides)
     fit(tmp_path / "second", end, *overrides, f"ckpt_path={tmp_path / 'first' / 'last.ckpt'}")
@@ -92,7 +118,13 @@ def test_resume_equals_a_run_never_stopped(validated: bool, where: str, data: st
     assert whole["global_step"] == resumed["global_step"] == end
     for key, value in whole["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
-    for key in ("quantizer.step", "quantizer.levels.0.initted", "quantizer.levels.0.embed_sum", "train_usage.counts", "last_use.last_step"):
+    for key in (
+        "quantizer.step",
+        "quantizer.levels.0.initted",
+        "quantizer.levels.0.embed_sum",
+        "train_usage.counts",
+        "last_use.last_step",
+    ):
         assert key in whole["state_dict"], key  # all compared above
     assert whole["rng_states"]["torch"].equal(resumed["rng_states"]["torch"])
     assert whole["lr_schedulers"] == resumed["lr_schedulers"]
@@ -123,7 +155,11 @@ def rates(total_steps: int, steps: int, checkpoint: dict | None = None) -> tuple
         taken.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         schedule.step()
-    return taken, {"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(), "lr": optimizer.param_groups[0]["lr"]}
+    return taken, {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": schedule.state_dict(),
+        "lr": optimizer.param_groups[0]["lr"],
+    }
 
 
 @pytest.mark.parametrize("stop", [2, 12, 20], ids=["in-warmup", "in-decay", "decay-done"])

@@ -1,6 +1,7 @@
 """Checkpoints as tokenizers: exact round trips for every quantizer, token shards
 of real FSDD clips, resumable encoding, decoding to files, and eval figures
 that agree with the metrics logged at the end of training."""
+
 from __future__ import annotations
 
 import csv
@@ -36,8 +37,15 @@ from vqtrain.train import train
 REPO = Path(__file__).resolve().parents[1]
 RESIDUAL = {"rvq": 4, "rsimvq": 4, "rfsq": 4}  # levels in their configs
 TINY_MODEL = ["model.latent_dim=8", "model.encoder.hidden_channels=8", "model.decoder.hidden_channels=8"]
-QUICK = ["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "trainer.accelerator=cpu",
-         "trainer.enable_progress_bar=false", "callbacks.reconstructions=null", "data.batch_size=8"]
+QUICK = [
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=4",
+    "trainer.limit_val_batches=1",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "callbacks.reconstructions=null",
+    "data.batch_size=8",
+]
 SHAPES = ["data.num_train=64", "data.num_val=16", "data.num_test=24"]
 
 
@@ -49,7 +57,9 @@ def logged_test_metrics(run_dir: Path) -> dict[str, float]:
     """The `test/...` metrics logged at the end of training."""
     with open(run_dir / "metrics.csv") as f:
         (row,) = [row for row in csv.DictReader(f) if row.get("test/loss")]
-    return {name.removeprefix("test/"): float(value) for name, value in row.items() if name.startswith("test/") and value}
+    return {
+        name.removeprefix("test/"): float(value) for name, value in row.items() if name.startswith("test/") and value
+    }
 
 
 def script(name: str, **args) -> None:
@@ -84,9 +94,18 @@ def fsdd_subset(fsdd_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="module")
 def audio_run(fsdd_subset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("fsdd_rfsq")
-    overrides = ["data=fsdd", f"data.root={fsdd_subset}", "quantizer=rfsq", codebook("rfsq"), "model.latent_dim=8",
-                 "model.encoder.hidden_channels=4", "model.decoder.hidden_channels=4", *QUICK, "trainer.max_steps=2",
-                 "trainer.val_check_interval=2"]
+    overrides = [
+        "data=fsdd",
+        f"data.root={fsdd_subset}",
+        "quantizer=rfsq",
+        codebook("rfsq"),
+        "model.latent_dim=8",
+        "model.encoder.hidden_channels=4",
+        "model.decoder.hidden_channels=4",
+        *QUICK,
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+    ]
     train(compose(overrides, run_dir))
     return run_dir
 
@@ -97,6 +116,7 @@ def shapes_test_images(tokenizer: Tokenizer) -> torch.Tensor:
 
 
 # --- the tokenizer API -----------------------------------------------------------------
+
 
 def test_import_vqtrain_is_light():
     code = "import sys, vqtrain; assert 'torch' not in sys.modules and 'lightning' not in sys.modules"
@@ -146,6 +166,7 @@ def test_padded_audio_round_trip_is_exact_at_real_positions(quantizer: str, tmp_
 
 
 # --- eval ----------------------------------------------------------------------------------
+
 
 def test_eval_script_matches_the_test_metrics_logged_in_training(image_run):
     run_dir = image_run("rvq")
@@ -233,6 +254,7 @@ def test_arguments_and_overrides_are_checked(image_run):
 
 # --- encode and decode -------------------------------------------------------------------
 
+
 def test_encode_real_fsdd_gives_one_unpadded_sequence_per_clip(audio_run: Path, fsdd_subset: Path, tmp_path: Path):
     tokenizer = load_tokenizer(audio_run / "last.ckpt")
     index = encode_split(tokenizer, run_config(tokenizer.config), "test", tmp_path, shard_size=4)
@@ -260,7 +282,9 @@ def test_encode_takes_no_random_crops(audio_run: Path, tmp_path: Path):
     shards = [torch.load(tmp_path / name / "shard-00000.pt", weights_only=True) for name in ("a", "b")]
     assert all(torch.equal(a, b) for a, b in zip(shards[0]["tokens"], shards[1]["tokens"]))
     clip = torch.from_numpy(sf.read(str(root / first["items"][0]["id"]), dtype="float32")[0][:2000])
-    assert torch.equal(split_dataset(instantiate(cfg.data), "train")[0]["x"][0], normalize_loudness(clip, cfg.data.normalize_db))
+    assert torch.equal(
+        split_dataset(instantiate(cfg.data), "train")[0]["x"][0], normalize_loudness(clip, cfg.data.normalize_db)
+    )
 
 
 def test_encode_resumes_from_the_shards_already_written(audio_run: Path, tmp_path: Path, monkeypatch):
@@ -310,7 +334,13 @@ def test_encode_and_decode_scripts_on_images(image_run, tmp_path: Path):
     assert [item["shape"] for item in index["items"]] == [[8, 8, 4]] * 24
     assert index["shards"] == ["shard-00000.pt", "shard-00001.pt", "shard-00002.pt"]
 
-    script("decode", ckpt_path=checkpoint, tokens=tmp_path / "tokens" / "shard-00001.pt", out=tmp_path / "png", num_levels=2)
+    script(
+        "decode",
+        ckpt_path=checkpoint,
+        tokens=tmp_path / "tokens" / "shard-00001.pt",
+        out=tmp_path / "png",
+        num_levels=2,
+    )
     tokenizer = load_tokenizer(checkpoint)
     shard = torch.load(tmp_path / "tokens" / "shard-00001.pt", weights_only=True)
     expected = tokenizer.decode(torch.stack(shard["tokens"]), num_levels=2)

@@ -1,4 +1,5 @@
 """The token-shard format: versioned, written whole, unknown versions refused."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,14 @@ import torch
 
 from vqtrain.tokens import FORMAT_VERSION, load_shard, save_shard
 
-SHARD = {"meta": {"split": "test"}, "ids": ["a.wav"], "index": [0], "tokens": [torch.arange(3)], "lengths": [96],
-         "skipped": []}
+SHARD = {
+    "meta": {"split": "test"},
+    "ids": ["a.wav"],
+    "index": [0],
+    "tokens": [torch.arange(3)],
+    "lengths": [96],
+    "skipped": [],
+}
 
 
 def test_a_saved_shard_carries_the_format_version_and_reads_back(tmp_path: Path):

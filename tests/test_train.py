@@ -1,4 +1,5 @@
 """The training spine: config composition, the CLI, real fits that log every metric."""
+
 from __future__ import annotations
 
 import os
@@ -54,7 +55,15 @@ def test_unknown_quantizer_lists_the_available_options(tmp_path: Path):
 
 
 def test_cli_run_writes_config_checkpoint_and_metrics(tmp_path: Path):
-    result = run_cli("trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "data.num_train=128", "trainer.log_every_n_steps=1", cwd=tmp_path)
+    result = run_cli(
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "data.num_train=128",
+        "trainer.log_every_n_steps=1",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / ".hydra" / "config.yaml").is_file()
@@ -66,7 +75,9 @@ def test_cli_run_writes_config_checkpoint_and_metrics(tmp_path: Path):
 def test_run_ids_differ_between_processes_started_together():
     code = "from vqtrain.config import run_id; print(run_id())"
     env = {k: v for k, v in os.environ.items() if k not in ("VQTRAIN_RUN_ID", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID")}
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)
+    ]
     ids = [p.communicate()[0].strip() for p in procs]
     assert ids[0] != ids[1]
 
@@ -75,13 +86,22 @@ def test_slurm_run_id_is_stable_across_requeues():
     code = "from vqtrain.config import run_id; print(run_id())"
     env = {**{k: v for k, v in os.environ.items() if k != "VQTRAIN_RUN_ID"}, "SLURM_JOB_ID": "4242"}
     env.pop("SLURM_ARRAY_JOB_ID", None)
-    ids = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout.strip() for _ in range(2)}
+    ids = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout.strip()
+        for _ in range(2)
+    }
     assert ids == {"slurm-4242"}
 
 
 def test_seed_zero_is_honoured(tmp_path: Path):
     def losses(seed: int, run_dir: Path) -> list[float]:
-        overrides = ["trainer.max_steps=3", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "test=false", "data.num_train=64"]
+        overrides = [
+            "trainer.max_steps=3",
+            "trainer.limit_val_batches=0",
+            "trainer.log_every_n_steps=1",
+            "test=false",
+            "data.num_train=64",
+        ]
         train(compose([*overrides, f"seed={seed}"], run_dir))
         return column(read_metrics(run_dir), "train/loss")
 
@@ -91,7 +111,12 @@ def test_seed_zero_is_honoured(tmp_path: Path):
 
 @pytest.mark.parametrize("quantizer", QUANTIZERS)
 def test_short_mnist_run_logs_every_metric(quantizer: str, mnist_root: Path, tmp_path: Path):
-    train(compose([f"quantizer={quantizer}", "data=mnist", f"data.root={mnist_root}", "quantizer.codebook_size=256", *QUICK], tmp_path))
+    train(
+        compose(
+            [f"quantizer={quantizer}", "data=mnist", f"data.root={mnist_root}", "quantizer.codebook_size=256", *QUICK],
+            tmp_path,
+        )
+    )
     rows = read_metrics(tmp_path)
     for stage in ("train", "val", "test"):
         for metric in METRICS:
@@ -104,9 +129,18 @@ def test_short_mnist_run_logs_every_metric(quantizer: str, mnist_root: Path, tmp
 def test_vq_on_mnist_beats_the_mean_image(mnist_root: Path, tmp_path: Path):
     """A few hundred steps of VQ reconstruct test digits far better than the mean image."""
     cfg = compose(
-        ["data=mnist", f"data.root={mnist_root}", "quantizer=vq_tricks", "quantizer.codebook_size=256", "trainer.max_steps=300",
-         "trainer.val_check_interval=300", "trainer.limit_val_batches=4", "trainer.enable_progress_bar=false", "optimizer.lr=2e-3",
-         "callbacks.reconstructions=null"],
+        [
+            "data=mnist",
+            f"data.root={mnist_root}",
+            "quantizer=vq_tricks",
+            "quantizer.codebook_size=256",
+            "trainer.max_steps=300",
+            "trainer.val_check_interval=300",
+            "trainer.limit_val_batches=4",
+            "trainer.enable_progress_bar=false",
+            "optimizer.lr=2e-3",
+            "callbacks.reconstructions=null",
+        ],
         tmp_path,
     )
     metrics = train(cfg)

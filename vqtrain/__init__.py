@@ -2,6 +2,7 @@
 
 `import vqtrain` stays cheap: `load_tokenizer` pulls in torch and Lightning on first use.
 """
+
 from __future__ import annotations
 
 from typing import Any

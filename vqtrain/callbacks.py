@@ -2,6 +2,7 @@
 scheduler's stop signal. Showing what scalar curves cannot: reconstructions of
 fixed validation items, how codes are used, the config behind a run (wandb),
 files skipped when scanning the data. Scoring: signal quality of a test pass."""
+
 from __future__ import annotations
 
 import logging
@@ -34,6 +35,7 @@ SPECTROGRAM_FLOOR_DB = -100.0
 
 
 # --- keeping a run ---------------------------------------------------------------
+
 
 class LastCheckpoint(L.Callback):
     """`<dirpath>/last.ckpt` after every validation and when training ends: what
@@ -104,8 +106,11 @@ class GracefulStop(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
             trainer.save_checkpoint(self.path)
-            log.warning("stopped by a signal: saved %s at step %d; rerun in this run directory with resume=auto "
-                        "to continue", self.path, trainer.global_step)
+            log.warning(
+                "stopped by a signal: saved %s at step %d; rerun in this run directory with resume=auto to continue",
+                self.path,
+                trainer.global_step,
+            )
 
 
 def forward_sigusr1() -> None:
@@ -115,6 +120,7 @@ def forward_sigusr1() -> None:
 
 
 # --- showing a run ---------------------------------------------------------------
+
 
 def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
     return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
@@ -130,8 +136,14 @@ def code_histogram(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def log_spectrogram(clip: np.ndarray) -> np.ndarray:
     """Magnitude in dB (frequency, frames); zero padding, so clips shorter than a window still work."""
     window = torch.hann_window(SPECTROGRAM_FFT)
-    spec = torch.stft(torch.from_numpy(clip), SPECTROGRAM_FFT, SPECTROGRAM_FFT // 4, window=window,
-                      pad_mode="constant", return_complex=True).abs()
+    spec = torch.stft(
+        torch.from_numpy(clip),
+        SPECTROGRAM_FFT,
+        SPECTROGRAM_FFT // 4,
+        window=window,
+        pad_mode="constant",
+        return_complex=True,
+    ).abs()
     return (20 * spec.clamp_min(1e-5).log10()).numpy()
 
 
@@ -143,8 +155,15 @@ def save_spectrograms(clips: list[tuple[np.ndarray, np.ndarray]], sample_rate: i
     for row, pair in zip(axes, clips):
         for ax, clip in zip(row, pair):
             extent = (0, len(clip) / sample_rate, 0, sample_rate / 2 / 1000)
-            ax.imshow(log_spectrogram(clip), origin="lower", aspect="auto", extent=extent, cmap="magma",
-                      vmin=max(SPECTROGRAM_FLOOR_DB, top - 80), vmax=top)
+            ax.imshow(
+                log_spectrogram(clip),
+                origin="lower",
+                aspect="auto",
+                extent=extent,
+                cmap="magma",
+                vmin=max(SPECTROGRAM_FLOOR_DB, top - 80),
+                vmax=top,
+            )
             ax.set_ylabel("kHz")
     axes[0, 0].set_title("original")
     axes[0, 1].set_title("reconstruction")
@@ -189,7 +208,9 @@ class ReconstructionLogger(L.Callback):
 
     def __init__(self, num_items: int = 8, log_every_n_val_epochs: int = 1):
         if num_items < 1 or log_every_n_val_epochs < 1:
-            raise ValueError(f"num_items and log_every_n_val_epochs must be >= 1, got {num_items} and {log_every_n_val_epochs}")
+            raise ValueError(
+                f"num_items and log_every_n_val_epochs must be >= 1, got {num_items} and {log_every_n_val_epochs}"
+            )
         self.num_items = num_items
         self.log_every_n_val_epochs = log_every_n_val_epochs
         self.val_epochs = 0
@@ -225,7 +246,10 @@ class ReconstructionLogger(L.Callback):
         clips, sample_rate = [], None
         if pl_module.modality == "audio":
             sample_rate = trainer.datamodule.sample_rate
-            clips = [(x[i, 0, :n].numpy(), x_hat[i, 0, :n].clamp(-1, 1).numpy()) for i, n in enumerate(batch.lengths.tolist())]
+            clips = [
+                (x[i, 0, :n].numpy(), x_hat[i, 0, :n].clamp(-1, 1).numpy())
+                for i, n in enumerate(batch.lengths.tolist())
+            ]
             self.save_audio(clips, sample_rate, picture.with_suffix(""))
             save_spectrograms(clips, sample_rate, picture)
         else:
@@ -243,23 +267,30 @@ class ReconstructionLogger(L.Callback):
                 sf.write(folder / f"item{i}_{kind}.wav", clip, sample_rate)
 
     @staticmethod
-    def wandb_media(pl_module: L.LightningModule, picture: Path, clips: list[tuple[np.ndarray, np.ndarray]],
-                    sample_rate: int | None) -> dict:
+    def wandb_media(
+        pl_module: L.LightningModule, picture: Path, clips: list[tuple[np.ndarray, np.ndarray]], sample_rate: int | None
+    ) -> dict:
         import wandb
 
         media = {"val/reconstructions": wandb.Image(str(picture))}
         if clips:
-            media["val/audio"] = [wandb.Audio(clip, sample_rate=sample_rate, caption=f"item{i} {kind}")
-                                  for i, pair in enumerate(clips) for kind, clip in zip(("original", "reconstruction"), pair)]
+            media["val/audio"] = [
+                wandb.Audio(clip, sample_rate=sample_rate, caption=f"item{i} {kind}")
+                for i, pair in enumerate(clips)
+                for kind, clip in zip(("original", "reconstruction"), pair)
+            ]
         usage = getattr(pl_module, "latest_usage", {}).get("val")
         if usage is not None:
             counts = usage["counts"].cpu().numpy()
             for q, size in enumerate(pl_module.quantizer.codebook_sizes):
-                media[f"val/usage_histogram/codebook{q}"] = wandb.Histogram(np_histogram=code_histogram(counts[q, :size]))
+                media[f"val/usage_histogram/codebook{q}"] = wandb.Histogram(
+                    np_histogram=code_histogram(counts[q, :size])
+                )
         return media
 
 
 # --- scoring a run -------------------------------------------------------------------
+
 
 class SignalQuality(L.Callback):
     """MSE over all real samples, and per item PSNR (images in [-1, 1]: data
@@ -292,4 +323,7 @@ class SignalQuality(L.Callback):
 
     def compute(self) -> dict[str, float]:
         score = float(torch.cat(self.scores).mean())
-        return {"mse": self.squared_error / max(self.samples, 1), "si_snr" if self.modality == "audio" else "psnr": score}
+        return {
+            "mse": self.squared_error / max(self.samples, 1),
+            "si_snr" if self.modality == "audio" else "psnr": score,
+        }

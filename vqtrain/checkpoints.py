@@ -1,5 +1,6 @@
 """Files that appear whole or not at all, and the checkpoints of a run: how
 they are written, which one a run continues from, what they carry."""
+
 from __future__ import annotations
 
 import logging

@@ -1,6 +1,7 @@
 """What the scripts share: typed `key=value` arguments, the default device,
 tables and JSON files. The scripts in `scripts/` only parse arguments and call
 the package."""
+
 from __future__ import annotations
 
 import dataclasses

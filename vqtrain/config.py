@@ -1,6 +1,7 @@
 """The run config: Hydra resolvers (registered before any config is composed),
 composition outside the CLI, the start-up checks of settings no constructor
 sees, and a trained run's config with overrides."""
+
 from __future__ import annotations
 
 import math
@@ -100,7 +101,9 @@ def check_config(cfg: DictConfig) -> None:
     image_size = OmegaConf.select(cfg, "data.image_size")
     downsamples = OmegaConf.select(cfg, "model.encoder.num_downsamples")
     if isinstance(image_size, int) and isinstance(downsamples, int) and image_size % 2**downsamples:
-        problems.append(f"data.image_size={image_size} (must be divisible by 2^model.encoder.num_downsamples = {2**downsamples})")
+        problems.append(
+            f"data.image_size={image_size} (must be divisible by 2^model.encoder.num_downsamples = {2**downsamples})"
+        )
     if problems:
         raise InvalidConfig("invalid config: " + "; ".join(problems))
 
@@ -168,6 +171,7 @@ def compose(overrides: list[str] = (), output_dir: str | Path | None = None):
 
 
 # --- a trained run's config ---------------------------------------------------------
+
 
 def run_config(config: dict, overrides: Sequence[str] = ()) -> DictConfig:
     """The training run's config with overrides: `data=NAME` swaps in that data

@@ -1,5 +1,6 @@
 """Collectives that are no-ops in a single process, so that code written for
 several ranks runs unchanged in one."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Score a trained model on a split: training's own test step and codebook
 usage, plus signal quality (MSE, PSNR or SI-SNR) and bit rates."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,21 @@ from vqtrain.callbacks import SignalQuality
 from vqtrain.data.common import split_dataset
 from vqtrain.tokenizer import Tokenizer
 
-HEADLINE = ("loss", "recon_loss", "mse", "psnr", "si_snr", "utilization", "perplexity", "dead_codes", "bits_per_token",
-            "tokens_per_image", "bits_per_image", "tokens_per_second", "bits_per_second")  # first in reports
+HEADLINE = (
+    "loss",
+    "recon_loss",
+    "mse",
+    "psnr",
+    "si_snr",
+    "utilization",
+    "perplexity",
+    "dead_codes",
+    "bits_per_token",
+    "tokens_per_image",
+    "bits_per_image",
+    "tokens_per_second",
+    "bits_per_second",
+)  # first in reports
 
 
 def evaluate(tokenizer: Tokenizer, cfg: DictConfig, split: str = "test") -> dict[str, float]:
@@ -25,9 +39,14 @@ def evaluate(tokenizer: Tokenizer, cfg: DictConfig, split: str = "test") -> dict
     quality = SignalQuality(tokenizer.modality)
     device = tokenizer.device
     trainer = L.Trainer(
-        accelerator="cpu" if device.type == "cpu" else "gpu", devices=[device.index or 0] if device.type == "cuda" else 1,
-        precision=cfg.trainer.precision, limit_test_batches=cfg.trainer.get("limit_test_batches", 1.0),
-        logger=False, callbacks=[quality], enable_checkpointing=False, enable_model_summary=False,
+        accelerator="cpu" if device.type == "cpu" else "gpu",
+        devices=[device.index or 0] if device.type == "cuda" else 1,
+        precision=cfg.trainer.precision,
+        limit_test_batches=cfg.trainer.get("limit_test_batches", 1.0),
+        logger=False,
+        callbacks=[quality],
+        enable_checkpointing=False,
+        enable_model_summary=False,
     )
     [logged] = trainer.test(tokenizer.model, dataloaders=loader, verbose=False)
     figures = {name.removeprefix("test/"): float(value) for name, value in logged.items()}

@@ -1,4 +1,5 @@
 """Loggers: a CSV log that survives a resume (wandb is Lightning's own)."""
+
 from __future__ import annotations
 
 import csv

@@ -1,4 +1,5 @@
 """Reconstruction losses averaged over real samples only."""
+
 from __future__ import annotations
 
 import torch
@@ -33,7 +34,10 @@ class MultiResolutionSTFTLoss(nn.Module):
         for n_fft in self.fft_sizes:
             hop = n_fft // 4
             window = torch.hann_window(n_fft, device=x.device)
-            spec = [torch.stft(s, n_fft, hop, window=window, pad_mode="constant", return_complex=True).abs() for s in (signal, target)]
+            spec = [
+                torch.stft(s, n_fft, hop, window=window, pad_mode="constant", return_complex=True).abs()
+                for s in (signal, target)
+            ]
             distance = (torch.log(spec[0] + self.eps) - torch.log(spec[1] + self.eps)).abs().mean(1)  # (B, frames)
             if exists(lengths):
                 frames = torch.arange(distance.shape[-1], device=x.device) * hop

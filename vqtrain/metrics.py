@@ -5,6 +5,7 @@ padding, which is never counted. Each index column (a residual level, a group,
 an FSQ codebook) is its own codebook; the headline figures average over them.
 Counts are summed across ranks (torchmetrics' sync), last-use steps take the max.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,7 +65,12 @@ class CodebookUsage(Metric):
     def __init__(self, codebook_sizes: list[int], persistent: bool = False):
         super().__init__()
         self.codebook_sizes = list(codebook_sizes)
-        self.add_state("counts", torch.zeros(len(codebook_sizes), max(codebook_sizes), dtype=torch.long), dist_reduce_fx="sum", persistent=persistent)
+        self.add_state(
+            "counts",
+            torch.zeros(len(codebook_sizes), max(codebook_sizes), dtype=torch.long),
+            dist_reduce_fx="sum",
+            persistent=persistent,
+        )
 
     def update(self, counts: Tensor) -> None:
         self.counts += counts
@@ -98,6 +104,7 @@ class LastUse(nn.Module):
 
 
 # --- a second kind of collapse: codes used, but spanning few dimensions -------------
+
 
 def effective_rank(matrix: Tensor) -> Tensor:
     """Effective rank of a (codes x d) matrix (Roy & Vetterli 2007, EUSIPCO):
@@ -147,7 +154,10 @@ def digit_counts(counts: Tensor, radices: list[int], most_significant_first: boo
     order = list(reversed(radices)) if most_significant_first else list(radices)
     strides = [math.prod(order[:i]) for i in range(len(order))]
     codes = torch.arange(size, device=counts.device)
-    per_digit = [torch.zeros(r, dtype=torch.long, device=counts.device).index_add_(0, (codes // s) % r, counts.long()) for r, s in zip(order, strides)]
+    per_digit = [
+        torch.zeros(r, dtype=torch.long, device=counts.device).index_add_(0, (codes // s) % r, counts.long())
+        for r, s in zip(order, strides)
+    ]
     return list(reversed(per_digit)) if most_significant_first else per_digit
 
 
@@ -164,7 +174,12 @@ def digit_usage(counts: Tensor, radices: list[int], most_significant_first: bool
     entropy_util = torch.stack([-(p * p.clamp_min(1e-300).log()).sum() / math.log(len(p)) for p in shares])
     min_share = torch.stack([p.min() for p in shares])
     stuck = torch.tensor(sum(int((p > 0).sum()) <= 1 for p in shares))
-    return {"entropy_utilization": entropy_util, "min_share": min_share, "stuck_channels": stuck, "mean_entropy_utilization": entropy_util.mean()}
+    return {
+        "entropy_utilization": entropy_util,
+        "min_share": min_share,
+        "stuck_channels": stuck,
+        "mean_entropy_utilization": entropy_util.mean(),
+    }
 
 
 def code_vectors(quantizer) -> Tensor:
@@ -196,6 +211,7 @@ def code_vectors(quantizer) -> Tensor:
 
 
 # --- signal quality -----------------------------------------------------------------
+
 
 def psnr(squared_error: Tensor, samples: Tensor, data_range: float = 2.0) -> Tensor:
     """Peak SNR (dB) of each item from its summed squared error over its sample

@@ -10,6 +10,7 @@ Training usage figures cover the last `usage_window` steps; validation and test
 figures cover the whole epoch. A dead code went unused for `dead_code_window`
 training steps (in validation and test: over the whole epoch).
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,7 +72,11 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The step and the decay so far are the checkpoint's, the settings this run's."""
-        settings = {"warmup_steps": self.warmup_steps, "total_steps": self.total_steps, "min_lr_ratio": self.min_lr_ratio}
+        settings = {
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "min_lr_ratio": self.min_lr_ratio,
+        }
         super().load_state_dict(state_dict)
         if self.total_steps != settings["total_steps"]:
             step = max(self.last_epoch, self.warmup_steps)
@@ -103,7 +108,11 @@ class DiscreteAutoencoder(L.LightningModule):
         nonfinite: str = "raise",
     ):
         super().__init__()
-        dims = {"encoder.out_channels": encoder.out_channels, "quantizer.dim": quantizer.dim, "decoder.in_channels": decoder.in_channels}
+        dims = {
+            "encoder.out_channels": encoder.out_channels,
+            "quantizer.dim": quantizer.dim,
+            "decoder.in_channels": decoder.in_channels,
+        }
         if any(d != latent_dim for d in dims.values()):
             raise ValueError(f"latent dims must all equal model.latent_dim={latent_dim}, got {dims}")
         if nonfinite not in ("raise", "skip"):
@@ -131,11 +140,12 @@ class DiscreteAutoencoder(L.LightningModule):
     # -- the model ---------------------------------------------------------
     @property
     def modality(self) -> str:
-        """"image" or "audio": what the encoder takes (nets declare it)."""
+        """ "image" or "audio": what the encoder takes (nets declare it)."""
         return self.encoder.modality
 
-    def encode(self, x: Tensor, mask: Tensor | None = None,
-               lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def encode(
+        self, x: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """x -> channel-last latents (B, ..., D), latent mask, sample lengths.
 
         Audio: `lengths` (as the collate gives them) or else `mask` (checked to be
@@ -177,7 +187,11 @@ class DiscreteAutoencoder(L.LightningModule):
     def blame(self, batch: Batch, error: FloatingPointError) -> FloatingPointError:
         """The input, when it is what went non-finite; looked at only once a step has failed."""
         real = batch.x if batch.mask is None else batch.x[channel_mask(batch.mask, batch.x)]
-        return error if bool(torch.isfinite(real).all()) else FloatingPointError(f"non-finite input batch.x at step {self.global_step}")
+        return (
+            error
+            if bool(torch.isfinite(real).all())
+            else FloatingPointError(f"non-finite input batch.x at step {self.global_step}")
+        )
 
     def logging_step(self, stage: str) -> bool:
         """Whether Lightning writes this step's logs. Training values logged on other
@@ -217,7 +231,10 @@ class DiscreteAutoencoder(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         result = self.shared_step(batch, "train")
         if self.logging_step("train"):
-            self.log_dict({"data/skipped_items": self.skipped_items.float(), "train/skipped_steps": self.skipped_steps.float()}, on_step=True)
+            self.log_dict(
+                {"data/skipped_items": self.skipped_items.float(), "train/skipped_steps": self.skipped_steps.float()},
+                on_step=True,
+            )
         if result is None:
             return None
         if (self.global_step + 1) % self.usage_window == 0:
@@ -252,7 +269,9 @@ class DiscreteAutoencoder(L.LightningModule):
         if len(self.quantizer.codebook_sizes) > 1:
             for name, values in summary["per_codebook"].items():
                 figures.update({f"{name}/codebook{i}": v for i, v in enumerate(values)})
-        self.log_dict({f"{stage}/{k}": v.float() for k, v in figures.items()}, on_step=stage == "train", on_epoch=stage != "train")
+        self.log_dict(
+            {f"{stage}/{k}": v.float() for k, v in figures.items()}, on_step=stage == "train", on_epoch=stage != "train"
+        )
 
     # -- optimisation --------------------------------------------------------
     def configure_model(self) -> None:
@@ -293,8 +312,14 @@ class DiscreteAutoencoder(L.LightningModule):
         saved = (checkpoint.get(CONFIG_KEY) or {}).get("quantizer")
         current = (self.run_config or {}).get("quantizer")
         if exists(saved) and exists(current) and saved != current:
-            diff = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)}
-            raise ValueError(f"checkpoint was trained with another quantizer config; differing keys (checkpoint, now): {diff}")
+            diff = {
+                k: (saved.get(k), current.get(k))
+                for k in sorted(set(saved) | set(current))
+                if saved.get(k) != current.get(k)
+            }
+            raise ValueError(
+                f"checkpoint was trained with another quantizer config; differing keys (checkpoint, now): {diff}"
+            )
         self.resumed_rng_states = checkpoint.get("rng_states")
         if rank() != 0:  # the window's counts of all ranks: one rank carries them on
             counts = checkpoint["state_dict"]["train_usage.counts"]

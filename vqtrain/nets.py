@@ -10,6 +10,7 @@ zeros an unpadded clip sees from the convolutions' own zero padding: the model
 computes the same function of a clip whether it is padded or alone. There is
 no batch normalisation anywhere, since batch statistics would mix clips.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,7 +49,14 @@ class ConvEncoder2d(nn.Module):
 
     modality = "image"
 
-    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, num_downsamples: int = 2, num_res_blocks: int = 1):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden_channels: int = 64,
+        num_downsamples: int = 2,
+        num_res_blocks: int = 1,
+    ):
         super().__init__()
         self.stride = 2**num_downsamples
         self.out_channels = out_channels
@@ -68,7 +76,14 @@ class ConvEncoder2d(nn.Module):
 class ConvDecoder2d(nn.Module):
     """Mirror of ConvEncoder2d with stride-2 transposed convolutions."""
 
-    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, num_upsamples: int = 2, num_res_blocks: int = 1):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden_channels: int = 64,
+        num_upsamples: int = 2,
+        num_res_blocks: int = 1,
+    ):
         super().__init__()
         self.in_channels = in_channels
         layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden_channels, 3, padding=1)]
@@ -103,7 +118,14 @@ class Upsample1d(nn.Module):
         super().__init__()
         padding = (stride + 1) // 2
         self.conv = (
-            nn.ConvTranspose1d(in_channels, out_channels, 2 * stride, stride=stride, padding=padding, output_padding=2 * padding - stride)
+            nn.ConvTranspose1d(
+                in_channels,
+                out_channels,
+                2 * stride,
+                stride=stride,
+                padding=padding,
+                output_padding=2 * padding - stride,
+            )
             if stride > 1
             else nn.Conv1d(in_channels, out_channels, 3, padding=1)
         )

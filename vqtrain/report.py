@@ -10,6 +10,7 @@ and says so, and one no run has the numbers for is not drawn but explained.
 Runs that failed midway keep a table row with what they logged; what is
 missing is named in the notes.
 """
+
 from __future__ import annotations
 
 import base64
@@ -41,8 +42,10 @@ EXPECTED = ["train/utilization", "val/utilization", "val/recon_loss"]
 SIZE_KEYS = ("codebook_size", "levels")
 # when runs log training windows and validations: named where a figure lacks them
 SCHEDULE = ("model.usage_window", "trainer.val_check_interval")
-DEFINITION = ("Utilization is the fraction of the codebook's codes used: val and test count them over a whole "
-              "evaluation pass, train over a window of the last model.usage_window training steps.")
+DEFINITION = (
+    "Utilization is the fraction of the codebook's codes used: val and test count them over a whole "
+    "evaluation pass, train over a window of the last model.usage_window training steps."
+)
 
 
 @dataclass(frozen=True)
@@ -64,11 +67,19 @@ class Stage:
         return f"{self.prefix}/recon_loss"
 
 
-TRAIN = Stage("train", "training", "in the last {usage_window} training steps (model.usage_window), a point per window",
-              "a training window (one ends every model.usage_window = {usage_window} steps; "
-              "the longest run trained {steps} steps)")
-VAL = Stage("val", "validation", "over a whole validation pass",
-            "a validation (one every trainer.val_check_interval = {val_check_interval} steps)")
+TRAIN = Stage(
+    "train",
+    "training",
+    "in the last {usage_window} training steps (model.usage_window), a point per window",
+    "a training window (one ends every model.usage_window = {usage_window} steps; "
+    "the longest run trained {steps} steps)",
+)
+VAL = Stage(
+    "val",
+    "validation",
+    "over a whole validation pass",
+    "a validation (one every trainer.val_check_interval = {val_check_interval} steps)",
+)
 TEST = Stage("test", "test", "over the whole test pass", "a test (none with test=false)")
 
 
@@ -95,12 +106,16 @@ class Run:
     def steps(self) -> int | None:
         """Training steps up to the last logged one: training rows count from 0,
         validation and test rows carry the number of steps they followed."""
-        steps = [row["step"] + any(key.startswith("train/") for key in row) for row in self.rows
-                 if any(key.startswith(("train/", "val/", "test/")) for key in row)]
+        steps = [
+            row["step"] + any(key.startswith("train/") for key in row)
+            for row in self.rows
+            if any(key.startswith(("train/", "val/", "test/")) for key in row)
+        ]
         return int(max(steps)) if steps else None
 
 
 # -- reading runs -------------------------------------------------------------
+
 
 def find_run_dirs(roots: Iterable[str | Path]) -> list[Path]:
     """Every folder below `roots` (or a root itself) holding metrics.csv and .hydra/config.yaml."""
@@ -110,7 +125,9 @@ def find_run_dirs(roots: Iterable[str | Path]) -> list[Path]:
         for metrics in Path(root).rglob("metrics.csv")
         if (metrics.parent / ".hydra" / "config.yaml").is_file()
     }
-    return sorted(found, key=lambda path: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))])
+    return sorted(
+        found, key=lambda path: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+    )
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
@@ -125,15 +142,19 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
         ]
 
 
-def describe(config: Mapping[str, Any], choices: Mapping[str, Any], overrides: Iterable[str]) -> tuple[str, int | None, str]:
+def describe(
+    config: Mapping[str, Any], choices: Mapping[str, Any], overrides: Iterable[str]
+) -> tuple[str, int | None, str]:
     """(method, codebook size, dataset) of a run. The method is the quantizer
     config's name plus any `quantizer.*` overrides besides the size, so that
     sweeps over a quantizer setting stay apart."""
     quantizer = config.get("quantizer") or {}
     overrides = list(overrides)
-    method = choices.get("quantizer") or next(
-        (o.split("=", 1)[1] for o in overrides if o.startswith("quantizer=")), None
-    ) or str(quantizer.get("_target_", "unknown")).rsplit(".", 1)[-1]
+    method = (
+        choices.get("quantizer")
+        or next((o.split("=", 1)[1] for o in overrides if o.startswith("quantizer=")), None)
+        or str(quantizer.get("_target_", "unknown")).rsplit(".", 1)[-1]
+    )
     settings = [
         f"{match[1]}={match[2]}"
         for o in overrides
@@ -163,7 +184,9 @@ def load_run(folder: Path) -> Run:
     }
     hydra = yaml.safe_load((hydra_dir / "hydra.yaml").read_text()) if (hydra_dir / "hydra.yaml").is_file() else {}
     choices = ((hydra or {}).get("hydra", {}).get("runtime") or {}).get("choices") or {}
-    overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) if (hydra_dir / "overrides.yaml").is_file() else []
+    overrides = (
+        yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) if (hydra_dir / "overrides.yaml").is_file() else []
+    )
     method, size, dataset = describe(plain, choices, overrides or [])
     settings = {key: select(config, key) for key in SCHEDULE}
     return Run(str(folder), method, size, dataset, read_metrics(folder / "metrics.csv"), settings)
@@ -180,8 +203,12 @@ def load_wandb_runs(path: str) -> list[Run]:
         tags = config.get("tags") or []
         choices = dict(zip(("quantizer", "data"), tags))
         rows = [
-            {"step": row["trainer/global_step"]} | {key: value for key, value in row.items()
-                                                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
+            {"step": row["trainer/global_step"]}
+            | {
+                key: value
+                for key, value in row.items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool)
+            }
             for row in remote.scan_history()
             if row.get("trainer/global_step") is not None
         ]
@@ -192,6 +219,7 @@ def load_wandb_runs(path: str) -> list[Run]:
 
 
 # -- the report ---------------------------------------------------------------
+
 
 class Lines:
     """Line label (the method, with the data set when runs span several) and
@@ -235,8 +263,13 @@ def plot_utilization(runs: list[Run], lines: Lines, stage: Stage, path: Path) ->
     axes = figure.subplots(1, len(sizes), squeeze=False, sharey=True)[0]
     for ax, size in zip(axes, sizes):
         for run in (run for run in runs if run.codebook_size == size):
-            ax.plot(*run.series(stage.utilization), marker="o", markersize=3, label=lines.label(run),
-                    color=lines.colors[lines.label(run)])
+            ax.plot(
+                *run.series(stage.utilization),
+                marker="o",
+                markersize=3,
+                label=lines.label(run),
+                color=lines.colors[lines.label(run)],
+            )
         ax.set_title(f"K = {size}")
         ax.set_yscale("log")  # collapse spans orders of magnitude
         ax.set_xlabel("step")
@@ -254,8 +287,11 @@ def plot_tradeoff(runs: list[Run], lines: Lines, stage: Stage, path: Path) -> No
     axes = figure.subplots(1, len(keys), squeeze=False)[0]
     for ax, key in zip(axes, keys):
         for name, color in lines.colors.items():
-            points = sorted((run.codebook_size, run.final(key)) for run in runs
-                            if lines.label(run) == name and run.final(key) is not None)
+            points = sorted(
+                (run.codebook_size, run.final(key))
+                for run in runs
+                if lines.label(run) == name and run.final(key) is not None
+            )
             if points:
                 ax.plot(*zip(*points), marker="o", label=name, color=color)
         ax.set_xscale("log", base=2)
@@ -285,11 +321,17 @@ class Shown:
 
 def schedule(runs: list[Run]) -> dict[str, str]:
     """The settings (values over all runs) that decide when training windows and validations are logged."""
-    def values(key: str) -> str:
-        return "/".join(map(str, sorted({run.settings[key] for run in runs if run.settings.get(key) is not None}))) or "?"
 
-    return {"usage_window": values("model.usage_window"), "val_check_interval": values("trainer.val_check_interval"),
-            "steps": str(max((run.steps for run in runs if run.steps is not None), default=0))}
+    def values(key: str) -> str:
+        return (
+            "/".join(map(str, sorted({run.settings[key] for run in runs if run.settings.get(key) is not None}))) or "?"
+        )
+
+    return {
+        "usage_window": values("model.usage_window"),
+        "val_check_interval": values("trainer.val_check_interval"),
+        "steps": str(max((run.steps for run in runs if run.steps is not None), default=0)),
+    }
 
 
 def draw(runs: list[Run], out: Path) -> list[Shown]:
@@ -304,7 +346,11 @@ def draw(runs: list[Run], out: Path) -> list[Shown]:
         missing = " or ".join(skip.absent for skip in skipped).format(**context)
         if stage is None:
             (out / file).unlink(missing_ok=True)
-            why = f"no run logged {missing}" if any(run.codebook_size for run in runs) else "no run's codebook size is known"
+            why = (
+                f"no run logged {missing}"
+                if any(run.codebook_size for run in runs)
+                else "no run's codebook size is known"
+            )
             shown.append(Shown(title.capitalize(), f"Not drawn: {why}.", None))
             continue
         plot(runs, lines, stage, out / file)
@@ -317,6 +363,7 @@ def draw(runs: list[Run], out: Path) -> list[Shown]:
 
 def table(runs: list[Run], root: Path | None = None) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the summary, sorted by data, method and size; '-' where nothing was logged."""
+
     def cell(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
@@ -329,19 +376,34 @@ def table(runs: list[Run], root: Path | None = None) -> tuple[list[str], list[li
     header = ["method", "data", "codebook size", *(title for title, _, _ in COLUMNS), "steps", "run"]
     ordered = sorted(runs, key=lambda run: (run.dataset, run.method, run.codebook_size or 0, run.name))
     rows = [
-        [run.method, run.dataset, cell(run.codebook_size, "d"), *(cell(run.final(key), spec) for _, key, spec in COLUMNS),
-         cell(run.steps, "d"), name(run)]
+        [
+            run.method,
+            run.dataset,
+            cell(run.codebook_size, "d"),
+            *(cell(run.final(key), spec) for _, key, spec in COLUMNS),
+            cell(run.steps, "d"),
+            name(run),
+        ]
         for run in ordered
     ]
     return header, rows
 
 
 def markdown(header: list[str], rows: list[list[str]], found: list[str], figures: list[Shown]) -> str:
-    text = ["# Codebook collapse report", "", f"{len(rows)} runs. Final figures are the last logged values; "
-            "recon loss is the time-domain MSE (plus the STFT term where model.reconstruction.stft_weight > 0). "
-            + DEFINITION, "", "## Figures", ""]
-    text += [f"- {figure.title}" + (f" ({figure.image.name})" if figure.image else "") + f": {figure.caption}"
-             for figure in figures]
+    text = [
+        "# Codebook collapse report",
+        "",
+        f"{len(rows)} runs. Final figures are the last logged values; "
+        "recon loss is the time-domain MSE (plus the STFT term where model.reconstruction.stft_weight > 0). "
+        + DEFINITION,
+        "",
+        "## Figures",
+        "",
+    ]
+    text += [
+        f"- {figure.title}" + (f" ({figure.image.name})" if figure.image else "") + f": {figure.caption}"
+        for figure in figures
+    ]
     text += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     text += ["| " + " | ".join(row) + " |" for row in rows]
     if found:

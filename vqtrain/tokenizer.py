@@ -7,6 +7,7 @@
 Whole splits: `vqtrain.evaluation` scores one, `vqtrain.tokens` encodes one into
 token shards and decodes shards back to files.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,7 @@ class Tokenizer:
 
     @property
     def modality(self) -> str:
-        """"image" or "audio": what the model's encoder takes."""
+        """ "image" or "audio": what the model's encoder takes."""
         return self.model.modality
 
     @property
@@ -64,8 +65,13 @@ class Tokenizer:
         return sum(math.log2(size) for size in self.codebook_sizes)
 
     def describe(self) -> dict[str, Any]:
-        return {"modality": self.modality, "stride": self.stride, "codebook_sizes": self.codebook_sizes,
-                "bits_per_token": self.bits_per_token, "sample_rate": self.sample_rate}
+        return {
+            "modality": self.modality,
+            "stride": self.stride,
+            "codebook_sizes": self.codebook_sizes,
+            "bits_per_token": self.bits_per_token,
+            "sample_rate": self.sample_rate,
+        }
 
     def inputs(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Audio without a mask is real throughout: the decoder then masks the tail
@@ -85,8 +91,9 @@ class Tokenizer:
         return self.model.quantizer(z, latent_mask).indices
 
     @torch.no_grad()
-    def decode(self, indices: Tensor, lengths: Tensor | Sequence[int] | None = None,
-               num_levels: int | None = None) -> Tensor:
+    def decode(
+        self, indices: Tensor, lengths: Tensor | Sequence[int] | None = None, num_levels: int | None = None
+    ) -> Tensor:
         """Indices -> signals. Audio: `lengths` in samples (exact for clips whose
         length is not a multiple of the stride), else real positions x stride.
         `num_levels`: residual quantizers decode from the first k levels only."""
@@ -94,7 +101,11 @@ class Tokenizer:
         quantizer = self.model.quantizer
         if exists(num_levels) and not isinstance(quantizer, ResidualQuantizer):
             raise ValueError(f"num_levels applies to residual quantizers only, not {type(quantizer).__name__}")
-        codes = quantizer.indices_to_codes(indices, num_levels=num_levels) if exists(num_levels) else quantizer.indices_to_codes(indices)
+        codes = (
+            quantizer.indices_to_codes(indices, num_levels=num_levels)
+            if exists(num_levels)
+            else quantizer.indices_to_codes(indices)
+        )
         if self.modality != "audio":
             return self.model.decode(codes)
         if exists(lengths):

@@ -11,6 +11,7 @@ Versions: 1 adds `format_version` to the layout of the unversioned shards of
 earlier releases, which are read as version 0. A newer or unknown version is
 refused with an error naming it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,13 +44,16 @@ def load_shard(path: str | Path) -> dict:
     shard = torch.load(path, weights_only=True)
     version = shard.get("format_version", 0)
     if version not in READABLE_VERSIONS:
-        raise ValueError(f"{path}: token shard format version {version!r} is not one this vqtrain reads "
-                         f"({', '.join(map(str, READABLE_VERSIONS))}): written by a newer vqtrain?")
+        raise ValueError(
+            f"{path}: token shard format version {version!r} is not one this vqtrain reads "
+            f"({', '.join(map(str, READABLE_VERSIONS))}): written by a newer vqtrain?"
+        )
     return shard
 
 
-def encode_split(tokenizer: Tokenizer, cfg: DictConfig, split: str, out_dir: str | Path,
-                 shard_size: int = 1000) -> dict:
+def encode_split(
+    tokenizer: Tokenizer, cfg: DictConfig, split: str, out_dir: str | Path, shard_size: int = 1000
+) -> dict:
     """Tokens of every item of a split, in split order, as shards of `shard_size`
     items and `index.json`. Shards already written are kept (each is written
     whole, by rename), so an interrupted run resumes."""
@@ -67,9 +71,13 @@ def encode_split(tokenizer: Tokenizer, cfg: DictConfig, split: str, out_dir: str
             if path.is_file():
                 shard = load_shard(path)
                 if shard["meta"] != meta:
-                    raise ValueError(f"{path} was written by another run ({shard['meta']}, now {meta}): use a fresh out directory")
+                    raise ValueError(
+                        f"{path} was written by another run ({shard['meta']}, now {meta}): use a fresh out directory"
+                    )
             else:
-                shard = encode_shard(tokenizer, datamodule, dataset, range(start, min(start + shard_size, len(dataset))))
+                shard = encode_shard(
+                    tokenizer, datamodule, dataset, range(start, min(start + shard_size, len(dataset)))
+                )
                 shard["meta"] = meta
                 save_shard(path, shard)
             progress.update(len(shard["ids"]) + len(shard["skipped"]))
@@ -88,8 +96,12 @@ def encode_split(tokenizer: Tokenizer, cfg: DictConfig, split: str, out_dir: str
 def encode_shard(tokenizer: Tokenizer, datamodule: DataModule, dataset: Dataset, positions: range) -> dict:
     lengths = getattr(dataset, "lengths", None)
     order = sorted(positions, key=lengths.__getitem__) if exists(lengths) else list(positions)  # little padding
-    loader = DataLoader(Subset(SkippingDataset(dataset, datamodule.strict), order), batch_size=datamodule.batch_size,
-                        collate_fn=datamodule.collate, num_workers=datamodule.num_workers)
+    loader = DataLoader(
+        Subset(SkippingDataset(dataset, datamodule.strict), order),
+        batch_size=datamodule.batch_size,
+        collate_fn=datamodule.collate,
+        num_workers=datamodule.num_workers,
+    )
     tokens, sample_lengths = {}, {}
     for batch in loader:
         if batch.x is None:  # every item of the batch was unreadable
@@ -111,8 +123,13 @@ def encode_shard(tokenizer: Tokenizer, datamodule: DataModule, dataset: Dataset,
     }
 
 
-def decode_shard(tokenizer: Tokenizer, shard_path: str | Path, out_dir: str | Path,
-                 num_levels: int | None = None, batch_size: int = 32) -> list[Path]:
+def decode_shard(
+    tokenizer: Tokenizer,
+    shard_path: str | Path,
+    out_dir: str | Path,
+    num_levels: int | None = None,
+    batch_size: int = 32,
+) -> list[Path]:
     """Tokens of a shard back to files under `out_dir` named after the item ids:
     PNG for images ([-1, 1] -> [0, 1]), WAV at the run's sample rate for audio."""
     shard = load_shard(shard_path)

@@ -1,7 +1,8 @@
 """Training entry point: compose the config, build everything, fit, test.
 
-    python train.py quantizer=fsq data=mnist trainer.max_steps=200
+python train.py quantizer=fsq data=mnist trainer.max_steps=200
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,14 +31,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resume_path(cfg)
     model = instantiate(cfg.model)
     if model.modality != datamodule.modality:
-        raise InvalidConfig(f"data gives {datamodule.modality} batches but model.encoder "
-                            f"({type(model.encoder).__name__}) takes {model.modality}: choose the matching model")
+        raise InvalidConfig(
+            f"data gives {datamodule.modality} batches but model.encoder "
+            f"({type(model.encoder).__name__}) takes {model.modality}: choose the matching model"
+        )
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     loggers = [instantiate(logger) for logger in (cfg.logger or {}).values() if logger is not None]
     # data modules that shard batches across ranks themselves (audio bucketing) opt out of Lightning's sampler
     distributed_sampler = getattr(datamodule, "use_distributed_sampler", True)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, use_distributed_sampler=distributed_sampler)
+    trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, use_distributed_sampler=distributed_sampler
+    )
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         if cfg.test and not trainer.interrupted:

@@ -1,4 +1,5 @@
 """Small helpers shared across the package."""
+
 from __future__ import annotations
 
 import random
@@ -49,6 +50,7 @@ def channel_mask(mask: Tensor, like: Tensor) -> Tensor:
 
 
 # --- random number generators: saved in checkpoints for exact resumes --------
+
 
 def rng_states() -> dict[str, Any]:
     """The global generators' states, as tensors and plain values (checkpoints

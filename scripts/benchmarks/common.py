@@ -1,4 +1,5 @@
 """What the benchmarks share: machine facts, load, tables, JSON output."""
+
 from __future__ import annotations
 
 import json

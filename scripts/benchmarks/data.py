@@ -2,6 +2,7 @@
 training epoch and clips/s of the loader alone and of loader + audio model
 training steps, with and without length bucketing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,19 @@ def run(args: argparse.Namespace) -> dict:
     results = []
     with tempfile.TemporaryDirectory(prefix="vqtrain-bench-") as tmp:
         for bucketing in (True, False):
-            overrides = ["data=fsdd", f"data.root={root}", f"data.bucketing={bucketing}", f"data.cache_dir={tmp}",
-                         f"data.batch_size={args.batch_size}"] + list(args.overrides or [])
+            overrides = [
+                "data=fsdd",
+                f"data.root={root}",
+                f"data.bucketing={bucketing}",
+                f"data.cache_dir={tmp}",
+                f"data.batch_size={args.batch_size}",
+            ] + list(args.overrides or [])
             if args.quick:
-                overrides += ["model.encoder.hidden_channels=4", "model.decoder.hidden_channels=4", "quantizer.codebook_size=16"]
+                overrides += [
+                    "model.encoder.hidden_channels=4",
+                    "model.decoder.hidden_channels=4",
+                    "quantizer.codebook_size=16",
+                ]
             cfg = compose_train(overrides, Path(tmp) / "run")
             datamodule = instantiate(cfg.data)
             datamodule.setup("fit")
@@ -70,26 +80,57 @@ def run(args: argparse.Namespace) -> dict:
                     break
             train_s = time.perf_counter() - train_start
             record = {
-                "bucketing": bucketing, "clips": clips, "batches": len(batch_lengths),
-                "padding_fraction": padding_fraction(batch_lengths), "padding_fraction_measure_padding": expected,
-                "loader_seconds": loader_s, "loader_clips_per_s": clips / loader_s,
-                "train_batches": steps, "train_clips": step_clips, "train_seconds": train_s,
-                "train_clips_per_s": step_clips / train_s, "train_padding_fraction": 1 - real / max(samples, 1),
-                "load_before": before, "load_after": load(),
+                "bucketing": bucketing,
+                "clips": clips,
+                "batches": len(batch_lengths),
+                "padding_fraction": padding_fraction(batch_lengths),
+                "padding_fraction_measure_padding": expected,
+                "loader_seconds": loader_s,
+                "loader_clips_per_s": clips / loader_s,
+                "train_batches": steps,
+                "train_clips": step_clips,
+                "train_seconds": train_s,
+                "train_clips_per_s": step_clips / train_s,
+                "train_padding_fraction": 1 - real / max(samples, 1),
+                "load_before": before,
+                "load_after": load(),
             }
             results.append(record)
-            print(f"  bucketing={bucketing}: padding {100 * record['padding_fraction']:.1f}%, loader {record['loader_clips_per_s']:.0f} clips/s, "
-                  f"train {record['train_clips_per_s']:.1f} clips/s  load {before}->{load()}", flush=True)
-    print(f"\nFSDD training split ({results[0]['clips']} clips, batch {args.batch_size}), {args.device}; load {load_start} -> {load()}\n")
-    print_table(["bucketing", "padding", "loader clips/s", "train clips/s", "train padding (batches timed)"], [
-        ["on" if r["bucketing"] else "off", f"{100 * r['padding_fraction']:.1f}%", f"{r['loader_clips_per_s']:.0f}",
-         f"{r['train_clips_per_s']:.1f}", f"{100 * r['train_padding_fraction']:.1f}% ({r['train_batches']})"] for r in results])
-    return {"root": str(root), "batch_size": args.batch_size, "results": results, "load_start": load_start, "load_end": load()}
+            print(
+                f"  bucketing={bucketing}: padding {100 * record['padding_fraction']:.1f}%, loader {record['loader_clips_per_s']:.0f} clips/s, "
+                f"train {record['train_clips_per_s']:.1f} clips/s  load {before}->{load()}",
+                flush=True,
+            )
+    print(
+        f"\nFSDD training split ({results[0]['clips']} clips, batch {args.batch_size}), {args.device}; load {load_start} -> {load()}\n"
+    )
+    print_table(
+        ["bucketing", "padding", "loader clips/s", "train clips/s", "train padding (batches timed)"],
+        [
+            [
+                "on" if r["bucketing"] else "off",
+                f"{100 * r['padding_fraction']:.1f}%",
+                f"{r['loader_clips_per_s']:.0f}",
+                f"{r['train_clips_per_s']:.1f}",
+                f"{100 * r['train_padding_fraction']:.1f}% ({r['train_batches']})",
+            ]
+            for r in results
+        ],
+    )
+    return {
+        "root": str(root),
+        "batch_size": args.batch_size,
+        "results": results,
+        "load_start": load_start,
+        "load_end": load(),
+    }
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     d = sub.add_parser("data", parents=[common], help="audio clips/s and padding with and without bucketing")
     d.add_argument("--root", help="audio folder (default <repo>/../shared/data/fsdd/recordings)")
     d.add_argument("--batch-size", type=int, default=32)
-    d.add_argument("--train-batches", type=int, help="batches through the model per setting (default 20; 0 = a whole epoch)")
+    d.add_argument(
+        "--train-batches", type=int, help="batches through the model per setting (default 20; 0 = a whole epoch)"
+    )
     d.add_argument("overrides", nargs="*", help="config overrides, as for train.py")

@@ -45,6 +45,7 @@ so the shipped defaults are what is measured; the reference is
 vector-quantize-pytorch with its defaults except where a row's constructor
 says otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,6 +79,7 @@ DEFAULT_BUDGETS = {"mnist": ([200, 600], [64, 128]), "fsdd": ([200, 600], [16, 1
 
 # --- the methods: our config beside the reference's counterpart -------------------
 
+
 @dataclass(frozen=True)
 class Method:
     config: str  # configs/quantizer/<config>.yaml
@@ -89,27 +91,70 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "vq": Method("vq", 1024, "VectorQuantize(dim=64, codebook_size=1024)",
-                 lambda vqp: vqp.VectorQuantize(dim=DIM, codebook_size=1024), (1024,), True),
-    "vq_tricks": Method("vq_tricks", 1024, "VectorQuantize(dim=64, codebook_size=1024, kmeans_init=True, threshold_ema_dead_code=2)",
-                        lambda vqp: vqp.VectorQuantize(dim=DIM, codebook_size=1024, kmeans_init=True, threshold_ema_dead_code=2), (1024,), True),
-    "simvq": Method("simvq", 1024, "SimVQ(dim=64, codebook_size=1024)",
-                    lambda vqp: vqp.SimVQ(dim=DIM, codebook_size=1024), (1024,)),
-    "fsq": Method("fsq", 1024, "FSQ(levels=[8, 5, 5, 5], dim=64)",
-                  lambda vqp: vqp.FSQ(levels=[8, 5, 5, 5], dim=DIM), (1000,)),
-    "rvq": Method("rvq", 256, "ResidualVQ(dim=64, num_quantizers=4, codebook_size=256)",
-                  lambda vqp: vqp.ResidualVQ(dim=DIM, num_quantizers=4, codebook_size=256), (256,) * 4, True),
-    "rsimvq": Method("rsimvq", 256, "ResidualSimVQ(dim=64, num_quantizers=4, codebook_size=256)",
-                     lambda vqp: vqp.ResidualSimVQ(dim=DIM, num_quantizers=4, codebook_size=256), (256,) * 4),
-    "rfsq": Method("rfsq", 1024, "ResidualFSQ(dim=64, levels=[8, 5, 5, 5], num_quantizers=4)",
-                   lambda vqp: vqp.ResidualFSQ(dim=DIM, levels=[8, 5, 5, 5], num_quantizers=4), (1000,) * 4),
-    "lfq": Method("lfq", 1024, "LFQ(dim=64, codebook_size=1024)",
-                  lambda vqp: vqp.LFQ(dim=DIM, codebook_size=1024), (1024,), True),
-    "bsq": Method("bsq", 1024, "LFQ(dim=64, codebook_size=1024, spherical=True)",
-                  lambda vqp: vqp.LFQ(dim=DIM, codebook_size=1024, spherical=True), (1024,), True),
+    "vq": Method(
+        "vq",
+        1024,
+        "VectorQuantize(dim=64, codebook_size=1024)",
+        lambda vqp: vqp.VectorQuantize(dim=DIM, codebook_size=1024),
+        (1024,),
+        True,
+    ),
+    "vq_tricks": Method(
+        "vq_tricks",
+        1024,
+        "VectorQuantize(dim=64, codebook_size=1024, kmeans_init=True, threshold_ema_dead_code=2)",
+        lambda vqp: vqp.VectorQuantize(dim=DIM, codebook_size=1024, kmeans_init=True, threshold_ema_dead_code=2),
+        (1024,),
+        True,
+    ),
+    "simvq": Method(
+        "simvq", 1024, "SimVQ(dim=64, codebook_size=1024)", lambda vqp: vqp.SimVQ(dim=DIM, codebook_size=1024), (1024,)
+    ),
+    "fsq": Method(
+        "fsq", 1024, "FSQ(levels=[8, 5, 5, 5], dim=64)", lambda vqp: vqp.FSQ(levels=[8, 5, 5, 5], dim=DIM), (1000,)
+    ),
+    "rvq": Method(
+        "rvq",
+        256,
+        "ResidualVQ(dim=64, num_quantizers=4, codebook_size=256)",
+        lambda vqp: vqp.ResidualVQ(dim=DIM, num_quantizers=4, codebook_size=256),
+        (256,) * 4,
+        True,
+    ),
+    "rsimvq": Method(
+        "rsimvq",
+        256,
+        "ResidualSimVQ(dim=64, num_quantizers=4, codebook_size=256)",
+        lambda vqp: vqp.ResidualSimVQ(dim=DIM, num_quantizers=4, codebook_size=256),
+        (256,) * 4,
+    ),
+    "rfsq": Method(
+        "rfsq",
+        1024,
+        "ResidualFSQ(dim=64, levels=[8, 5, 5, 5], num_quantizers=4)",
+        lambda vqp: vqp.ResidualFSQ(dim=DIM, levels=[8, 5, 5, 5], num_quantizers=4),
+        (1000,) * 4,
+    ),
+    "lfq": Method(
+        "lfq", 1024, "LFQ(dim=64, codebook_size=1024)", lambda vqp: vqp.LFQ(dim=DIM, codebook_size=1024), (1024,), True
+    ),
+    "bsq": Method(
+        "bsq",
+        1024,
+        "LFQ(dim=64, codebook_size=1024, spherical=True)",
+        lambda vqp: vqp.LFQ(dim=DIM, codebook_size=1024, spherical=True),
+        (1024,),
+        True,
+    ),
     "ibq": Method("ibq", 1024, None, None),
-    "rlfq": Method("rlfq", 1024, "ResidualLFQ(dim=64, num_quantizers=4, codebook_size=1024)",
-                   lambda vqp: vqp.ResidualLFQ(dim=DIM, num_quantizers=4, codebook_size=1024), (1024,) * 4, True),
+    "rlfq": Method(
+        "rlfq",
+        1024,
+        "ResidualLFQ(dim=64, num_quantizers=4, codebook_size=1024)",
+        lambda vqp: vqp.ResidualLFQ(dim=DIM, num_quantizers=4, codebook_size=1024),
+        (1024,) * 4,
+        True,
+    ),
 }
 
 
@@ -117,8 +162,16 @@ class Side:
     """One quantizer behind one interface: channel-last latents (B, *S, D) and a
     latent mask (B, *S) or None -> quantized (zero at padding), indices (B, *S, Q), loss."""
 
-    def __init__(self, module: nn.Module, sizes: list[int], call: Callable, description: str, config: dict | None = None):
-        self.module, self.sizes, self.call, self.description, self.config = module, list(sizes), call, description, config
+    def __init__(
+        self, module: nn.Module, sizes: list[int], call: Callable, description: str, config: dict | None = None
+    ):
+        self.module, self.sizes, self.call, self.description, self.config = (
+            module,
+            list(sizes),
+            call,
+            description,
+            config,
+        )
 
     def __call__(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         return self.call(self.module, z, mask)
@@ -132,8 +185,15 @@ def build_ours(name: str, seed: int) -> Side:
 
     method = METHODS[name]
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = compose([f"quantizer={method.config}", f"quantizer.codebook_size={method.codebook_size}",
-                       f"model.latent_dim={DIM}", f"seed={seed}"], run_dir)
+        cfg = compose(
+            [
+                f"quantizer={method.config}",
+                f"quantizer.codebook_size={method.codebook_size}",
+                f"model.latent_dim={DIM}",
+                f"seed={seed}",
+            ],
+            run_dir,
+        )
     module = hydra.utils.instantiate(cfg.quantizer)
 
     def call(m, z, mask):
@@ -142,8 +202,13 @@ def build_ours(name: str, seed: int) -> Side:
         indices = out.indices if columns > 1 else out.indices.unsqueeze(-1)
         return out.quantized, indices, out.loss
 
-    return Side(module, module.codebook_sizes, call, f"configs/quantizer/{method.config}.yaml, codebook_size={method.codebook_size}",
-                OmegaConf.to_container(cfg.quantizer, resolve=True))
+    return Side(
+        module,
+        module.codebook_sizes,
+        call,
+        f"configs/quantizer/{method.config}.yaml, codebook_size={method.codebook_size}",
+        OmegaConf.to_container(cfg.quantizer, resolve=True),
+    )
 
 
 def build_reference(name: str) -> Side:
@@ -160,7 +225,9 @@ def build_reference(name: str) -> Side:
         out = m(tokens, mask=flat_mask) if takes_mask and flat_mask is not None else m(tokens)
         quantized, indices = out[0], out[1].long()
         loss = out[2].sum() if len(out) > 2 and torch.is_tensor(out[2]) else tokens.new_zeros(())
-        if flat_mask is not None:  # the unmasked ones quantized the padding too: the decoder gets zeros there, as from ours
+        if (
+            flat_mask is not None
+        ):  # the unmasked ones quantized the padding too: the decoder gets zeros there, as from ours
             quantized = quantized * flat_mask.unsqueeze(-1)
         if indices.ndim == 2:
             indices = indices.unsqueeze(-1)
@@ -171,11 +238,12 @@ def build_reference(name: str) -> Side:
 
 # --- the data and the nets ------------------------------------------------------
 
+
 def read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         raw = f.read()
     ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -185,8 +253,18 @@ class MNIST:
 
     def __init__(self, root: Path, train_limit: int | None, test_limit: int | None):
         raw = root / "MNIST" / "raw"
-        self.train = torch.from_numpy(read_idx(raw / "train-images-idx3-ubyte.gz")[:train_limit].copy()).float().div(255).unsqueeze(1)
-        self.test = torch.from_numpy(read_idx(raw / "t10k-images-idx3-ubyte.gz")[:test_limit].copy()).float().div(255).unsqueeze(1)
+        self.train = (
+            torch.from_numpy(read_idx(raw / "train-images-idx3-ubyte.gz")[:train_limit].copy())
+            .float()
+            .div(255)
+            .unsqueeze(1)
+        )
+        self.test = (
+            torch.from_numpy(read_idx(raw / "t10k-images-idx3-ubyte.gz")[:test_limit].copy())
+            .float()
+            .div(255)
+            .unsqueeze(1)
+        )
         self.train_size, self.test_size = len(self.train), len(self.test)
         self.test_var = float(self.test.var())
 
@@ -198,7 +276,7 @@ class MNIST:
 
     def test_batches(self) -> Iterator[tuple[Tensor, Tensor | None]]:
         for start in range(0, self.test_size, self.eval_batch):
-            yield self.test[start:start + self.eval_batch], None
+            yield self.test[start : start + self.eval_batch], None
 
 
 class FSDD:
@@ -237,8 +315,8 @@ class FSDD:
         x = torch.zeros(len(clips), 1, length)
         mask = torch.zeros(len(clips), length, dtype=torch.bool)
         for i, clip in enumerate(clips):
-            x[i, 0, :len(clip)] = clip
-            mask[i, :len(clip)] = True
+            x[i, 0, : len(clip)] = clip
+            mask[i, : len(clip)] = True
         return x, mask
 
     def train_batch(self, indices: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -246,7 +324,7 @@ class FSDD:
 
     def test_batches(self) -> Iterator[tuple[Tensor, Tensor | None]]:
         for start in range(0, self.test_size, self.eval_batch):
-            yield self.pad(self.test[start:start + self.eval_batch])
+            yield self.pad(self.test[start : start + self.eval_batch])
 
 
 class ConvAE(nn.Module):
@@ -255,12 +333,16 @@ class ConvAE(nn.Module):
     def __init__(self, conv, deconv, kernel: int, stride: int, padding: int):
         super().__init__()
         self.stride = stride * stride
-        self.encoder = nn.Sequential(conv(1, 32, kernel, stride, padding), nn.ReLU(), conv(32, DIM, kernel, stride, padding))
-        self.decoder = nn.Sequential(deconv(DIM, 32, kernel, stride, padding), nn.ReLU(), deconv(32, 1, kernel, stride, padding))
+        self.encoder = nn.Sequential(
+            conv(1, 32, kernel, stride, padding), nn.ReLU(), conv(32, DIM, kernel, stride, padding)
+        )
+        self.decoder = nn.Sequential(
+            deconv(DIM, 32, kernel, stride, padding), nn.ReLU(), deconv(32, 1, kernel, stride, padding)
+        )
 
     def latent_mask(self, mask: Tensor | None) -> Tensor | None:
         """Sample mask (B, T) -> latent mask (B, T / stride): a latent is real where its first sample is."""
-        return None if mask is None else mask[:, ::self.stride]
+        return None if mask is None else mask[:, :: self.stride]
 
 
 def forward(net: ConvAE, side: Side, x: Tensor, mask: Tensor | None):
@@ -277,6 +359,7 @@ def forward(net: ConvAE, side: Side, x: Tensor, mask: Tensor | None):
 
 
 # --- one run ----------------------------------------------------------------------
+
 
 def tensor_hash(*tensors: Tensor | None) -> bytes:
     h = hashlib.sha256()
@@ -322,7 +405,7 @@ def run_one(data, method: str, impl: str, steps: int, batch_size: int, seed: int
     for step in range(steps):
         if cursor + batch_size > data.train_size:  # a new epoch: a fresh order, the last partial batch dropped
             perm, cursor = torch.randperm(data.train_size, generator=order), 0
-        x, mask = data.train_batch(perm[cursor:cursor + batch_size])
+        x, mask = data.train_batch(perm[cursor : cursor + batch_size])
         cursor += batch_size
         data_hash.update(tensor_hash(x, mask))
         x, mask = x.to(device), None if mask is None else mask.to(device)
@@ -342,7 +425,10 @@ def run_one(data, method: str, impl: str, steps: int, batch_size: int, seed: int
             status = f"non-finite loss at step {step}"
             break
         if step >= steps - 20:
-            recon_tail.append(float(recon.detach())), aux_tail.append(float(aux.detach()) if torch.is_tensor(aux) else float(aux))
+            (
+                recon_tail.append(float(recon.detach())),
+                aux_tail.append(float(aux.detach()) if torch.is_tensor(aux) else float(aux)),
+            )
     steps_done = step + 1 if steps else 0
 
     net.eval(), side.module.eval()
@@ -363,17 +449,29 @@ def run_one(data, method: str, impl: str, steps: int, batch_size: int, seed: int
         status = "index -1 at a real position" if status == "ok" else status
         codes = codes.clamp_min(0)
     record = {
-        "data": data.name, "method": method, "impl": impl, "status": status,
-        "steps": steps_done, "batch_size": batch_size, "seed": seed, "quantizer": side.description,
-        "test_mse": float(squared / max(count, 1)), "test_items": data.test_size, "test_positions": len(codes),
+        "data": data.name,
+        "method": method,
+        "impl": impl,
+        "status": status,
+        "steps": steps_done,
+        "batch_size": batch_size,
+        "seed": seed,
+        "quantizer": side.description,
+        "test_mse": float(squared / max(count, 1)),
+        "test_items": data.test_size,
+        "test_positions": len(codes),
         **code_stats(codes, side.sizes),
         "train_recon_last20": float(np.mean(recon_tail)) if recon_tail else None,
         "aux_loss_last20": float(np.mean(aux_tail)) if aux_tail else None,
         "steps_per_s": (steps_done - 1) / train_seconds if train_seconds else None,
         "first_step_seconds": None if first_step_seconds is None else round(first_step_seconds, 3),
-        "train_seconds": round(train_seconds + (first_step_seconds or 0), 3), "wall_seconds": round(time.perf_counter() - started, 3),
-        "data_hash": data_hash.hexdigest()[:16], "init_hash": init_hash,
-        "reference_masked": (METHODS[method].reference_takes_mask if impl == REFERENCE else True) if data.name == "fsdd" else None,
+        "train_seconds": round(train_seconds + (first_step_seconds or 0), 3),
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "data_hash": data_hash.hexdigest()[:16],
+        "init_hash": init_hash,
+        "reference_masked": (METHODS[method].reference_takes_mask if impl == REFERENCE else True)
+        if data.name == "fsdd"
+        else None,
     }
     if side.config is not None:
         record["config"] = side.config
@@ -382,17 +480,41 @@ def run_one(data, method: str, impl: str, steps: int, batch_size: int, seed: int
 
 # --- the subcommand ---------------------------------------------------------------
 
+
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("quality", parents=[common], help="train every quantizer beside the reference on real data; test MSE, usage",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "quality",
+        parents=[common],
+        help="train every quantizer beside the reference on real data; test MSE, usage",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--data", default="mnist", choices=["mnist", "fsdd"])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
-                   help=f"quantizer configs to run (default all: {' '.join(METHODS)})")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=list(METHODS),
+        metavar="METHOD",
+        help=f"quantizer configs to run (default all: {' '.join(METHODS)})",
+    )
     p.add_argument("--steps", type=int, nargs="+", help="training steps of each budget (default 200 600)")
-    p.add_argument("--batch-size", type=int, nargs="+", help="batch size of each budget, paired with --steps (default mnist 64 128, fsdd 16 16)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        nargs="+",
+        help="batch size of each budget, paired with --steps (default mnist 64 128, fsdd 16 16)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-reference", action="store_true", help=f"ours only (also what happens when {REFERENCE} is not installed)")
-    p.add_argument("--root", type=Path, default=DATA, help="folder holding MNIST/raw and fsdd/recordings (default <repo>/../shared/data)")
+    p.add_argument(
+        "--no-reference", action="store_true", help=f"ours only (also what happens when {REFERENCE} is not installed)"
+    )
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=DATA,
+        help="folder holding MNIST/raw and fsdd/recordings (default <repo>/../shared/data)",
+    )
     p.add_argument("--train-limit", type=int, help="use only the first N training items (checks; default all)")
     p.add_argument("--test-limit", type=int, help="score only the first N test items (checks; default all)")
 
@@ -430,20 +552,43 @@ def fmt_levels(values: list, spec: str) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    headers = ["data", "budget", "method", "impl", "test MSE", "utilization", "perplexity", "dead codes", "steps/s", "wall s", "status"]
+    headers = [
+        "data",
+        "budget",
+        "method",
+        "impl",
+        "test MSE",
+        "utilization",
+        "perplexity",
+        "dead codes",
+        "steps/s",
+        "wall s",
+        "status",
+    ]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 6 + ["---"]) + "|"]
     for r in rows:
-        cells = [r["data"], f"{r['steps']}x{r['batch_size']}", r["method"], "ours" if r["impl"] == OURS else "reference",
-                 f"{r['test_mse']:.5f}", fmt_levels(r["utilization"], ".3f"), fmt_levels(r["perplexity"], ".0f"),
-                 fmt_levels(r["dead_codes"], "d"), f"{r['steps_per_s']:.1f}" if r["steps_per_s"] else "", f"{r['wall_seconds']:.1f}",
-                 r["status"]]
+        cells = [
+            r["data"],
+            f"{r['steps']}x{r['batch_size']}",
+            r["method"],
+            "ours" if r["impl"] == OURS else "reference",
+            f"{r['test_mse']:.5f}",
+            fmt_levels(r["utilization"], ".3f"),
+            fmt_levels(r["perplexity"], ".0f"),
+            fmt_levels(r["dead_codes"], "d"),
+            f"{r['steps_per_s']:.1f}" if r["steps_per_s"] else "",
+            f"{r['wall_seconds']:.1f}",
+            r["status"],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> dict:
     if not (args.root / ("MNIST/raw" if args.data == "mnist" else "fsdd/recordings")).is_dir():
-        raise SystemExit(f"quality: no {args.data} data under {args.root} (expected ../shared/data next to the repository)")
+        raise SystemExit(
+            f"quality: no {args.data} data under {args.root} (expected ../shared/data next to the repository)"
+        )
     version = None if args.no_reference else reference_version()
     if not args.no_reference and version is None:
         print(f"quality: {REFERENCE} is not installed: ours only", file=sys.stderr)
@@ -452,7 +597,10 @@ def run(args: argparse.Namespace) -> dict:
         args.train_limit, args.test_limit = args.train_limit or 256, args.test_limit or 64
     loaded = time.perf_counter()
     data = (MNIST if args.data == "mnist" else FSDD)(args.root, args.train_limit, args.test_limit)
-    print(f"{args.data}: {data.train_size} training, {data.test_size} test items (loaded in {time.perf_counter() - loaded:.1f} s)", flush=True)
+    print(
+        f"{args.data}: {data.train_size} training, {data.test_size} test items (loaded in {time.perf_counter() - loaded:.1f} s)",
+        flush=True,
+    )
     rows, pairs = [], []
     for steps, batch_size in budgets(args):
         for method in args.methods:
@@ -463,25 +611,56 @@ def run(args: argparse.Namespace) -> dict:
                 record = run_one(data, method, impl, steps, batch_size, args.seed, args.device)
                 rows.append(record)
                 got[impl] = record
-                print(f"  {args.data} {steps}x{batch_size} {method:9s} {impl:24s} mse {record['test_mse']:.5f}  "
-                      f"util {fmt_levels(record['utilization'], '.3f')}  {record['steps_per_s'] or 0:.1f} steps/s  "
-                      f"{record['wall_seconds']:.1f} s  {record['status']}", flush=True)
+                print(
+                    f"  {args.data} {steps}x{batch_size} {method:9s} {impl:24s} mse {record['test_mse']:.5f}  "
+                    f"util {fmt_levels(record['utilization'], '.3f')}  {record['steps_per_s'] or 0:.1f} steps/s  "
+                    f"{record['wall_seconds']:.1f} s  {record['status']}",
+                    flush=True,
+                )
             if len(got) == 2:
                 ours, ref = got[OURS], got[REFERENCE]
-                same = ours["data_hash"] == ref["data_hash"] and ours["init_hash"] == ref["init_hash"] and ours["steps"] == ref["steps"]
-                pairs.append({"data": args.data, "steps": steps, "batch_size": batch_size, "method": method, "same_batches_and_init": same,
-                              "mse_ratio_ours_over_reference": ours["test_mse"] / ref["test_mse"] if ref["test_mse"] else None})
+                same = (
+                    ours["data_hash"] == ref["data_hash"]
+                    and ours["init_hash"] == ref["init_hash"]
+                    and ours["steps"] == ref["steps"]
+                )
+                pairs.append(
+                    {
+                        "data": args.data,
+                        "steps": steps,
+                        "batch_size": batch_size,
+                        "method": method,
+                        "same_batches_and_init": same,
+                        "mse_ratio_ours_over_reference": ours["test_mse"] / ref["test_mse"]
+                        if ref["test_mse"]
+                        else None,
+                    }
+                )
                 if not same:
-                    print(f"  WARNING: {method} {steps}x{batch_size}: ours and the reference did not see the same batches or init", flush=True)
+                    print(
+                        f"  WARNING: {method} {steps}x{batch_size}: ours and the reference did not see the same batches or init",
+                        flush=True,
+                    )
     print("\n" + markdown(rows))
     return {
         "settings": {
-            "data": args.data, "methods": args.methods, "budgets": budgets(args), "seed": args.seed, "lr": LR, "optimizer": "Adam",
+            "data": args.data,
+            "methods": args.methods,
+            "budgets": budgets(args),
+            "seed": args.seed,
+            "lr": LR,
+            "optimizer": "Adam",
             "latent": "7x7x64" if args.data == "mnist" else f"64-d per {FSDD_STRIDE} samples",
-            "inputs": "pixels in [0, 1]" if args.data == "mnist" else f"8 kHz audio, each clip at {FSDD_RMS_DB} dBFS RMS",
-            "train_items": data.train_size, "test_items": data.test_size, "test_variance": data.test_var,
-            "train_limit": args.train_limit, "test_limit": args.test_limit,
-            "reference": REFERENCE, "reference_version": version,
+            "inputs": "pixels in [0, 1]"
+            if args.data == "mnist"
+            else f"8 kHz audio, each clip at {FSDD_RMS_DB} dBFS RMS",
+            "train_items": data.train_size,
+            "test_items": data.test_size,
+            "test_variance": data.test_var,
+            "train_limit": args.train_limit,
+            "test_limit": args.test_limit,
+            "reference": REFERENCE,
+            "reference_version": version,
             "reference_constructors": {m: METHODS[m].reference for m in args.methods},
         },
         "rows": rows,

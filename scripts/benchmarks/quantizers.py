@@ -12,6 +12,7 @@ the rate of the distance matmul alone (tokens x dim @ dim x K, 2*N*D*K flops),
 the better of one full product and 16 MiB row blocks, both into preallocated
 output; a VQ's fraction of it counts the same flops.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,9 @@ BENCH = REPO / "scripts" / "bench.py"  # runs each case in a child process: `ben
 def quantizer_cases(quick: bool) -> list[dict]:
     """Each case: name, kind (for memory extrapolation), size (codes), and how to
     build ours and the reference (kwargs for `build_quantizer`)."""
-    vq_sizes, simvq_sizes, rvq = ([16, 32, 64], [16, 32], (2, 16)) if quick else ([1024, 8192, 65536], [1024, 8192], (8, 1024))
+    vq_sizes, simvq_sizes, rvq = (
+        ([16, 32, 64], [16, 32], (2, 16)) if quick else ([1024, 8192, 65536], [1024, 8192], (8, 1024))
+    )
     cases = []
     for k in vq_sizes:
         cases.append({"name": f"VQ (EMA) K={k}", "kind": "vq", "size": k, "vq_flops": True})
@@ -75,7 +78,9 @@ def build_quantizer(case: dict, impl: str, dim: int):
         module = {
             "vq": lambda: VectorQuantizer(dim, size),
             "simvq": lambda: SimVQ(dim, size),
-            "rvq": lambda: ResidualQuantizer(dim, quantizer=partial(VectorQuantizer, codebook_size=size), num_levels=case["levels"]),
+            "rvq": lambda: ResidualQuantizer(
+                dim, quantizer=partial(VectorQuantizer, codebook_size=size), num_levels=case["levels"]
+            ),
             "fsq": lambda: FSQ(dim, case["fsq_levels"]),
         }[kind]()
 
@@ -96,10 +101,12 @@ def build_quantizer(case: dict, impl: str, dim: int):
             out = m(x)
             aux = out[2].sum() if len(out) > 2 and torch.is_tensor(out[2]) else None
             return out[0], aux
+
     return module, run
 
 
 # --- quantizers: one case in a child process -------------------------------------
+
 
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -131,7 +138,12 @@ def peak_rss_bytes(reset_worked: bool) -> int:
 
 def is_oom(error: BaseException) -> bool:
     text = str(error).lower()
-    return isinstance(error, MemoryError) or "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
+    return (
+        isinstance(error, MemoryError)
+        or "out of memory" in text
+        or "can't allocate memory" in text
+        or "cannot allocate memory" in text
+    )
 
 
 def run_case(spec: dict) -> dict:
@@ -237,6 +249,7 @@ def matmul_step(tokens: int, dim: int, size: int, device: str, mode: str) -> Cal
         for start in range(0, tokens, rows):
             part = a[start : start + rows]
             torch.mm(part, b, out=out[: part.shape[0]])
+
     return blocked
 
 
@@ -258,7 +271,11 @@ def run_child(spec: dict, timeout: float) -> dict:
 
 def estimate_need(results: list[dict], case: dict, impl: str) -> float | None:
     """Peak extra bytes of the largest smaller case of the same kind, scaled linearly in K."""
-    smaller = [r for r in results if r["impl"] == impl and r["kind"] == case["kind"] and r["size"] < case["size"] and r.get("status") == "ok"]
+    smaller = [
+        r
+        for r in results
+        if r["impl"] == impl and r["kind"] == case["kind"] and r["size"] < case["size"] and r.get("status") == "ok"
+    ]
     if not smaller:
         return None
     largest = max(smaller, key=lambda r: r["size"])
@@ -279,11 +296,22 @@ def run(args: argparse.Namespace) -> dict:
     cap = int(args.mem_cap_gb * GIB) if args.mem_cap_gb else int(min(8 * GIB, mem_available() / 2))
     repeats = args.repeats or (1 if args.quick else 20 if device == "cuda" else 5)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5 if device == "cuda" else 2)
-    common = dict(device=device, tokens=tokens, dim=args.dim, repeats=repeats, warmup=warmup, threads=args.threads,
-                  max_case_seconds=args.max_case_seconds, mem_cap_bytes=None if device == "cuda" else cap)
+    common = dict(
+        device=device,
+        tokens=tokens,
+        dim=args.dim,
+        repeats=repeats,
+        warmup=warmup,
+        threads=args.threads,
+        max_case_seconds=args.max_case_seconds,
+        mem_cap_bytes=None if device == "cuda" else cap,
+    )
     load_start = load()
-    print(f"quantizers: {tokens} tokens, dim {args.dim}, {device}, {repeats} repeats after {warmup} warm-up, "
-          f"{'' if device == 'cuda' else f'memory cap {fmt_bytes(cap)}, '}load {load_start}", flush=True)
+    print(
+        f"quantizers: {tokens} tokens, dim {args.dim}, {device}, {repeats} repeats after {warmup} warm-up, "
+        f"{'' if device == 'cuda' else f'memory cap {fmt_bytes(cap)}, '}load {load_start}",
+        flush=True,
+    )
 
     matmul = []
     for size in sorted({c["size"] for c in cases if c.get("vq_flops")}):
@@ -309,13 +337,18 @@ def run(args: argparse.Namespace) -> dict:
             need = estimate_need(results, case, impl) if device != "cuda" else None
             record = {"case": case["name"], "kind": case["kind"], "size": case["size"], "impl": impl}
             if need is not None and need > cap:
-                record.update(status="skipped", note=f"would need ~{fmt_bytes(need)} (cap {fmt_bytes(cap)})", estimated_bytes=need)
+                record.update(
+                    status="skipped", note=f"would need ~{fmt_bytes(need)} (cap {fmt_bytes(cap)})", estimated_bytes=need
+                )
             else:
                 record.update(run_child({**common, "impl": impl, "case": case}, args.timeout))
             results.append(record)
             shown = fmt_s(record.get("median_s")) or f"{record['status']} {record.get('note', '')}"
-            print(f"  {case['name']:<24} {impl:<24} {shown}  peak {fmt_bytes(record.get('peak_extra_bytes'))}  "
-                  f"load {record.get('load_before')}->{record.get('load_after')}", flush=True)
+            print(
+                f"  {case['name']:<24} {impl:<24} {shown}  peak {fmt_bytes(record.get('peak_extra_bytes'))}  "
+                f"load {record.get('load_before')}->{record.get('load_after')}",
+                flush=True,
+            )
 
     ceilings = {m["size"]: m for m in matmul}
     summary = []
@@ -335,40 +368,79 @@ def run(args: argparse.Namespace) -> dict:
     def status(r: dict | None) -> str | None:
         if r is None:
             return None
-        return fmt_s(r["median_s"]) if r.get("status") == "ok" else f"{r['status']}" + (f" ({r['note']})" if r.get("note") else "")
+        return (
+            fmt_s(r["median_s"])
+            if r.get("status") == "ok"
+            else f"{r['status']}" + (f" ({r['note']})" if r.get("note") else "")
+        )
 
     def pct(r: dict | None) -> str | None:
         return f"{100 * r['fraction_of_matmul_ceiling']:.0f}%" if r and "fraction_of_matmul_ceiling" in r else None
 
-    headers = ["case", "vqtrain", "peak extra"] + (["reference", "peak extra", "speed-up"] if REFERENCE in impls else []) + ["% matmul ceiling (ours/ref)"]
+    headers = (
+        ["case", "vqtrain", "peak extra"]
+        + (["reference", "peak extra", "speed-up"] if REFERENCE in impls else [])
+        + ["% matmul ceiling (ours/ref)"]
+    )
     rows = []
     for row in summary:
         ours, ref = row[OURS], row.get(REFERENCE)
         line = [row["case"], status(ours), fmt_bytes(ours.get("peak_extra_bytes"))]
         if REFERENCE in impls:
-            line += [status(ref), fmt_bytes(ref.get("peak_extra_bytes")), f"{row['speedup']:.1f}x" if "speedup" in row else None]
+            line += [
+                status(ref),
+                fmt_bytes(ref.get("peak_extra_bytes")),
+                f"{row['speedup']:.1f}x" if "speedup" in row else None,
+            ]
         ceiling = "/".join(p or "-" for p in (pct(ours), pct(ref))) if pct(ours) or pct(ref) else None
         rows.append(line + [ceiling])
-    print(f"\nforward+backward, {tokens} tokens x dim {args.dim}, median of {repeats} after {warmup} warm-up, {device} "
-          f"({torch.get_num_threads()} threads); load {load_start} -> {load()}\n")
+    print(
+        f"\nforward+backward, {tokens} tokens x dim {args.dim}, median of {repeats} after {warmup} warm-up, {device} "
+        f"({torch.get_num_threads()} threads); load {load_start} -> {load()}\n"
+    )
     print_table(headers, rows)
     print()
-    print_table(["matmul (distance only)", "full", "16 MiB blocks", "ceiling"], [
-        [m["shape"], fmt_s(m["full"].get("median_s")) or m["full"]["status"], fmt_s(m["blocked"].get("median_s")) or m["blocked"]["status"],
-         f"{m['ceiling_gflops']:.1f} GFLOP/s" if m["ceiling_gflops"] else None] for m in matmul])
+    print_table(
+        ["matmul (distance only)", "full", "16 MiB blocks", "ceiling"],
+        [
+            [
+                m["shape"],
+                fmt_s(m["full"].get("median_s")) or m["full"]["status"],
+                fmt_s(m["blocked"].get("median_s")) or m["blocked"]["status"],
+                f"{m['ceiling_gflops']:.1f} GFLOP/s" if m["ceiling_gflops"] else None,
+            ]
+            for m in matmul
+        ],
+    )
     targets = quantizer_targets(summary) if not args.quick and REFERENCE in impls else []
     if targets:
         print()
-        print_table(["target", "measured", "met"], [[t["target"], t["measured"], "yes" if t["met"] else "NO"] for t in targets])
-    return {"tokens": tokens, "dim": args.dim, "repeats": repeats, "warmup": warmup, "mem_cap_bytes": cap,
-            "load_start": load_start, "load_end": load(), "matmul": matmul, "results": results,
-            "summary": [{"case": r["case"], "speedup": r.get("speedup"),
-                         **{f"{impl}_median_s": r[impl].get("median_s") for impl in impls},
-                         **{f"{impl}_peak_extra_bytes": r[impl].get("peak_extra_bytes") for impl in impls},
-                         **{f"{impl}_status": r[impl].get("status") for impl in impls},
-                         **{f"{impl}_fraction_of_matmul_ceiling": r[impl].get("fraction_of_matmul_ceiling") for impl in impls}}
-                        for r in summary],
-            "targets": targets}
+        print_table(
+            ["target", "measured", "met"], [[t["target"], t["measured"], "yes" if t["met"] else "NO"] for t in targets]
+        )
+    return {
+        "tokens": tokens,
+        "dim": args.dim,
+        "repeats": repeats,
+        "warmup": warmup,
+        "mem_cap_bytes": cap,
+        "load_start": load_start,
+        "load_end": load(),
+        "matmul": matmul,
+        "results": results,
+        "summary": [
+            {
+                "case": r["case"],
+                "speedup": r.get("speedup"),
+                **{f"{impl}_median_s": r[impl].get("median_s") for impl in impls},
+                **{f"{impl}_peak_extra_bytes": r[impl].get("peak_extra_bytes") for impl in impls},
+                **{f"{impl}_status": r[impl].get("status") for impl in impls},
+                **{f"{impl}_fraction_of_matmul_ceiling": r[impl].get("fraction_of_matmul_ceiling") for impl in impls},
+            }
+            for r in summary
+        ],
+        "targets": targets,
+    }
 
 
 def quantizer_targets(summary: list[dict]) -> list[dict]:
@@ -380,21 +452,36 @@ def quantizer_targets(summary: list[dict]) -> list[dict]:
         row = by_name.get(name)
         if row is not None:
             value = row.get("speedup")
-            targets.append({"target": f"{name}: >= {minimum:g}x faster", "measured": f"{value:.1f}x" if value else "n/a",
-                            "met": bool(value and value >= minimum)})
+            targets.append(
+                {
+                    "target": f"{name}: >= {minimum:g}x faster",
+                    "measured": f"{value:.1f}x" if value else "n/a",
+                    "met": bool(value and value >= minimum),
+                }
+            )
 
     speedup("VQ (EMA) K=1024", 5)
     speedup("VQ (EMA) K=8192", 5)
     row = by_name.get("VQ (EMA) K=8192")
     if row is not None:
         value = row[OURS].get("fraction_of_matmul_ceiling")
-        targets.append({"target": "VQ (EMA) K=8192: >= 50% of the matmul ceiling", "measured": f"{100 * value:.0f}%" if value else "n/a",
-                        "met": bool(value and value >= 0.5)})
+        targets.append(
+            {
+                "target": "VQ (EMA) K=8192: >= 50% of the matmul ceiling",
+                "measured": f"{100 * value:.0f}%" if value else "n/a",
+                "met": bool(value and value >= 0.5),
+            }
+        )
     row = by_name.get("VQ (EMA) K=65536")
     if row is not None:
         value = row[OURS].get("peak_extra_bytes")
-        targets.append({"target": "VQ (EMA) K=65536: peak extra memory < 1 GiB", "measured": fmt_bytes(value) or "n/a",
-                        "met": bool(value is not None and value < GIB)})
+        targets.append(
+            {
+                "target": "VQ (EMA) K=65536: peak extra memory < 1 GiB",
+                "measured": fmt_bytes(value) or "n/a",
+                "met": bool(value is not None and value < GIB),
+            }
+        )
     speedup("ResidualVQ 8x1024", 5)
     speedup("SimVQ K=1024", 2)
     speedup("SimVQ K=8192", 2)
@@ -411,6 +498,12 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     q.add_argument("--repeats", type=int, help="timed repeats (default 5; cuda 20)")
     q.add_argument("--warmup", type=int, help="untimed steps first (default 2; cuda 5)")
     q.add_argument("--cases", help="regular expression: run the cases whose names it matches (default all)")
-    q.add_argument("--mem-cap-gb", type=float, help="address-space growth allowed per case (default min(8, half the available memory))")
-    q.add_argument("--max-case-seconds", type=float, default=120.0, help="stop timing a case after this long (>= 3 repeats)")
+    q.add_argument(
+        "--mem-cap-gb",
+        type=float,
+        help="address-space growth allowed per case (default min(8, half the available memory))",
+    )
+    q.add_argument(
+        "--max-case-seconds", type=float, default=120.0, help="stop timing a case after this long (>= 3 repeats)"
+    )
     q.add_argument("--timeout", type=float, default=1800.0, help="seconds before a case's process is killed")

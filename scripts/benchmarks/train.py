@@ -5,6 +5,7 @@ encoder/quantizer/decoder modules, optimizer, scheduler, clipping and batches;
 the overhead is the extra time per step. Rounds alternate; the best of each is
 reported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,9 +76,15 @@ def lightning_run(cfg, steps: int, device: str, output_dir: Path) -> tuple[StepT
     loggers = [instantiate(conf) for conf in (cfg.logger or {}).values() if conf is not None]
     timer = Timer()
     trainer = instantiate(
-        cfg.trainer, callbacks=callbacks + [timer], logger=loggers or False, max_steps=steps,
-        enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
-        accelerator="gpu" if device == "cuda" else "cpu", default_root_dir=str(output_dir),
+        cfg.trainer,
+        callbacks=callbacks + [timer],
+        logger=loggers or False,
+        max_steps=steps,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        accelerator="gpu" if device == "cuda" else "cpu",
+        default_root_dir=str(output_dir),
     )
     lightning_log = logging.getLogger("lightning.pytorch")
     level = lightning_log.level
@@ -136,8 +143,15 @@ def run(args: argparse.Namespace) -> dict:
     rounds = args.rounds or (1 if args.quick else 2)
     overrides = list(args.overrides or [])
     if args.quick:
-        overrides += ["data.num_train=256", "data.num_val=16", "data.num_test=16", "data.batch_size=16",
-                      "model.encoder.hidden_channels=8", "model.decoder.hidden_channels=8", "quantizer.codebook_size=64"]
+        overrides += [
+            "data.num_train=256",
+            "data.num_val=16",
+            "data.num_test=16",
+            "data.batch_size=16",
+            "model.encoder.hidden_channels=8",
+            "model.decoder.hidden_channels=8",
+            "quantizer.codebook_size=64",
+        ]
     if args.device == "cuda":
         overrides.append("trainer.accelerator=gpu")
     load_start = load()
@@ -154,25 +168,59 @@ def run(args: argparse.Namespace) -> dict:
                 else:
                     clock = plain_run(cfg, warmup + steps, args.device)
                 spp, cpu = clock.seconds_per_step(warmup), clock.seconds_per_step(warmup, cpu=True)
-                runs[kind].append({"seconds_per_step": spp, "steps_per_s": 1 / spp, "cpu_seconds_per_step": cpu,
-                                   "load_before": before, "load_after": load(), "batch_index_sums": clock.indices})
-                print(f"  round {r} {kind:<9} {1 / spp:7.2f} steps/s  ({1e3 * cpu:.0f} ms CPU/step)  load {before}->{load()}", flush=True)
+                runs[kind].append(
+                    {
+                        "seconds_per_step": spp,
+                        "steps_per_s": 1 / spp,
+                        "cpu_seconds_per_step": cpu,
+                        "load_before": before,
+                        "load_after": load(),
+                        "batch_index_sums": clock.indices,
+                    }
+                )
+                print(
+                    f"  round {r} {kind:<9} {1 / spp:7.2f} steps/s  ({1e3 * cpu:.0f} ms CPU/step)  load {before}->{load()}",
+                    flush=True,
+                )
     best = {kind: min(runs[kind], key=lambda run: run["seconds_per_step"]) for kind in runs}
     overhead = best["lightning"]["seconds_per_step"] / best["plain"]["seconds_per_step"] - 1
     cpu_best = {kind: min(run["cpu_seconds_per_step"] for run in runs[kind]) for kind in runs}
     cpu_overhead = cpu_best["lightning"] / cpu_best["plain"] - 1
     same_batches = best["lightning"]["batch_index_sums"] == best["plain"]["batch_index_sums"]
-    print(f"\ntraining steps, {steps} timed after {warmup} warm-up, best of {rounds} rounds, {args.device}; "
-          f"load {load_start} -> {load()}\n")
-    print_table(["loop", "steps/s", "ms/step", "all rounds (steps/s)"], [
-        [kind, f"{1 / best[kind]['seconds_per_step']:.2f}", f"{1e3 * best[kind]['seconds_per_step']:.1f}",
-         ", ".join(f"{run['steps_per_s']:.2f}" for run in runs[kind])] for kind in ("plain", "lightning")])
-    print(f"\nframework overhead: {100 * overhead:+.1f}% per step, wall clock (target <= 10%); "
-          f"{100 * cpu_overhead:+.1f}% in process CPU time (less sensitive to load with --threads 1)"
-          f"{'' if same_batches else '  [note: the two loops saw different batch orders]'}")
-    return {"steps": steps, "warmup": warmup, "rounds": rounds, "overrides": overrides, "callbacks": callbacks_used,
-            "runs": runs, "overhead_fraction": overhead, "cpu_overhead_fraction": cpu_overhead, "same_batches": same_batches,
-            "load_start": load_start, "load_end": load()}
+    print(
+        f"\ntraining steps, {steps} timed after {warmup} warm-up, best of {rounds} rounds, {args.device}; "
+        f"load {load_start} -> {load()}\n"
+    )
+    print_table(
+        ["loop", "steps/s", "ms/step", "all rounds (steps/s)"],
+        [
+            [
+                kind,
+                f"{1 / best[kind]['seconds_per_step']:.2f}",
+                f"{1e3 * best[kind]['seconds_per_step']:.1f}",
+                ", ".join(f"{run['steps_per_s']:.2f}" for run in runs[kind]),
+            ]
+            for kind in ("plain", "lightning")
+        ],
+    )
+    print(
+        f"\nframework overhead: {100 * overhead:+.1f}% per step, wall clock (target <= 10%); "
+        f"{100 * cpu_overhead:+.1f}% in process CPU time (less sensitive to load with --threads 1)"
+        f"{'' if same_batches else '  [note: the two loops saw different batch orders]'}"
+    )
+    return {
+        "steps": steps,
+        "warmup": warmup,
+        "rounds": rounds,
+        "overrides": overrides,
+        "callbacks": callbacks_used,
+        "runs": runs,
+        "overhead_fraction": overhead,
+        "cpu_overhead_fraction": cpu_overhead,
+        "same_batches": same_batches,
+        "load_start": load_start,
+        "load_end": load(),
+    }
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ the first `max_length` seconds (None: whole clips). `normalize_db` evens out
 loudness: recordings of one corpus can differ by 20 dB between speakers, and an
 MSE loss would otherwise hardly see the quiet ones.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -120,6 +121,7 @@ def normalize_loudness(x: Tensor, rms_db: float) -> Tensor:
 
 # --- header cache: {relative path: [size, mtime_ns, frames, sample_rate, channels] or [size, mtime_ns, reason]}
 
+
 def cache_locations(root: Path, cache_dir: str | Path | None) -> list[Path]:
     """Where the header cache of `root` lives: `cache_dir`, else the user cache.
     Never inside the data folder, which may be shared or read-only."""
@@ -150,8 +152,10 @@ def save_cache(locations: list[Path], entries: dict[str, list]) -> None:
             return
         except OSError:
             continue
-    log.warning("cannot write the audio header cache to %s: headers will be read again next time",
-                " or ".join(map(str, locations)))
+    log.warning(
+        "cannot write the audio header cache to %s: headers will be read again next time",
+        " or ".join(map(str, locations)),
+    )
 
 
 def read_headers(root: Path, files: Sequence[str], cache_dir: str | Path | None = None) -> dict[str, AudioHeader | str]:
@@ -181,6 +185,7 @@ def read_headers(root: Path, files: Sequence[str], cache_dir: str | Path | None 
 
 # --- dataset and batches ---------------------------------------------------------
 
+
 class AudioFolder(Dataset):
     """Clips as {"x": float32 (1, T) mono in [-1, 1] at `sample_rate`, "index"}.
 
@@ -192,10 +197,20 @@ class AudioFolder(Dataset):
     length in samples, from the headers alone; `skipped_files`: unusable files left out.
     """
 
-    def __init__(self, root: str | Path, sample_rate: int, files: Sequence[str | Path] | None = None, *,
-                 max_length: float | None = None, min_duration: float | None = None,
-                 max_duration: float | None = None, random_crop: bool = False, normalize_db: float | None = None,
-                 strict: bool = False, cache_dir: str | Path | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        sample_rate: int,
+        files: Sequence[str | Path] | None = None,
+        *,
+        max_length: float | None = None,
+        min_duration: float | None = None,
+        max_duration: float | None = None,
+        random_crop: bool = False,
+        normalize_db: float | None = None,
+        strict: bool = False,
+        cache_dir: str | Path | None = None,
+    ):
         self.root = Path(root).expanduser()
         files = list_audio(self.root) if files is None else [self.relative(file) for file in files]
         headers = read_headers(self.root, files, cache_dir)
@@ -207,19 +222,28 @@ class AudioFolder(Dataset):
             listing = "; ".join(f"{self.root / relative}: {reason}" for relative, reason in list(unusable.items())[:5])
             if strict:
                 raise RuntimeError(f"data.strict=true and {len(unusable)} audio files are unusable: {listing}")
-            log.warning("skipping %d unusable audio files: %s%s", len(unusable), listing,
-                        "; ..." if len(unusable) > 5 else "")
+            log.warning(
+                "skipping %d unusable audio files: %s%s", len(unusable), listing, "; ..." if len(unusable) > 5 else ""
+            )
         self.skipped_files = len(unusable)
 
         low, high = default(min_duration, 0.0), default(max_duration, float("inf"))
         usable = [(relative, header) for relative, header in headers.items() if isinstance(header, AudioHeader)]
         kept = [(relative, header) for relative, header in usable if low <= header.duration <= high]
         if len(kept) < len(usable):
-            log.info("left out %d of %d clips under %s outside [%s, %s] s",
-                     len(usable) - len(kept), len(usable), self.root, low, high)
+            log.info(
+                "left out %d of %d clips under %s outside [%s, %s] s",
+                len(usable) - len(kept),
+                len(usable),
+                self.root,
+                low,
+                high,
+            )
         if not kept:
-            raise ValueError(f"no usable audio clips under {self.root}: {len(files)} files, {len(unusable)} unusable, "
-                             f"{len(usable)} usable of which none lasts [{low}, {high}] s")
+            raise ValueError(
+                f"no usable audio clips under {self.root}: {len(files)} files, {len(unusable)} unusable, "
+                f"{len(usable)} usable of which none lasts [{low}, {high}] s"
+            )
         self.files = [relative for relative, _ in kept]
         self.headers = [header for _, header in kept]
         self.sample_rate = sample_rate
@@ -265,8 +289,13 @@ def pad_collate(items: list[dict]) -> Batch:
     """Zero-pad clips to the longest of the batch; `mask` and `lengths` mark the real samples."""
     lengths = torch.tensor([item["x"].shape[-1] for item in items])
     x = pad_sequence([item["x"][0] for item in items], batch_first=True)
-    return Batch(x=rearrange(x, "b t -> b 1 t"), index=torch.tensor([item["index"] for item in items]),
-                 skipped=torch.tensor(0), mask=lengths_to_mask(lengths, x.shape[-1]), lengths=lengths)
+    return Batch(
+        x=rearrange(x, "b t -> b 1 t"),
+        index=torch.tensor([item["index"] for item in items]),
+        skipped=torch.tensor(0),
+        mask=lengths_to_mask(lengths, x.shape[-1]),
+        lengths=lengths,
+    )
 
 
 # --- splits: relative paths -> {"train": [...], "val": [...], "test": [...]} (empty test: test on val)
@@ -275,8 +304,9 @@ Split = Callable[[list[str]], dict[str, list[str]]]
 FSDD_SPEAKER = r"^\d+_([^_/]+)_\d+\.\w+$"  # {digit}_{speaker}_{take}.wav
 
 
-def split_by_speaker(files: list[str], val_speakers: Sequence[str], test_speakers: Sequence[str] = (),
-                     pattern: str = FSDD_SPEAKER) -> dict[str, list[str]]:
+def split_by_speaker(
+    files: list[str], val_speakers: Sequence[str], test_speakers: Sequence[str] = (), pattern: str = FSDD_SPEAKER
+) -> dict[str, list[str]]:
     """Validation and test voices unseen in training; the speaker is group 1 of
     `pattern` searched in the relative path."""
     val, test = set(val_speakers), set(test_speakers)
@@ -297,10 +327,12 @@ def split_by_speaker(files: list[str], val_speakers: Sequence[str], test_speaker
     }
 
 
-def split_by_folder(files: list[str], train: Sequence[str], val: Sequence[str],
-                    test: Sequence[str] = ()) -> dict[str, list[str]]:
+def split_by_folder(
+    files: list[str], train: Sequence[str], val: Sequence[str], test: Sequence[str] = ()
+) -> dict[str, list[str]]:
     """Official subsets as subfolders of the root (LibriSpeech, LibriTTS):
     e.g. train = [train-clean-100], val = [dev-clean], test = [test-clean]."""
+
     def under(folders: Sequence[str]) -> list[str]:
         chosen = []
         for folder in [folders] if isinstance(folders, str) else folders:
@@ -316,12 +348,15 @@ def split_by_folder(files: list[str], train: Sequence[str], val: Sequence[str],
 def split_by_hash(files: list[str], val_fraction: float = 0.05, test_fraction: float = 0.0) -> dict[str, list[str]]:
     """A fixed share of the files, chosen by a hash of the relative path: adding files moves no other file."""
     if not (0 < val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
-        raise ValueError(f"val_fraction > 0, test_fraction >= 0 and their sum < 1 needed, "
-                         f"got {val_fraction} and {test_fraction}")
+        raise ValueError(
+            f"val_fraction > 0, test_fraction >= 0 and their sum < 1 needed, got {val_fraction} and {test_fraction}"
+        )
     parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for relative in files:
         share = hash_fraction(Path(relative))
-        parts["val" if share < val_fraction else "test" if share < val_fraction + test_fraction else "train"].append(relative)
+        parts["val" if share < val_fraction else "test" if share < val_fraction + test_fraction else "train"].append(
+            relative
+        )
     return parts
 
 
@@ -335,10 +370,20 @@ class AudioDataModule(DataModule):
     modality = "audio"
     channels = 1
 
-    def __init__(self, root: str, sample_rate: int = 16000, split: Split | None = None,
-                 max_length: float | None = None, min_duration: float | None = None,
-                 max_duration: float | None = None, normalize_db: float | None = None, bucketing: bool = True,
-                 cache_dir: str | None = None, seed: int | None = 0, **loader_options: Any):
+    def __init__(
+        self,
+        root: str,
+        sample_rate: int = 16000,
+        split: Split | None = None,
+        max_length: float | None = None,
+        min_duration: float | None = None,
+        max_duration: float | None = None,
+        normalize_db: float | None = None,
+        bucketing: bool = True,
+        cache_dir: str | None = None,
+        seed: int | None = 0,
+        **loader_options: Any,
+    ):
         """loader_options: batch_size, num_workers, strict, pin_memory (see DataModule).
         seed: batch order (ranks must agree, so None means 0)."""
         super().__init__(**loader_options)
@@ -347,12 +392,20 @@ class AudioDataModule(DataModule):
         if max_length is not None and round(max_length * sample_rate) < 1:
             raise ValueError(f"data.max_length (seconds) must be at least one sample, got {max_length}")
         if normalize_db is not None and not -100 <= normalize_db <= 0:
-            raise ValueError(f"data.normalize_db is an RMS level in dBFS, between -100 and 0 (e.g. -20), got {normalize_db}")
+            raise ValueError(
+                f"data.normalize_db is an RMS level in dBFS, between -100 and 0 (e.g. -20), got {normalize_db}"
+            )
         self.root = Path(root).expanduser()
         self.sample_rate = sample_rate
         self.split = default(split, split_by_hash)
-        self.clip_options = dict(max_length=max_length, min_duration=min_duration, max_duration=max_duration,
-                                 normalize_db=normalize_db, strict=self.strict, cache_dir=cache_dir)
+        self.clip_options = dict(
+            max_length=max_length,
+            min_duration=min_duration,
+            max_duration=max_duration,
+            normalize_db=normalize_db,
+            strict=self.strict,
+            cache_dir=cache_dir,
+        )
         self.bucketing = bucketing
         self.order_seed = default(seed, 0)
         self.skipped_files = 0
@@ -373,14 +426,23 @@ class AudioDataModule(DataModule):
                 raise ValueError(f"data.split leaves no {name} files among the {len(files)} under {self.root}")
         self.train_set, self.val_set, self.test_set = (
             AudioFolder(self.root, self.sample_rate, parts[name], random_crop=name == "train", **self.clip_options)
-            if parts.get(name) else None
+            if parts.get(name)
+            else None
             for name in ("train", "val", "test")
         )
-        self.skipped_files = sum(s.skipped_files for s in (self.train_set, self.val_set, self.test_set) if s is not None)
+        self.skipped_files = sum(
+            s.skipped_files for s in (self.train_set, self.val_set, self.test_set) if s is not None
+        )
 
     def collate(self, items: list) -> Batch:
         return collate_skipping(items, collate=pad_collate)
 
     def batch_sampler(self, dataset: AudioFolder, shuffle: bool, drop_last: bool) -> BucketBatchSampler:
-        return BucketBatchSampler(dataset.lengths, self.batch_size, bucketing=self.bucketing, shuffle=shuffle,
-                                  drop_last=drop_last, seed=self.order_seed)
+        return BucketBatchSampler(
+            dataset.lengths,
+            self.batch_size,
+            bucketing=self.bucketing,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            seed=self.order_seed,
+        )

@@ -1,4 +1,5 @@
 """The batch every collate returns and every step reads."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,14 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         """What a DataLoader with pin_memory=True calls on a custom batch type."""
-        return dataclasses.replace(self, **{field.name: value.pin_memory() for field in dataclasses.fields(self)
-                                            if isinstance(value := getattr(self, field.name), Tensor)})
+        return dataclasses.replace(
+            self,
+            **{
+                field.name: value.pin_memory()
+                for field in dataclasses.fields(self)
+                if isinstance(value := getattr(self, field.name), Tensor)
+            },
+        )
 
 
 def empty_batch(skipped: int) -> Batch:

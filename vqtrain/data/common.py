@@ -6,6 +6,7 @@ itself across ranks, so a checkpoint only needs to say how far into its epoch
 training was: a resumed run skips those batches and trains on exactly the ones
 a run never stopped would have.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,8 +84,11 @@ class ResumingBatchSampler(Sampler[list[int]]):
 
 
 def stack_images(items: list[dict]) -> Batch:
-    return Batch(x=torch.stack([item["x"] for item in items]), index=torch.tensor([item["index"] for item in items]),
-                 skipped=torch.tensor(0))
+    return Batch(
+        x=torch.stack([item["x"] for item in items]),
+        index=torch.tensor([item["index"] for item in items]),
+        skipped=torch.tensor(0),
+    )
 
 
 def collate_skipping(items: list, collate: Callable[[list[dict]], Batch] = stack_images) -> Batch:

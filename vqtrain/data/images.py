@@ -4,6 +4,7 @@ Every item is {"x": float32 (C, H, W) in [-1, 1], "index": position in its split
 `channels` and `image_size` are fixed at construction, because the model
 configs interpolate `${data.channels}` before any data is read.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -114,14 +115,14 @@ class ImageDataModule(DataModule):
 
 # --- shapes: the embedded default, no files --------------------------------
 
+
 def draw_shapes(count: int, image_size: int, seed: int, max_shapes: int = 3, chunk: int = 1024) -> Tensor:
     """uint8 (count, 1, S, S): 1..max_shapes filled circles, squares and upward
     triangles on black, each with random position, size and brightness."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.cat([
-        _draw_shapes(min(chunk, count - start), image_size, max_shapes, generator)
-        for start in range(0, count, chunk)
-    ])
+    return torch.cat(
+        [_draw_shapes(min(chunk, count - start), image_size, max_shapes, generator) for start in range(0, count, chunk)]
+    )
 
 
 def _draw_shapes(count: int, size: int, max_shapes: int, generator: torch.Generator) -> Tensor:
@@ -150,8 +151,16 @@ class ShapesDataModule(ImageDataModule):
     data, no download. Each split has its own generator seed (3 * seed + 0, 1, 2),
     so a split does not change with the sizes of the others or overlap another seed's."""
 
-    def __init__(self, image_size: int = 32, channels: int = 1, num_train: int = 8192, num_val: int = 1024,
-                 num_test: int = 1024, seed: int = 0, **loader_options: Any):
+    def __init__(
+        self,
+        image_size: int = 32,
+        channels: int = 1,
+        num_train: int = 8192,
+        num_val: int = 1024,
+        num_test: int = 1024,
+        seed: int = 0,
+        **loader_options: Any,
+    ):
         super().__init__(image_size, channels, **loader_options)
         if min(num_train, num_val, num_test) < 1:
             raise ValueError(f"data.num_train/num_val/num_test must be >= 1, got {num_train}/{num_val}/{num_test}")
@@ -168,6 +177,7 @@ class ShapesDataModule(ImageDataModule):
 
 # --- torchvision data sets ---------------------------------------------------
 
+
 class TorchvisionDataModule(ImageDataModule):
     """A torchvision data set read from `root`: train = its official training
     images but the last `val_size`, val = those last `val_size` (so the official
@@ -177,12 +187,20 @@ class TorchvisionDataModule(ImageDataModule):
     native_size: int
     file_names: tuple[str, ...]  # what torchvision reads in `folder()`
 
-    def __init__(self, root: str, image_size: int, channels: int, download: bool = False, val_size: int = 5000,
-                 **loader_options: Any):
+    def __init__(
+        self,
+        root: str,
+        image_size: int,
+        channels: int,
+        download: bool = False,
+        val_size: int = 5000,
+        **loader_options: Any,
+    ):
         super().__init__(image_size, channels, **loader_options)
         if self.pad and image_size < self.native_size:
-            raise ValueError(f"data.image_size must be >= {self.native_size} (images are padded, not shrunk), "
-                             f"got {image_size}")
+            raise ValueError(
+                f"data.image_size must be >= {self.native_size} (images are padded, not shrunk), got {image_size}"
+            )
         if val_size < 1:
             raise ValueError(f"data.val_size must be >= 1, got {val_size}")
         self.root = root
@@ -200,8 +218,10 @@ class TorchvisionDataModule(ImageDataModule):
         if self.download:
             return []  # torchvision fetches what is missing
         expected = f"{self.expected_files()}; data.download=true fetches them"
-        return [Required("data.root", self.folder(), expected),
-                *(Required("data.root", self.file_path(name), expected, folder=False) for name in self.file_names)]
+        return [
+            Required("data.root", self.folder(), expected),
+            *(Required("data.root", self.file_path(name), expected, folder=False) for name in self.file_names),
+        ]
 
     def file_path(self, name: str) -> Path:
         """Where one of `file_names` is read from."""
@@ -245,7 +265,7 @@ def read_idx_images(path: Path) -> Tensor:
         raise ValueError(f"{path}: unreadable gzip archive ({error})") from error
     if len(raw) < 16 or raw[:2] != b"\0\0" or raw[2] != IDX_UINT8 or raw[3] != 3:
         raise ValueError(f"{path}: not an IDX file of uint8 images (header {raw[:4].hex() or 'empty'})")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(3))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
     if len(raw) != 16 + shape[0] * shape[1] * shape[2]:
         raise ValueError(f"{path}: {len(raw) - 16} bytes of pixels where the header announces {shape}")
     return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).view(shape[0], 1, shape[1], shape[2])
@@ -287,8 +307,10 @@ class CIFAR10DataModule(TorchvisionDataModule):
 
     dataset_class = datasets.CIFAR10
     native_size = 32
-    file_names = (*(name for name, _ in datasets.CIFAR10.train_list + datasets.CIFAR10.test_list),
-                  datasets.CIFAR10.meta["filename"])
+    file_names = (
+        *(name for name, _ in datasets.CIFAR10.train_list + datasets.CIFAR10.test_list),
+        datasets.CIFAR10.meta["filename"],
+    )
 
     def __init__(self, root: str, image_size: int = 32, channels: int = 3, **options: Any):
         super().__init__(root, image_size, channels, **options)
@@ -305,6 +327,7 @@ class CIFAR10DataModule(TorchvisionDataModule):
 
 # --- any folder of images ------------------------------------------------------
 
+
 def list_images(folder: Path) -> list[Path]:
     """Every image file under `folder`, recursively, in a stable order."""
     Required("data.root", folder, IMAGE_LAYOUT).check()
@@ -320,8 +343,9 @@ class ImageFolderDataModule(ImageDataModule):
     `test/` if present, else val); otherwise a deterministic `val_fraction` of the
     files, chosen by a hash of the relative path, is val (and test)."""
 
-    def __init__(self, root: str, image_size: int = 64, channels: int = 3, val_fraction: float = 0.05,
-                 **loader_options: Any):
+    def __init__(
+        self, root: str, image_size: int = 64, channels: int = 3, val_fraction: float = 0.05, **loader_options: Any
+    ):
         super().__init__(image_size, channels, **loader_options)
         if not 0 < val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
@@ -339,8 +363,10 @@ class ImageFolderDataModule(ImageDataModule):
         val = [path for path in files if hash_fraction(path.relative_to(self.root)) < self.val_fraction]
         train = [path for path in files if hash_fraction(path.relative_to(self.root)) >= self.val_fraction]
         if not val or not train:
-            raise ValueError(f"data.val_fraction={self.val_fraction} splits the {len(files)} images under "
-                             f"{self.root} into {len(train)} train / {len(val)} val: change it or add images")
+            raise ValueError(
+                f"data.val_fraction={self.val_fraction} splits the {len(files)} images under "
+                f"{self.root} into {len(train)} train / {len(val)} val: change it or add images"
+            )
         return train, val, val
 
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:

@@ -1,6 +1,7 @@
 """Length-bucketed batches for padded audio: clips of similar length share a
 batch, so little compute goes to padding. Distributed-aware by itself, because
 Lightning cannot inject a DistributedSampler into a custom batch sampler."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,12 +31,24 @@ class BucketBatchSampler(Sampler[list[int]]):
     `num_replicas`; otherwise the list is padded by repeating its first batches.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, *, bucketing: bool = True, shuffle: bool = True,
-                 drop_last: bool = False, pool_batches: int = 100, num_replicas: int | None = None,
-                 rank: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        bucketing: bool = True,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        pool_batches: int = 100,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+    ):
         if isinstance(lengths, Sampler):
-            raise TypeError("BucketBatchSampler shards batches across ranks itself: "
-                            "set trainer.use_distributed_sampler=false so Lightning does not replace its sampler")
+            raise TypeError(
+                "BucketBatchSampler shards batches across ranks itself: "
+                "set trainer.use_distributed_sampler=false so Lightning does not replace its sampler"
+            )
         if batch_size < 1 or pool_batches < 1:
             raise ValueError(f"batch_size and pool_batches must be >= 1, got {batch_size} and {pool_batches}")
         self.num_replicas = default(num_replicas, world_size())
@@ -68,9 +81,9 @@ class BucketBatchSampler(Sampler[list[int]]):
         order = torch.randperm(count, generator=generator) if self.shuffle else torch.arange(count)
         if self.bucketing:
             pool = self.pool_batches * self.batch_size if self.shuffle else count
-            order = torch.cat([
-                chunk[self.lengths[chunk].argsort(descending=True, stable=True)] for chunk in order.split(pool)
-            ])
+            order = torch.cat(
+                [chunk[self.lengths[chunk].argsort(descending=True, stable=True)] for chunk in order.split(pool)]
+            )
         batches = list(order.split(self.batch_size))
         if self.drop_last and len(batches[-1]) < self.batch_size:
             batches.pop()
@@ -84,7 +97,7 @@ class BucketBatchSampler(Sampler[list[int]]):
             batches = batches[: len(batches) - len(batches) % self.num_replicas]
         else:
             batches += [batches[i % len(batches)] for i in range(-len(batches) % self.num_replicas)]
-        for batch in batches[self.rank::self.num_replicas]:
+        for batch in batches[self.rank :: self.num_replicas]:
             yield batch.tolist()
 
     def __len__(self) -> int:

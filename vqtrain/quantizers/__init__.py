@@ -1,4 +1,5 @@
 """Quantizers: one module per method on the shared base in `base.py`."""
+
 from vqtrain.quantizers.base import Quantizer, QuantizerOutput
 from vqtrain.quantizers.bsq import BSQ
 from vqtrain.quantizers.fsq import FSQ
@@ -8,4 +9,16 @@ from vqtrain.quantizers.residual import ResidualFSQ, ResidualQuantizer
 from vqtrain.quantizers.simvq import SimVQ
 from vqtrain.quantizers.vq import VectorQuantizer
 
-__all__ = ["Quantizer", "QuantizerOutput", "VectorQuantizer", "SimVQ", "FSQ", "ResidualQuantizer", "ResidualFSQ", "LFQ", "BSQ", "ResidualLFQ", "IBQ"]
+__all__ = [
+    "Quantizer",
+    "QuantizerOutput",
+    "VectorQuantizer",
+    "SimVQ",
+    "FSQ",
+    "ResidualQuantizer",
+    "ResidualFSQ",
+    "LFQ",
+    "BSQ",
+    "ResidualLFQ",
+    "IBQ",
+]

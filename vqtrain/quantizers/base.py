@@ -5,6 +5,7 @@ rows, drops the masked ones, runs the method in float32 with autocast off, and
 scatters the result back with zeros (and index -1) at padding. Padding can
 therefore never reach a loss, a gradient, a codebook update or a usage count.
 """
+
 from __future__ import annotations
 
 import math
@@ -135,7 +136,9 @@ class Quantizer(nn.Module):
 
     def forward(self, z: Tensor, mask: Tensor | None = None) -> QuantizerOutput:
         if z.ndim < 2 or z.shape[-1] != self.dim:
-            raise ValueError(f"{type(self).__name__} expects channel-last input (B, ..., {self.dim}), got {tuple(z.shape)}")
+            raise ValueError(
+                f"{type(self).__name__} expects channel-last input (B, ..., {self.dim}), got {tuple(z.shape)}"
+            )
         if not z.is_floating_point():
             raise TypeError(f"quantizer input must be floating point, got {z.dtype}")
         lead = z.shape[:-1]

@@ -20,6 +20,7 @@ Entropies are exact (0 log 0 = 0), in nats. vector-quantize-pytorch clamps
 probabilities at 1e-5 inside the log, which adds a small bias wherever a
 probability falls below 1e-5; the two agree where none does.
 """
+
 from __future__ import annotations
 
 import torch
@@ -107,7 +108,10 @@ def bit_code_probability_sums(a: Tensor, chunk_elements: int = DEFAULT_ENTROPY_C
     base = F.logsigmoid(-a).sum(-1)  # (C, N): log q of code 0 (all bits 0)
     chunk = max(1, chunk_elements // max(num_rows * num_codebooks, 1))
     several = chunk < num_codes
-    parts = [maybe_checkpoint(_bit_code_chunk, a, base, s, min(s + chunk, num_codes), enabled=several) for s in range(0, num_codes, chunk)]
+    parts = [
+        maybe_checkpoint(_bit_code_chunk, a, base, s, min(s + chunk, num_codes), enabled=several)
+        for s in range(0, num_codes, chunk)
+    ]
     return torch.cat(parts, dim=-1)
 
 

@@ -19,6 +19,7 @@ Two grids of L values per channel:
   even L). The bound is tanh, or, with `bound: clamp`, a hard clamp to
   [-1, 1] for inputs that are already bounded (the levels of ResidualFSQ).
 """
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,9 @@ def fsq_levels(levels: list[int] | None, codebook_size: int | None) -> list[int]
         raise ValueError("FSQ takes exactly one of `levels` or `codebook_size` (set the other to null)")
     if codebook_size is not None:
         if codebook_size not in RECOMMENDED_LEVELS:
-            raise ValueError(f"FSQ codebook_size={codebook_size} has no recommended levels; use one of {sorted(RECOMMENDED_LEVELS)} or give `levels`")
+            raise ValueError(
+                f"FSQ codebook_size={codebook_size} has no recommended levels; use one of {sorted(RECOMMENDED_LEVELS)} or give `levels`"
+            )
         return RECOMMENDED_LEVELS[codebook_size]
     levels = list(levels)
     if not levels or any(isinstance(size, bool) or not isinstance(size, int) or size < 2 for size in levels):

@@ -23,6 +23,7 @@ gradients are on, so the backward pass recomputes one chunk at a time. Peak extr
 memory is O(rows x chunk + rows x d + codes), not O(rows x codes): with 262,144
 codes and the default 2^22-element chunk, 16 MiB per chunk.
 """
+
 from __future__ import annotations
 
 import torch
@@ -112,7 +113,10 @@ class IBQ(Quantizer):
 
     def logsumexp(self, h: Tensor, inv_temperature: float) -> Tensor:
         chunks = self.chunks(h.shape[0])
-        parts = [maybe_checkpoint(_logsumexp_chunk, h, self.embed[s:e], inv_temperature, enabled=len(chunks) > 1) for s, e in chunks]
+        parts = [
+            maybe_checkpoint(_logsumexp_chunk, h, self.embed[s:e], inv_temperature, enabled=len(chunks) > 1)
+            for s, e in chunks
+        ]
         return torch.logsumexp(torch.cat(parts, -1), -1)
 
     def quantize_rows(self, x: Tensor, sample_ids: Tensor, num_samples: int):
@@ -124,7 +128,9 @@ class IBQ(Quantizer):
             # value exactly `hard`: soft - sg(soft) is exactly zero; gradient through the softmax of every code
             lse = self.logsumexp(h, 1.0)
             chunks = self.chunks(h.shape[0])
-            soft = sum(maybe_checkpoint(_soft_chunk, h, self.embed[s:e], lse, enabled=len(chunks) > 1) for s, e in chunks)
+            soft = sum(
+                maybe_checkpoint(_soft_chunk, h, self.embed[s:e], lse, enabled=len(chunks) > 1) for s, e in chunks
+            )
             q = hard + (soft - soft.detach())
         losses = {"codebook": mse(q, h.detach()), "commitment": mse(h, hard.detach())}
         if self.training and self.weights["entropy"] > 0:
@@ -138,12 +144,21 @@ class IBQ(Quantizer):
         tau = self.inv_temperature
         lse = self.logsumexp(h, tau)
         chunks = self.chunks(h.shape[0])
-        per_row, sums = zip(*(maybe_checkpoint(_entropy_chunk, h, self.embed[s:e], lse, tau, enabled=len(chunks) > 1) for s, e in chunks))
+        per_row, sums = zip(
+            *(
+                maybe_checkpoint(_entropy_chunk, h, self.embed[s:e], lse, tau, enabled=len(chunks) > 1)
+                for s, e in chunks
+            )
+        )
         per_sample = sum(per_row).sum() / max(h.shape[0], 1)
         count = all_reduce_sum_with_grad(torch.tensor(float(h.shape[0]), device=h.device))
         means = all_reduce_sum_with_grad(torch.cat(sums)) / count.clamp_min(1)
         codebook = entropy(means)
-        return {"entropy": per_sample - self.diversity_gamma * codebook, "per_sample_entropy": per_sample, "codebook_entropy": codebook}
+        return {
+            "entropy": per_sample - self.diversity_gamma * codebook,
+            "per_sample_entropy": per_sample,
+            "codebook_entropy": codebook,
+        }
 
     def decode_rows(self, indices: Tensor) -> Tensor:
         return self.project_out(self.embed[indices[:, 0]])

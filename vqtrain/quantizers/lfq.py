@@ -33,6 +33,7 @@ BSQ's approximation, O(B) per row).
 `ResidualLFQ`: residual quantization with LFQ levels whose code values shrink by
 2 per level (s = 2^-l), as vector-quantize-pytorch's ResidualLFQ.
 """
+
 from __future__ import annotations
 
 import math
@@ -99,7 +100,9 @@ class LFQ(Quantizer):
         self.inv_temperature = check_positive("inv_temperature", inv_temperature)
         self.codebook_entropy = check_choice("codebook_entropy", codebook_entropy, {"exact", "factorized"})
         if self.codebook_entropy == "exact" and self.bits > MAX_EXACT_ENTROPY_BITS:
-            raise ValueError(f"codebook_entropy=exact visits all 2^{self.bits} codes per row; use codebook_entropy=factorized above 2^{MAX_EXACT_ENTROPY_BITS} codes (codebook_size)")
+            raise ValueError(
+                f"codebook_entropy=exact visits all 2^{self.bits} codes per row; use codebook_entropy=factorized above 2^{MAX_EXACT_ENTROPY_BITS} codes (codebook_size)"
+            )
         if self.bits > 62:
             raise ValueError(f"codebook_size must be at most 2^62 (int64 indices), got 2^{self.bits}")
         self.chunk_elements = check_positive_int("chunk_elements", chunk_elements)
@@ -141,7 +144,9 @@ class LFQ(Quantizer):
         return self.project_out(out.reshape(n, self.code_dim)), indices, losses, self.weigh(losses, self.weights)
 
     def decode_rows(self, indices: Tensor) -> Tensor:
-        bits = (indices.clamp_min(0).unsqueeze(-1) >> (self.bits - 1 - torch.arange(self.bits, device=indices.device))) & 1
+        bits = (
+            indices.clamp_min(0).unsqueeze(-1) >> (self.bits - 1 - torch.arange(self.bits, device=indices.device))
+        ) & 1
         s = self.code_value
         codes = torch.where(bits.bool(), s, -s)
         codes = torch.where(indices.unsqueeze(-1) >= 0, codes, 0.0)  # a codebook marked -1 (of several) adds nothing

@@ -8,6 +8,7 @@ depth comes from (seed, step[, rank]), so ranks never need to talk about it.
 Every level runs on every rank at every step (possibly on zero rows), so
 levels' collective operations always match across ranks.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -43,7 +44,9 @@ class ResidualQuantizer(Quantizer):
 
         self.level_factory = quantizer
         self.level_kwargs = {} if codebook_size is None else {"codebook_size": codebook_size}
-        levels = [self.make_level(0)] * num_levels if shared_codebook else [self.make_level(i) for i in range(num_levels)]
+        levels = (
+            [self.make_level(0)] * num_levels if shared_codebook else [self.make_level(i) for i in range(num_levels)]
+        )
         self.levels = nn.ModuleList(levels)
         if any(level.num_index_columns != 1 for level in self.levels):
             raise ValueError("residual levels must have one codebook each (groups=1, num_codebooks=1)")
@@ -73,7 +76,9 @@ class ResidualQuantizer(Quantizer):
         if not (self.training and self.dropout > 0):
             return None
         per_sample = self.dropout_mode == "sample"
-        generator = torch.Generator().manual_seed(hash((self.seed, int(self.step), rank() if per_sample else 0)) % 2**63)
+        generator = torch.Generator().manual_seed(
+            hash((self.seed, int(self.step), rank() if per_sample else 0)) % 2**63
+        )
         draws = num_samples if per_sample else 1
         drop = torch.rand(draws, generator=generator) < self.dropout
         depth = torch.randint(self.dropout_min_levels, self.num_levels + 1, (draws,), generator=generator)
@@ -92,7 +97,9 @@ class ResidualQuantizer(Quantizer):
         for i, level in enumerate(self.levels):
             active = None if depth is None else depth > i
             rows = residual if active is None else residual[active]
-            out, idx, level_losses, level_loss = level.quantize_rows(rows, sample_ids if active is None else sample_ids[active], num_samples)
+            out, idx, level_losses, level_loss = level.quantize_rows(
+                rows, sample_ids if active is None else sample_ids[active], num_samples
+            )
             if active is None:
                 total = total + out
                 indices[:, i] = idx[:, 0]

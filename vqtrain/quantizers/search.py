@@ -6,6 +6,7 @@ not change the argmin). Chunking bounds the (rows x codes) score matrix, so a
 the bias ||c_k||^2 rides in the matmul as an extra input column of ones (no
 separate pass over the scores) and the argmin runs in two vectorised stages.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,7 +21,9 @@ ARGMIN_BLOCK = 128
 
 
 @torch.no_grad()
-def nearest_codes(x: Tensor, codebook: Tensor, cosine: bool = False, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Tensor:
+def nearest_codes(
+    x: Tensor, codebook: Tensor, cosine: bool = False, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> Tensor:
     """x (G, N, d), codebook (G, K, d) -> int64 (G, N) index of the nearest code
     (the first one among exact ties).
 

@@ -2,6 +2,7 @@
 basis C (std d^-0.5) times a learnable linear map W, so every code moves with
 W even when it is never selected; that is what keeps the whole codebook alive.
 """
+
 from __future__ import annotations
 
 import math

@@ -25,6 +25,7 @@ for any latent larger than that. A unit-Gaussian codebook lies far out from
 small latents (a quiet audio clip's), which then all pick the few codes of
 smallest norm: collapse before training starts.
 """
+
 from __future__ import annotations
 
 import torch
@@ -103,7 +104,9 @@ class VectorQuantizer(Quantizer):
         self.kmeans_max_samples = check_positive_int("kmeans_max_samples", kmeans_max_samples)
         self.dead_code_threshold = check_weight("dead_code_threshold", dead_code_threshold)
         if self.dead_code_threshold >= 1:
-            raise ValueError(f"dead_code_threshold is a fraction of the uniform share and must be < 1, got {dead_code_threshold}")
+            raise ValueError(
+                f"dead_code_threshold is a fraction of the uniform share and must be < 1, got {dead_code_threshold}"
+            )
         self.chunk_elements = check_positive_int("chunk_elements", chunk_elements)
 
         if exists(codebook_dim):
@@ -199,7 +202,9 @@ class VectorQuantizer(Quantizer):
             if pooled.shape[1] > self.kmeans_max_samples:
                 keep = torch.randperm(pooled.shape[1], generator=generator)[: self.kmeans_max_samples]
                 pooled = pooled[:, keep.to(h.device)]
-            centroids, counts = kmeans(pooled, self.embed.detach(), self.kmeans_iters, self.distance == "cosine", generator)
+            centroids, counts = kmeans(
+                pooled, self.embed.detach(), self.kmeans_iters, self.distance == "cosine", generator
+            )
         else:
             centroids = torch.empty_like(self.embed)
             counts = torch.empty(self.update_weight.shape, device=h.device)
@@ -271,4 +276,6 @@ class VectorQuantizer(Quantizer):
         self.embed.data.copy_(torch.where(where.unsqueeze(-1), codes, self.embed.data))
         if self.learning == "ema":
             self.cluster_size.copy_(torch.where(where, cluster_size, self.cluster_size))
-            self.embed_sum.copy_(torch.where(where.unsqueeze(-1), codes * self.cluster_size.unsqueeze(-1), self.embed_sum))
+            self.embed_sum.copy_(
+                torch.where(where.unsqueeze(-1), codes * self.cluster_size.unsqueeze(-1), self.embed_sum)
+            )
