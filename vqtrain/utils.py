@@ -10,9 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# The quantizers import these from here; their home is vqtrain.distributed.
-from vqtrain.distributed import all_reduce_sum, broadcast, gather_rows, rank  # noqa: F401
-
 
 def exists(value) -> bool:
     return value is not None

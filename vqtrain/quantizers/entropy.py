@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from vqtrain.utils import is_distributed
+from vqtrain.distributed import is_distributed
 
 # Float32 elements of one chunk's (rows x codes) matrix: 2^22 = 16 MiB.
 DEFAULT_ENTROPY_CHUNK_ELEMENTS = 2**22

@@ -16,9 +16,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from vqtrain.distributed import rank
 from vqtrain.quantizers.base import Quantizer, check_choice, check_positive_int, zero
 from vqtrain.quantizers.fsq import FSQ, fsq_levels
-from vqtrain.utils import exists, rank
+from vqtrain.utils import exists
 
 
 class ResidualQuantizer(Quantizer):

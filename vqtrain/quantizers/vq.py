@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from vqtrain.distributed import all_reduce_sum, broadcast, gather_rows, rank
 from vqtrain.quantizers.base import (
     ESTIMATORS,
     Quantizer,
@@ -48,7 +49,7 @@ from vqtrain.quantizers.search import (
     nearest_codes,
     sum_by_code,
 )
-from vqtrain.utils import all_reduce_sum, broadcast, exists, gather_rows, l2norm, rank
+from vqtrain.utils import exists, l2norm
 
 
 def scale_gradient(x: Tensor, weight: Tensor) -> Tensor:
