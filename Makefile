@@ -29,7 +29,7 @@ lint: $(STAMP)
 train: $(STAMP)
 	$(PY) train.py $(ARGS)
 
-test: check-pins
+test: check-pins lint
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 test-all: $(STAMP)
