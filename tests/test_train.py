@@ -17,7 +17,17 @@ from vqtrain.train import train
 
 IMAGE_DATA = ["shapes", "mnist", "cifar10", "image_folder"]
 AUDIO_DATA = ["fsdd", "audio_folder", "librispeech", "libritts", "ljspeech"]
-METRICS = ["loss", "recon_loss", "codebook_loss", "commitment_loss", "utilization", "perplexity", "dead_codes"]
+METRICS = [
+    "loss",
+    "recon_loss",
+    "codebook_loss",
+    "commitment_loss",
+    "utilization",
+    "entropy_utilization",
+    "perplexity",
+    "dead_codes",
+    "effective_rank",
+]
 QUICK = ["debug=tiny", "data.batch_size=16"]
 
 

@@ -27,7 +27,7 @@ from vqtrain.checkpoints import CONFIG_KEY, MODALITY_KEY
 from vqtrain.data.batch import Batch
 from vqtrain.distributed import all_reduce_max, all_reduce_min, all_reduce_sum, is_distributed, rank
 from vqtrain.losses import ReconstructionLoss
-from vqtrain.metrics import CodebookUsage, LastUse, count_codes, usage_summary
+from vqtrain.metrics import CodebookUsage, LastUse, code_vectors, count_codes, usage_summary, used_codes_effective_rank
 from vqtrain.quantizers import Quantizer, QuantizerOutput
 from vqtrain.utils import (
     ceil_div,
@@ -264,6 +264,8 @@ class DiscreteAutoencoder(L.LightningModule):
         usage.reset()
         self.latest_usage[stage] = summary
         figures = {name: summary[name] for name in ("utilization", "entropy_utilization", "perplexity", "dead_codes")}
+        # collapse that counts cannot see: codes all used, but spanning few dimensions
+        figures["effective_rank"] = used_codes_effective_rank(code_vectors(self.quantizer), summary["counts"]).mean()
         if exists(dead_codes):
             figures["dead_codes"] = dead_codes
         if len(self.quantizer.codebook_sizes) > 1:

@@ -33,6 +33,7 @@ COLUMNS = [
     ("val utilization", "val/utilization", ".4g"),
     ("val perplexity", "val/perplexity", ".4g"),
     ("val dead codes", "val/dead_codes", ".0f"),
+    ("val effective rank", "val/effective_rank", ".3g"),
     ("val recon loss", "val/recon_loss", ".4g"),
     ("test utilization", "test/utilization", ".4g"),
     ("test recon loss", "test/recon_loss", ".4g"),
@@ -44,7 +45,9 @@ SIZE_KEYS = ("codebook_size", "levels")
 SCHEDULE = ("model.usage_window", "trainer.val_check_interval")
 DEFINITION = (
     "Utilization is the fraction of the codebook's codes used: val and test count them over a whole "
-    "evaluation pass, train over a window of the last model.usage_window training steps."
+    "evaluation pass, train over a window of the last model.usage_window training steps. Effective rank "
+    "is exp of the entropy of the normalised singular values of the codes used (Roy & Vetterli 2007): "
+    "how many dimensions the used codes span."
 )
 
 
