@@ -21,7 +21,13 @@ from vqtrain.model import WarmupCosine
 from vqtrain.train import train
 
 STEPS_PER_EPOCH = 4  # shapes
-USAGE_FIGURES = ("train/utilization", "train/entropy_utilization", "train/perplexity", "train/dead_codes")
+USAGE_FIGURES = (
+    "train/utilization",
+    "train/entropy_utilization",
+    "train/perplexity",
+    "train/dead_codes",
+    "train/effective_rank",
+)
 # Residual VQ with everything that keeps state or draws random numbers: EMA statistics,
 # k-means init, dead-code restarts (global RNG), quantizer dropout (the step counter).
 RESUMABLE = [

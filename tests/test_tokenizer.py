@@ -35,7 +35,7 @@ from vqtrain.tokens import decode_shard, encode_split
 from vqtrain.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-RESIDUAL = {"rvq": 4, "rsimvq": 4, "rfsq": 4}  # levels in their configs
+RESIDUAL = {"rvq": 4, "rsimvq": 4, "rfsq": 4, "rlfq": 4}  # levels in their configs
 TINY_MODEL = ["model.latent_dim=8", "model.encoder.hidden_channels=8", "model.decoder.hidden_channels=8"]
 QUICK = [
     "trainer.max_steps=4",
