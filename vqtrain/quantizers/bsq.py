@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from vqtrain.quantizers.entropy import DEFAULT_ENTROPY_CHUNK_ELEMENTS
 from vqtrain.quantizers.lfq import LFQ
 from vqtrain.utils import l2norm
 
@@ -31,31 +30,9 @@ from vqtrain.utils import l2norm
 class BSQ(LFQ):
     spherical = True
 
-    def __init__(
-        self,
-        dim: int,
-        codebook_size: int = 1024,
-        num_codebooks: int = 1,
-        scale: float = 1.0,
-        entropy_weight: float = 0.1,
-        diversity_gamma: float = 1.0,
-        inv_temperature: float = 100.0,
-        commitment_weight: float = 0.25,
-        codebook_entropy: str = "exact",
-        chunk_elements: int = DEFAULT_ENTROPY_CHUNK_ELEMENTS,
-    ):
-        super().__init__(
-            dim,
-            codebook_size=codebook_size,
-            num_codebooks=num_codebooks,
-            scale=scale,
-            entropy_weight=entropy_weight,
-            diversity_gamma=diversity_gamma,
-            inv_temperature=inv_temperature,
-            commitment_weight=commitment_weight,
-            codebook_entropy=codebook_entropy,
-            chunk_elements=chunk_elements,
-        )
+    def __init__(self, dim: int, *args, commitment_weight: float = 0.25, **kwargs):
+        """LFQ's arguments; only the commitment default differs (the paper's 0.25)."""
+        super().__init__(dim, *args, commitment_weight=commitment_weight, **kwargs)
 
     def prepare(self, h: Tensor) -> Tensor:
-        return l2norm(h) * self.scale if self.scale != 1 else l2norm(h)
+        return l2norm(h) * self.scale
