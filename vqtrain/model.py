@@ -241,10 +241,10 @@ class DiscreteAutoencoder(L.LightningModule):
             self.log_usage("train", dead_codes=self.last_use.dead_codes(self.global_step))
         return result[0]
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self.shared_step(batch, "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         self.shared_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
