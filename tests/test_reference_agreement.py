@@ -16,25 +16,21 @@ def randn(*shape, seed: int = 1, scale: float = 1.0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "levels, num_codebooks", [([8, 5, 5, 5], 1), ([7, 5, 5, 5, 5], 1), ([8, 6, 5], 1), ([4, 3], 2)]
+    "levels, num_codebooks, symmetric",
+    [
+        ([8, 5, 5, 5], 1, False),
+        ([7, 5, 5, 5, 5], 1, False),
+        ([8, 6, 5], 1, False),
+        ([4, 3], 2, False),
+        ([8, 5, 5, 5], 1, True),
+        ([4, 3, 2], 1, True),
+    ],
 )
-def test_fsq_matches_reference(levels, num_codebooks):
+def test_fsq_matches_reference(levels, num_codebooks, symmetric):
+    """The standard grid, and the symmetric one against the reference's preserve_symmetry."""
     dim = len(levels) * num_codebooks  # no projection on either side
-    ours = FSQ(dim, levels=levels, num_codebooks=num_codebooks).eval()
-    theirs = vqp.FSQ(levels=levels, num_codebooks=num_codebooks).eval()
-    z = randn(3, 50, dim, scale=2.0)
-    out = ours(z)
-    quantized, indices = theirs(z)
-    torch.testing.assert_close(out.quantized, quantized, rtol=0, atol=1e-6)
-    assert torch.equal(out.indices, indices.long())
-    torch.testing.assert_close(ours.indices_to_codes(out.indices), theirs.indices_to_codes(indices), rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("levels", [[8, 5, 5, 5], [4, 3, 2]])
-def test_symmetric_fsq_matches_reference(levels):
-    dim = len(levels)
-    ours = FSQ(dim, levels=levels, symmetric=True).eval()
-    theirs = vqp.FSQ(levels=levels, preserve_symmetry=True).eval()
+    ours = FSQ(dim, levels=levels, num_codebooks=num_codebooks, symmetric=symmetric).eval()
+    theirs = vqp.FSQ(levels=levels, num_codebooks=num_codebooks, preserve_symmetry=symmetric).eval()
     z = randn(3, 50, dim, scale=2.0)
     out = ours(z)
     quantized, indices = theirs(z)
