@@ -1,4 +1,4 @@
-"""What several test modules share: the quantizer configs, a CLI run, the metrics a run logged."""
+"""What several test modules share: the quantizer configs, a CLI run, the metrics a run logged, FSDD batches."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import soundfile as sf
 import torch
+
+from vqtrain.utils import lengths_to_mask
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"  # real MNIST and FSDD, never copied into the repository
@@ -40,3 +43,15 @@ def column(rows: list[dict[str, str]], name: str) -> list[float]:
 
 def global_step(checkpoint: Path) -> int:
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
+
+
+def fsdd_batch(root: Path, count: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """A zero-padded batch (B, 1, T) of real clips of different lengths, and its mask."""
+    files = sorted(root.glob("*.wav"))[:: 500 // count][:count]
+    clips = [torch.from_numpy(sf.read(f, dtype="float32")[0]) for f in files]
+    lengths = torch.tensor([len(c) for c in clips])
+    assert len(set(lengths.tolist())) == count, "want clips of different lengths"
+    x = torch.zeros(count, 1, int(lengths.max()))
+    for i, clip in enumerate(clips):
+        x[i, 0, : len(clip)] = clip
+    return x, lengths_to_mask(lengths, x.shape[-1])

@@ -12,24 +12,11 @@ import soundfile as sf
 import torch
 from hydra.utils import instantiate
 
-from helpers import QUANTIZERS
+from helpers import QUANTIZERS, fsdd_batch
 from vqtrain.config import compose
 from vqtrain.losses import masked_mse
 from vqtrain.metrics import CodebookUsage, count_codes
 from vqtrain.train import train
-from vqtrain.utils import lengths_to_mask
-
-
-def fsdd_batch(root: Path, count: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """A zero-padded batch (B, 1, T) of real clips of different lengths, and its mask."""
-    files = sorted(root.glob("*.wav"))[:: 500 // count][:count]
-    clips = [torch.from_numpy(sf.read(f, dtype="float32")[0]) for f in files]
-    lengths = torch.tensor([len(c) for c in clips])
-    assert len(set(lengths.tolist())) == count, "want clips of different lengths"
-    x = torch.zeros(count, 1, int(lengths.max()))
-    for i, clip in enumerate(clips):
-        x[i, 0, : len(clip)] = clip
-    return x, lengths_to_mask(lengths, x.shape[-1])
 
 
 def audio_model(quantizer: str, tmp_path: Path, *overrides: str):

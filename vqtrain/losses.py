@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torchaudio
 from torch import Tensor, nn
 
-from vqtrain.utils import channel_mask, exists
+from vqtrain.utils import ceil_div, channel_mask, exists, lengths_to_mask
 
 
 def masked_mse(x_hat: Tensor, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -45,6 +46,88 @@ class MultiResolutionSTFTLoss(nn.Module):
                 distance = torch.where(real, distance, 0.0).sum() / real.sum().clamp_min(1)
             total = total + distance.mean()
         return total / len(self.fft_sizes)
+
+
+def zero_padding(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """(B, C, T) with the samples past each clip's length set to zero."""
+    if not exists(lengths):
+        return x
+    return torch.where(lengths_to_mask(lengths, x.shape[-1])[:, None], x, 0.0)
+
+
+class MultiScaleMelLoss(nn.Module):
+    """DAC's mel loss: the L1 distance of log10 mel magnitudes (clamped at `clamp_eps`)
+    at several window lengths, hop = window / 4, each scale with its own number of mel
+    bands, summed over scales (DAC weights the sum by 15), plus `mag_weight` times the
+    L1 of the mel magnitudes themselves (0 in DAC). Slaney mel scale and filter norm,
+    as DAC's librosa filters. Kumar et al. 2023, https://arxiv.org/abs/2306.06546,
+    MelSpectrogramLoss in descript-audio-codec/dac/nn/loss.py, values of conf/base.yml.
+
+    Padded audio: the padding of both signals is zeroed (frames near a clip's end see
+    the zeros a clip alone sees), and frames whose centre lies in the padding are left
+    out of the mean. Computed in float32 with autocast off."""
+
+    def __init__(
+        self,
+        sample_rate: int,
+        window_lengths: list[int] = (32, 64, 128, 256, 512, 1024, 2048),
+        n_mels: list[int] = (5, 10, 20, 40, 80, 160, 320),
+        f_min: float = 0.0,
+        f_max: float | None = None,
+        log_weight: float = 1.0,
+        mag_weight: float = 0.0,
+        clamp_eps: float = 1e-5,
+    ):
+        super().__init__()
+        window_lengths, n_mels = list(window_lengths), list(n_mels)
+        if not window_lengths or len(window_lengths) != len(n_mels):
+            raise ValueError(
+                f"model.reconstruction.window_lengths and n_mels must be non-empty and of equal length, "
+                f"got {window_lengths} and {n_mels}"
+            )
+        if any(w < 4 for w in window_lengths):
+            raise ValueError(
+                f"model.reconstruction.window_lengths must be >= 4 (hop = window / 4), got {window_lengths}"
+            )
+        self.hops = [w // 4 for w in window_lengths]
+        self.log_weight, self.mag_weight, self.clamp_eps = log_weight, mag_weight, clamp_eps
+        self.mels = nn.ModuleList(
+            torchaudio.transforms.MelSpectrogram(
+                sample_rate,
+                n_fft=w,
+                hop_length=hop,
+                f_min=f_min,
+                f_max=f_max,
+                n_mels=m,
+                power=1.0,
+                center=True,
+                pad_mode="constant",
+                norm="slaney",
+                mel_scale="slaney",
+            )
+            for w, hop, m in zip(window_lengths, self.hops, n_mels)
+        )
+
+    def forward(self, x_hat: Tensor, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """`x_hat`, `x` (B, C, T); `lengths` (B,) real samples, None when all are."""
+        total = x.new_zeros((), dtype=torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            signal, target = (zero_padding(s.float(), lengths) for s in (x_hat, x))
+            for mel, hop in zip(self.mels, self.hops):
+                spec, ref = mel(signal), mel(target)  # (B, C, mels, frames)
+                distance = (
+                    self.log_weight
+                    * (spec.clamp_min(self.clamp_eps).log10() - ref.clamp_min(self.clamp_eps).log10()).abs()
+                )
+                if self.mag_weight:
+                    distance = distance + self.mag_weight * (spec - ref).abs()
+                distance = distance.mean((1, 2))  # (B, frames)
+                if exists(lengths):  # frame i is centred on sample i * hop
+                    real = lengths_to_mask(ceil_div(lengths, hop), distance.shape[-1])
+                    total = total + torch.where(real, distance, 0.0).sum() / real.sum().clamp_min(1)
+                else:
+                    total = total + distance.mean()
+        return total
 
 
 class ReconstructionLoss(nn.Module):

@@ -12,6 +12,8 @@ from vqtrain.nets.conv import (
     ConvEncoder1d,
     ConvEncoder2d,
     Downsample1d,
+    MaskedDecoder1d,
+    MaskedEncoder1d,
     ResBlock,
     Upsample1d,
     check_strides,
@@ -20,14 +22,20 @@ from vqtrain.nets.conv import (
     residual_stack1d,
     zero_biases,
 )
+from vqtrain.nets.seanet import CodecDecoder, CodecEncoder, Snake1d
 
 __all__ = [
+    "CodecDecoder",
+    "CodecEncoder",
     "ConvDecoder1d",
     "ConvDecoder2d",
     "ConvEncoder1d",
     "ConvEncoder2d",
     "Downsample1d",
+    "MaskedDecoder1d",
+    "MaskedEncoder1d",
     "ResBlock",
+    "Snake1d",
     "Upsample1d",
     "check_strides",
     "mask_time",

@@ -161,11 +161,56 @@ def check_strides(strides: list[int]) -> list[int]:
     return strides
 
 
-class ConvEncoder1d(nn.Module):
-    """Audio encoder: a stem, then per stride a dilated residual block and a
-    strided conv (channels double), then a 1x1 head to the latent dim."""
+class MaskedEncoder1d(nn.Module):
+    """The masked forward pass of 1-D encoders: a stem, then per stride a residual
+    stack (`blocks`) and a downsampling (`downs`), then a head. Subclasses build the
+    parts; every activation must map 0 to 0, so a masked input stays zero into the
+    next convolution."""
 
     modality = "audio"
+    strides: list[int]
+    stem: nn.Module
+    blocks: nn.ModuleList
+    downs: nn.ModuleList
+    head: nn.Module
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        x = mask_time(self.stem(mask_time(x, lengths, 1)), lengths, 1)
+        stride = 1
+        for block, down, s in zip(self.blocks, self.downs, self.strides):
+            x = masked_stack(block, x, lengths, stride)
+            stride *= s
+            x = mask_time(down(x), lengths, stride)
+        return mask_time(self.head(x), lengths, stride)
+
+
+class MaskedDecoder1d(nn.Module):
+    """The masked forward pass of 1-D decoders: a stem, then per stride (`strides`,
+    in decoding order) an upsampling (`ups`) and a residual stack (`blocks`), then a
+    head; the output is cut to `size` samples."""
+
+    strides: list[int]
+    stem: nn.Module
+    ups: nn.ModuleList
+    blocks: nn.ModuleList
+    head: nn.Module
+
+    def forward(self, z: Tensor, lengths: Tensor | None = None, size: int | None = None) -> Tensor:
+        stride = math.prod(self.strides)
+        x = mask_time(self.stem(z), lengths, stride)
+        for up, block, s in zip(self.ups, self.blocks, self.strides):
+            stride //= s
+            x = mask_time(up(x), lengths, stride)
+            x = masked_stack(block, x, lengths, stride)
+        x = self.head(x)
+        if exists(size):
+            x = x[..., :size]
+        return mask_time(x, lengths, 1)
+
+
+class ConvEncoder1d(MaskedEncoder1d):
+    """Audio encoder: a stem, then per stride a dilated residual block and a
+    strided conv (channels double), then a 1x1 head to the latent dim."""
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 32, strides: list[int] = (2, 4, 4)):
         super().__init__()
@@ -182,17 +227,8 @@ class ConvEncoder1d(nn.Module):
         self.head = nn.Sequential(nn.ELU(), nn.Conv1d(channels, out_channels, 3, padding=1))
         zero_biases(self)
 
-    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
-        x = mask_time(self.stem(mask_time(x, lengths, 1)), lengths, 1)
-        stride = 1
-        for block, down, s in zip(self.blocks, self.downs, self.strides):
-            x = masked_stack(block, x, lengths, stride)
-            stride *= s
-            x = mask_time(down(x), lengths, stride)
-        return mask_time(self.head(x), lengths, stride)
 
-
-class ConvDecoder1d(nn.Module):
+class ConvDecoder1d(MaskedDecoder1d):
     """Mirror of ConvEncoder1d; output cut to `size` samples."""
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 32, strides: list[int] = (2, 4, 4)):
@@ -209,15 +245,3 @@ class ConvDecoder1d(nn.Module):
         self.ups, self.blocks = nn.ModuleList(ups), nn.ModuleList(blocks)
         self.head = nn.Sequential(nn.ELU(), nn.Conv1d(channels, out_channels, 7, padding=3))
         zero_biases(self)
-
-    def forward(self, z: Tensor, lengths: Tensor | None = None, size: int | None = None) -> Tensor:
-        stride = math.prod(self.strides)
-        x = mask_time(self.stem(z), lengths, stride)
-        for up, block, s in zip(self.ups, self.blocks, self.strides):
-            stride //= s
-            x = mask_time(up(x), lengths, stride)
-            x = masked_stack(block, x, lengths, stride)
-        x = self.head(x)
-        if exists(size):
-            x = x[..., :size]
-        return mask_time(x, lengths, 1)
