@@ -15,9 +15,9 @@ import pytest
 import soundfile as sf
 import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, SequentialSampler
 
+from vqtrain.config import compose
 from vqtrain.data.audio import (
     AudioDataModule,
     AudioFolder,
@@ -371,13 +371,9 @@ CONFIGS = ["fsdd", "audio_folder", "librispeech", "libritts", "ljspeech"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_switches_the_model_and_builds_the_data(name, fsdd_cache):
-    path = REPO / "configs" / "data" / f"{name}.yaml"
-    assert path.read_text().startswith("# @package _global_")
-    config = OmegaConf.merge(
-        {"paths": {"data_dir": str(REPO.parent / "shared" / "data")}, "seed": 0}, OmegaConf.load(path)
-    )
-    assert {"override /model": "audio"} in OmegaConf.to_container(config)["defaults"]
+def test_config_switches_the_model_and_builds_the_data(name, fsdd_cache, tmp_path):
+    config = compose([f"data={name}", f"paths.data_dir={REPO.parent / 'shared' / 'data'}"], tmp_path)
+    assert config.model.encoder._target_ == "vqtrain.nets.ConvEncoder1d"  # the audio model, switched by the data
     config.data.cache_dir = str(fsdd_cache)
     data = hydra.utils.instantiate(config.data)
     assert isinstance(data, AudioDataModule) and data.batch_size == 32 and data.num_workers == 0

@@ -9,7 +9,7 @@ therefore never reach a loss, a gradient, a codebook update or a usage count.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,6 @@ class QuantizerOutput:
     indices: Tensor  # int64 (B, ...) or (B, ..., Q), -1 where masked
     losses: dict[str, Tensor]  # raw terms for logging: always "codebook" and "commitment"
     loss: Tensor  # weighted sum of the terms: what the model adds to its objective
-    mask: Tensor | None = field(default=None)  # (B, ...) True = real, as given
 
 
 def mse(x: Tensor, y: Tensor) -> Tensor:
@@ -173,7 +172,6 @@ class Quantizer(nn.Module):
             indices=self._shape_indices(indices, lead),
             losses=losses,
             loss=loss,
-            mask=mask,
         )
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
