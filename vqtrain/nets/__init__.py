@@ -20,8 +20,13 @@ from vqtrain.nets.conv import (
     residual_stack1d,
     zero_biases,
 )
+from vqtrain.nets.vqgan import AttnBlock, ResnetBlock, VQGANDecoder, VQGANEncoder
 
 __all__ = [
+    "AttnBlock",
+    "ResnetBlock",
+    "VQGANDecoder",
+    "VQGANEncoder",
     "ConvDecoder1d",
     "ConvDecoder2d",
     "ConvEncoder1d",
