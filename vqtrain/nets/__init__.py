@@ -23,10 +23,15 @@ from vqtrain.nets.conv import (
     zero_biases,
 )
 from vqtrain.nets.seanet import CodecDecoder, CodecEncoder, Snake1d
+from vqtrain.nets.vqgan import AttnBlock, ResnetBlock, VQGANDecoder, VQGANEncoder
 
 __all__ = [
+    "AttnBlock",
     "CodecDecoder",
     "CodecEncoder",
+    "ResnetBlock",
+    "VQGANDecoder",
+    "VQGANEncoder",
     "ConvDecoder1d",
     "ConvDecoder2d",
     "ConvEncoder1d",
