@@ -1,7 +1,8 @@
 """The discrete autoencoder trained as a GAN generator (VQGAN, Esser et al. 2021,
 arXiv:2012.09841): reconstruction + perceptual + adaptively weighted adversarial
 loss + the quantizer's terms, against a discriminator trained beside it, with an
-EMA of the autoencoder's weights for validation, test and inference.
+EMA of the autoencoder's weights for validation, test and inference. For audio
+codecs (DAC, EnCodec) a mel term and feature matching join, with fixed weights.
 
 Step counting. Lightning's manual optimisation counts every `optimizer.step()`
 in `global_step`, so two optimisers would run `max_steps`, the schedule,
@@ -17,7 +18,8 @@ not count.
 
 Logged beside the base model's terms: `perceptual_loss`, `adversarial_loss`
 (the generator's, unweighted), `adaptive_weight` (training: 0 before
-`discriminator_start`), `discriminator_loss`. `{stage}/loss` is the objective
+`discriminator_start`), `discriminator_loss`, and with a mel loss and feature
+matching `mel_loss` and `feature_matching_loss` (unweighted). `{stage}/loss` is the objective
 without the adversarial term in validation and test (its weight is adaptive and
 the discriminator keeps changing), so that checkpoints compare like with like.
 """
@@ -33,8 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from vqtrain.data.batch import Batch
+from vqtrain.discriminators import Judgement
 from vqtrain.ema import WeightEMA
-from vqtrain.losses import check_kind, discriminator_loss, generator_adversarial_loss
+from vqtrain.losses import check_kind, discriminator_loss, feature_matching_loss, generator_adversarial_loss
 from vqtrain.model import DiscreteAutoencoder, ModelOutput
 from vqtrain.utils import exists
 
@@ -51,15 +54,20 @@ def uncounted(optimizer: Any) -> Any:
 
 class AdversarialAutoencoder(DiscreteAutoencoder):
     """`DiscreteAutoencoder` plus a discriminator, an optional perceptual distance
-    (`perceptual(x_hat, x) -> (B,)`, a fixed network) and an EMA of the weights.
+    (`perceptual(x_hat, x) -> (B,)`, a fixed network), an optional mel distance
+    (`mel(x_hat, x, lengths)`, as `losses.MultiScaleMelLoss`) and an EMA of the weights.
 
-    Generator loss = reconstruction + perceptual_weight * perceptual
-                     + disc_weight * adaptive_weight * adversarial + quantizer terms,
+    Generator loss = reconstruction + perceptual_weight * perceptual + mel_weight * mel
+                     + disc_weight * adaptive_weight * adversarial
+                     + feature_matching_weight * feature_matching + quantizer terms,
     with the adversarial term and the discriminator's updates from batch
     `discriminator_start` on. adaptive_weight = ||grad_L nll|| / (||grad_L adv|| + 1e-4),
     clamped to [0, 1e4] and detached, L the decoder's last layer and nll the
-    reconstruction + perceptual terms (taming's `calculate_adaptive_weight`);
-    1 with `adaptive_weight=false` (a fixed `disc_weight`, as SimVQ's recipe)."""
+    reconstruction + perceptual + mel terms (taming's `calculate_adaptive_weight`);
+    1 with `adaptive_weight=false` (a fixed `disc_weight`, as SimVQ's recipe and
+    DAC's). Feature matching (MelGAN's L1 between the discriminator's features of
+    real and reconstructed signals) runs with the adversarial term, when its weight
+    is > 0; it costs a discriminator pass over the real batch in the generator step."""
 
     def __init__(
         self,
@@ -68,6 +76,9 @@ class AdversarialAutoencoder(DiscreteAutoencoder):
         discriminator_optimizer: Callable[..., torch.optim.Optimizer],
         perceptual: nn.Module | None = None,
         perceptual_weight: float = 1.0,
+        mel: nn.Module | None = None,
+        mel_weight: float = 15.0,
+        feature_matching_weight: float = 0.0,
         disc_weight: float = 0.8,
         adaptive_weight: bool = True,
         discriminator_start: int = 0,
@@ -79,10 +90,14 @@ class AdversarialAutoencoder(DiscreteAutoencoder):
         super().__init__(*args, **kwargs)
         check_kind(generator_loss)
         check_kind(discriminator_loss)
-        if perceptual_weight < 0 or disc_weight < 0:
-            raise ValueError(
-                f"model.perceptual_weight and model.disc_weight must be >= 0, got {perceptual_weight}, {disc_weight}"
-            )
+        weights = {
+            "perceptual_weight": perceptual_weight,
+            "mel_weight": mel_weight,
+            "disc_weight": disc_weight,
+            "feature_matching_weight": feature_matching_weight,
+        }
+        if any(w < 0 for w in weights.values()):
+            raise ValueError(f"model.{', model.'.join(weights)} must be >= 0, got {weights}")
         if discriminator_start < 0:
             raise ValueError(f"model.discriminator_start must be >= 0, got {discriminator_start}")
         if adaptive_weight and not hasattr(self.decoder, "last_layer"):
@@ -94,6 +109,8 @@ class AdversarialAutoencoder(DiscreteAutoencoder):
         self.discriminator_optimizer = discriminator_optimizer
         self.perceptual = perceptual.requires_grad_(False).eval() if exists(perceptual) else None
         self.perceptual_weight, self.disc_weight = perceptual_weight, disc_weight
+        self.mel, self.mel_weight = mel, mel_weight
+        self.feature_matching_weight = feature_matching_weight
         self.adaptive = adaptive_weight
         self.discriminator_start = discriminator_start
         self.generator_loss, self.discriminator_loss = generator_loss, discriminator_loss
@@ -120,19 +137,35 @@ class AdversarialAutoencoder(DiscreteAutoencoder):
             terms["perceptual_loss"] = perceptual
             nll = nll + self.perceptual_weight * perceptual
             loss = loss + self.perceptual_weight * perceptual
+        if exists(self.mel):
+            mel = self.mel(output.x_hat, batch.x, batch.lengths)
+            terms["mel_loss"] = mel
+            nll = nll + self.mel_weight * mel
+            loss = loss + self.mel_weight * mel
         if not self.training:  # validation, test: the adversarial terms are figures, not objectives
-            fake = self.discriminator(output.x_hat, batch.lengths)
+            fake, real = self.judge(output, batch, real=True)
             terms["adversarial_loss"] = generator_adversarial_loss(fake, self.generator_loss)
-            real = self.discriminator(batch.x, batch.lengths)
             terms["discriminator_loss"] = discriminator_loss(real, fake, self.discriminator_loss)
+            if self.feature_matching_weight:
+                terms["feature_matching_loss"] = feature_matching_loss(real, fake)
             return loss, terms
         if not self.discriminator_active():  # the discriminator is not even run
             terms["adaptive_weight"] = torch.zeros((), device=loss.device)
             return loss, terms
-        adversarial = generator_adversarial_loss(self.discriminator(output.x_hat, batch.lengths), self.generator_loss)
+        fake, real = self.judge(output, batch, real=bool(self.feature_matching_weight))
+        adversarial = generator_adversarial_loss(fake, self.generator_loss)
         weight = self.adaptive_weight(nll, adversarial) if self.adaptive else torch.ones((), device=loss.device)
         terms |= {"adversarial_loss": adversarial, "adaptive_weight": weight}
-        return loss + self.disc_weight * weight * adversarial, terms
+        loss = loss + self.disc_weight * weight * adversarial
+        if self.feature_matching_weight:
+            terms["feature_matching_loss"] = feature_matching_loss(real, fake)
+            loss = loss + self.feature_matching_weight * terms["feature_matching_loss"]
+        return loss, terms
+
+    def judge(self, output: ModelOutput, batch: Batch, real: bool) -> tuple[list[Judgement], list[Judgement] | None]:
+        """The discriminator's judgements of the reconstruction, and of the real batch if asked."""
+        fake = self.discriminator(output.x_hat, batch.lengths)
+        return fake, self.discriminator(batch.x, batch.lengths) if real else None
 
     def adaptive_weight(self, nll: Tensor, adversarial: Tensor) -> Tensor:
         """||grad nll|| / (||grad adversarial|| + 1e-4) at the decoder's last layer, in [0, 1e4], detached."""

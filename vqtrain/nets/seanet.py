@@ -142,3 +142,8 @@ class CodecDecoder(MaskedDecoder1d):
             nn.Tanh(),
         )
         weight_normalize(self)
+
+    @property
+    def last_layer(self) -> Tensor:
+        """The output conv's weight direction (weight norm's `v`): where VQGAN's adaptive weight compares gradients."""
+        return self.head[1].parametrizations.weight.original1
