@@ -1,5 +1,7 @@
-"""The neural codec's parts under padding, on real FSDD clips: the SEANet / DAC nets,
-the multi-scale mel loss and the multi-scale STFT discriminator.
+"""The neural codec (model=codec) on real FSDD clips: its parts under padding (the
+SEANet / DAC nets, the multi-scale mel loss, the multi-scale STFT discriminator), the
+codec_tiny preset from the CLI, every quantizer in the recipe. The whole training
+step's padding invariance is in test_audio_model.py.
 
 A padded clip must compute what it computes alone (equal up to float rounding: oneDNN
 picks its kernels by tensor shape, so a batch of one and a batch of four round
@@ -14,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import fsdd_batch
+from helpers import QUANTIZERS, column, fsdd_batch, read_metrics, run_cli
+from vqtrain.config import compose
 from vqtrain.discriminators import MultiScaleSTFTDiscriminator
 from vqtrain.losses import MultiScaleMelLoss
 from vqtrain.nets import CodecDecoder, CodecEncoder
+from vqtrain.train import train
 
 SAMPLE_RATE = 8000  # FSDD
 STRIDES = [2, 4, 5]
@@ -127,3 +131,60 @@ def test_ms_stft_discriminator_judges_each_clip_as_alone(fsdd_root: Path):
                         batch_map[i, ..., :frames], alone_map[0, ..., :frames], rtol=1e-4, atol=1e-6
                     )
                     assert bool((batch_map[i, ..., frames:] == 0).all())
+
+
+# --- the recipe: experiment=codec_tiny --------------------------------------------------
+
+TERMS = ["loss", "recon_loss", "mel_loss", "adversarial_loss", "feature_matching_loss", "discriminator_loss"]
+
+
+def tiny(fsdd_root: Path, cache: Path) -> list[str]:
+    """codec_tiny cut to seconds: short crops, one validation and test batch, every step logged."""
+    return [
+        "experiment=codec_tiny",
+        f"data.root={fsdd_root}",
+        f"data.cache_dir={cache}",
+        "data.batch_size=4",
+        "data.max_length=0.25",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "callbacks.reconstructions=null",
+    ]
+
+
+def test_codec_tiny_trains_from_the_cli_logging_every_term(fsdd_root: Path, tmp_path: Path):
+    overrides = [
+        "model.discriminator_start=2",
+        "model.usage_window=3",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+    ]
+    result = run_cli(*tiny(fsdd_root, tmp_path / "cache"), *overrides, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    rows = read_metrics(run_dir)
+    for stage in ("train", "val", "test"):
+        for term in [*TERMS, "commitment_loss", "utilization"]:
+            assert column(rows, f"{stage}/{term}"), f"{stage}/{term}"
+    assert len(column(rows, "train/discriminator_loss")) == len(column(rows, "train/feature_matching_loss")) == 4
+    assert column(rows, "train/adaptive_weight") == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]  # fixed weights, as DAC
+    checkpoint = torch.load(run_dir / "last.ckpt", weights_only=True)
+    assert [int(s["state"][0]["step"]) for s in checkpoint["optimizer_states"]] == [6, 4]
+    assert any(key.startswith("ema.shadow") for key in checkpoint["state_dict"])
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_every_quantizer_trains_in_the_codec_recipe(quantizer: str, fsdd_root: Path, tmp_path: Path):
+    overrides = [f"quantizer={quantizer}", "model.discriminator_start=1", "trainer.max_steps=2"]
+    train(
+        compose(
+            [*tiny(fsdd_root, tmp_path / "cache"), *overrides, "trainer.limit_val_batches=0", "test=false"], tmp_path
+        )
+    )
+    rows = read_metrics(tmp_path)
+    assert len(column(rows, "train/discriminator_loss")) == 1
+    for term in TERMS:
+        assert all(map(math.isfinite, column(rows, f"train/{term}"))), term
+    assert len(column(rows, "train/loss")) == 2
