@@ -24,6 +24,7 @@ CONFIG_DIR = PACKAGED_CONFIGS if PACKAGED_CONFIGS.is_dir() else Path(__file__).r
 # without naming them, though they would train nothing, train backwards or log nothing
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer.lr": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+    "model.discriminator_optimizer.lr": (lambda v: 0 < v < math.inf, "a finite number > 0"),
     "model.scheduler.warmup_steps": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     "model.scheduler.min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "trainer.max_steps": (lambda v: v == -1 or v >= 1, "-1 (no limit) or an integer >= 1"),
@@ -100,10 +101,15 @@ def check_config(cfg: DictConfig) -> None:
             problems.append(f"{key}={value!r} (must be {allowed})")
     image_size = OmegaConf.select(cfg, "data.image_size")
     downsamples = OmegaConf.select(cfg, "model.encoder.num_downsamples")
-    if isinstance(image_size, int) and isinstance(downsamples, int) and image_size % 2**downsamples:
-        problems.append(
-            f"data.image_size={image_size} (must be divisible by 2^model.encoder.num_downsamples = {2**downsamples})"
-        )
+    ch_mult = OmegaConf.select(cfg, "model.encoder.ch_mult")
+    if isinstance(downsamples, int):
+        stride, key = 2**downsamples, "2^model.encoder.num_downsamples"
+    elif ch_mult is not None:
+        stride, key = 2 ** (len(ch_mult) - 1), "2^(len(model.encoder.ch_mult) - 1)"
+    else:
+        stride = None
+    if isinstance(image_size, int) and stride and image_size % stride:
+        problems.append(f"data.image_size={image_size} (must be divisible by {key} = {stride})")
     if problems:
         raise InvalidConfig("invalid config: " + "; ".join(problems))
 

@@ -1,22 +1,42 @@
-"""Reconstruction losses averaged over real samples only."""
+"""Losses averaged over real samples (or real time positions) only: reconstruction
+(MSE or L1, multi-resolution STFT) and the adversarial terms of GAN training."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqtrain.utils import channel_mask, exists
+from vqtrain.utils import exists
+
+if TYPE_CHECKING:
+    from vqtrain.discriminators import Judgement
+
+DISTANCES = ("l2", "l1")
+ADVERSARIAL_KINDS = ("hinge", "non_saturating")
+
+
+def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean of `values` (B, ..., T) over the positions where `mask` (B, T) is True,
+    every channel in between counted. Zero, not NaN, when nothing is real."""
+    values = values.float()
+    if not exists(mask):
+        return values.mean()
+    weight = mask.view(mask.shape[0], *([1] * (values.ndim - 2)), mask.shape[-1]).expand_as(values)
+    return torch.where(weight, values, 0.0).sum() / weight.sum().clamp_min(1)
 
 
 def masked_mse(x_hat: Tensor, x: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean squared error over real samples; `mask` (B, T) for (B, C, T) signals.
+    """Mean squared error over real samples; `mask` (B, T) for (B, C, T) signals."""
+    return masked_mean((x_hat.float() - x.float()).pow(2), mask)
 
-    Zero, not NaN, when nothing is real."""
-    error = (x_hat.float() - x.float()).pow(2)
-    if not exists(mask):
-        return error.mean()
-    weight = channel_mask(mask, error)
-    return torch.where(weight, error, 0.0).sum() / weight.sum().clamp_min(1)
+
+def masked_l1(x_hat: Tensor, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean absolute error over real samples (VQGAN's pixel loss)."""
+    return masked_mean((x_hat.float() - x.float()).abs(), mask)
 
 
 class MultiResolutionSTFTLoss(nn.Module):
@@ -48,20 +68,69 @@ class MultiResolutionSTFTLoss(nn.Module):
 
 
 class ReconstructionLoss(nn.Module):
-    """Time-domain MSE plus an optional weighted multi-resolution STFT term."""
+    """Signal-domain MSE (`distance="l2"`) or L1 (`"l1"`), plus an optional weighted
+    multi-resolution STFT term."""
 
-    def __init__(self, stft_weight: float = 0.0, fft_sizes: list[int] = (256, 512, 1024)):
+    def __init__(self, stft_weight: float = 0.0, fft_sizes: list[int] = (256, 512, 1024), distance: str = "l2"):
         super().__init__()
         if stft_weight < 0:
             raise ValueError(f"stft_weight must be >= 0, got {stft_weight}")
+        if distance not in DISTANCES:
+            raise ValueError(f"model.reconstruction.distance must be one of {DISTANCES}, got {distance!r}")
+        self.distance = masked_mse if distance == "l2" else masked_l1
         self.stft_weight = stft_weight
         self.stft = MultiResolutionSTFTLoss(fft_sizes) if stft_weight > 0 else None
 
     def forward(self, x_hat: Tensor, x: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None) -> Tensor:
         """`mask` (B, T) and `lengths` (B,) mark the same real samples of padded audio."""
-        loss = masked_mse(x_hat, x, mask)
+        loss = self.distance(x_hat, x, mask)
         if exists(self.stft):
             if exists(mask) and not exists(lengths):
                 raise ValueError("the STFT term of padded audio needs the clips' lengths beside the mask")
             loss = loss + self.stft_weight * self.stft(x_hat, x, lengths)
         return loss
+
+
+# --- adversarial terms (over the sub-discriminators of a `list[Judgement]`) --------------
+
+
+def check_kind(kind: str) -> None:
+    if kind not in ADVERSARIAL_KINDS:
+        raise ValueError(f"adversarial loss kind must be one of {ADVERSARIAL_KINDS}, got {kind!r}")
+
+
+def discriminator_loss(real: Sequence[Judgement], fake: Sequence[Judgement], kind: str = "hinge") -> Tensor:
+    """The discriminator's loss, mean over sub-discriminators; fake judgements are of
+    detached reconstructions. As taming-transformers' `hinge_d_loss` / `vanilla_d_loss`:
+    hinge 0.5 (E[relu(1 - D(x))] + E[relu(1 + D(x_hat))]) (Lim & Ye 2017, arXiv:1705.02894);
+    non-saturating 0.5 (E[softplus(-D(x))] + E[softplus(D(x_hat))]) (Goodfellow et al. 2014)."""
+    check_kind(kind)
+    # penalties on real logits (wanted high) and on fake ones (wanted low)
+    if kind == "hinge":
+        on_real, on_fake = (lambda t: F.relu(1 - t)), (lambda t: F.relu(1 + t))
+    else:
+        on_real, on_fake = (lambda t: F.softplus(-t)), F.softplus
+    losses = [
+        0.5 * (masked_mean(on_real(r.logits), r.mask) + masked_mean(on_fake(f.logits), f.mask))
+        for r, f in zip(real, fake)
+    ]
+    return torch.stack(losses).mean()
+
+
+def generator_adversarial_loss(fake: Sequence[Judgement], kind: str = "hinge") -> Tensor:
+    """The generator's adversarial loss, mean over sub-discriminators: hinge -E[D(x_hat)]
+    (taming's `g_loss`), non-saturating E[softplus(-D(x_hat))] = -E[log sigmoid D(x_hat)]."""
+    check_kind(kind)
+    losses = [masked_mean(-f.logits if kind == "hinge" else F.softplus(-f.logits), f.mask) for f in fake]
+    return torch.stack(losses).mean()
+
+
+def feature_matching_loss(real: Sequence[Judgement], fake: Sequence[Judgement]) -> Tensor:
+    """L1 between the discriminator's features of real and reconstructed signals
+    (MelGAN, Kumar et al. 2019, arXiv:1910.06711): mean over each sub-discriminator's
+    layers, then over sub-discriminators; real features are detached."""
+    per_sub = [
+        torch.stack([masked_mean((b - a.detach()).abs(), f.mask) for a, b in zip(r.features, f.features)]).mean()
+        for r, f in zip(real, fake)
+    ]
+    return torch.stack(per_sub).mean()

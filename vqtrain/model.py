@@ -175,6 +175,10 @@ class DiscreteAutoencoder(L.LightningModule):
         terms = {"recon_loss": recon} | {f"{name}_loss": value for name, value in output.quantizer.losses.items()}
         return recon + output.quantizer.loss, terms
 
+    def use_inference_weights(self) -> None:
+        """Put in place the weights that inference uses (the tokenizer, evaluation):
+        here the trained ones; a model that keeps an EMA of its weights swaps it in."""
+
     # -- steps -------------------------------------------------------------
     def check_finite(self, name: str, tensor: Tensor, mask: Tensor | None = None) -> None:
         """Raise if any real value is NaN/Inf on any rank: ranks decide together,
@@ -230,16 +234,18 @@ class DiscreteAutoencoder(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         result = self.shared_step(batch, "train")
+        self.training_bookkeeping(result)
+        return None if result is None else result[0]
+
+    def training_bookkeeping(self, result: tuple[Tensor, ModelOutput] | None) -> None:
+        """Skip counts on logging steps; the usage window's figures at its last step."""
         if self.logging_step("train"):
             self.log_dict(
                 {"data/skipped_items": self.skipped_items.float(), "train/skipped_steps": self.skipped_steps.float()},
                 on_step=True,
             )
-        if result is None:
-            return None
-        if (self.global_step + 1) % self.usage_window == 0:
+        if result is not None and (self.global_step + 1) % self.usage_window == 0:
             self.log_usage("train", dead_codes=self.last_use.dead_codes(self.global_step))
-        return result[0]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self.shared_step(batch, "val")
@@ -281,14 +287,22 @@ class DiscreteAutoencoder(L.LightningModule):
             self.encoder.compile()
             self.decoder.compile()
 
+    def autoencoder_parameters(self) -> list[nn.Parameter]:
+        """What the autoencoder's optimizer trains: the encoder, decoder and quantizer."""
+        return [*self.encoder.parameters(), *self.decoder.parameters(), *self.quantizer.parameters()]
+
     def configure_optimizers(self) -> Any:
+        return self.optimizer_config(self.optimizer_factory, self.autoencoder_parameters())
+
+    def optimizer_config(self, factory: Callable[..., torch.optim.Optimizer], params: list[nn.Parameter]) -> Any:
+        """The optimizer over `params`, with the run's schedule (`model.scheduler`) if any."""
         quantizer_params = {id(p) for p in self.quantizer.parameters()}
         groups = [
-            {"params": [p for p in self.parameters() if id(p) not in quantizer_params]},
+            {"params": [p for p in params if id(p) not in quantizer_params]},
             # codebooks must not decay: frozen codes stay put, unused codes keep their place
-            {"params": list(self.quantizer.parameters()), "weight_decay": 0.0},
+            {"params": [p for p in params if id(p) in quantizer_params], "weight_decay": 0.0},
         ]
-        optimizer = self.optimizer_factory([g for g in groups if g["params"]])
+        optimizer = factory([g for g in groups if g["params"]])
         if not self.scheduler:
             return optimizer
         scheduler = WarmupCosine(

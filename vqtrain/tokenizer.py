@@ -128,4 +128,5 @@ def load_tokenizer(ckpt_path: str | Path, device: str | torch.device = "cpu") ->
     register_resolvers()
     model = instantiate(OmegaConf.create(config["model"]))
     model.load_state_dict(checkpoint["state_dict"])
+    model.use_inference_weights()  # the EMA weights where the model keeps them
     return Tokenizer(model.to(device), config, str(Path(ckpt_path).resolve()))

@@ -93,6 +93,11 @@ class ConvDecoder2d(nn.Module):
         layers += [nn.ELU(), nn.Conv2d(hidden_channels, out_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
+    @property
+    def last_layer(self) -> Tensor:
+        """The output conv's weight: where VQGAN's adaptive weight compares gradients."""
+        return self.net[-1].weight
+
     def forward(self, z: Tensor, lengths: Tensor | None = None, size: int | None = None) -> Tensor:
         return self.net(z)
 
