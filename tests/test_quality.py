@@ -125,6 +125,8 @@ def test_metric_names_and_modalities_are_checked():
         build_metrics(["psnr", "fid"], "image")
     with pytest.raises(ValueError, match="callbacks.signal_quality.metrics: stoi scores audio, the model takes image"):
         build_metrics(["stoi"], "image")
+    with pytest.raises(ValueError, match="callbacks.signal_quality.sample_rate: mel_distance needs"):
+        build_metrics(None, "audio")
 
 
 # --- audio, on real FSDD clips ---------------------------------------------------------------
@@ -166,6 +168,15 @@ def test_stoi_equals_pystoi_per_clip_and_ranks_clean_above_noisy(fsdd_batch):
         expected = [stoi(c.numpy(), x_hat[i, 0, : len(c)].numpy(), 8000) for i, c in enumerate(clips)]
         assert scores[snr] == pytest.approx(np.mean(expected), rel=1e-12)
     assert scores[20] > scores[0] + 0.1 and per_clip_mean(STOI(8000), x, x, lengths) == pytest.approx(1.0)
+
+
+def test_clips_too_short_for_stoi_are_left_out_and_counted(fsdd_batch):
+    x, noisy, lengths, clips = fsdd_batch
+    short = torch.tensor([int(lengths[0]), 2000])  # 0.25 s: under STOI's 30 frames of speech
+    both, alone = STOI(8000), STOI(8000)
+    both.update(noisy[20][:2], x[:2], short)
+    alone.update(noisy[20][:1], x[:1], short[:1])
+    assert both.compute() == alone.compute() and both.unscored == 1 and alone.unscored == 0
 
 
 def test_pesq_narrowband_at_8khz_equals_pesq_per_clip_and_ranks_clean_above_noisy(fsdd_batch):

@@ -16,6 +16,7 @@ small networks instead.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -87,7 +88,8 @@ class Quality(Metric):
 
     full_state_update = False
     name: str
-    modality: str
+    modality: str | None  # None: both
+    needs_sample_rate = False
 
     def update(self, x_hat: Tensor, x: Tensor, lengths: Tensor | None = None) -> None:
         raise NotImplementedError
@@ -114,7 +116,7 @@ class MeanOverItems(Quality):
 
 
 class MSE(Quality):
-    name, modality = "mse", None  # both
+    name, modality = "mse", None
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -214,7 +216,7 @@ class SISNR(MeanOverItems):
 
 
 class MelDistance(MeanOverItems):
-    name, modality = "mel_distance", "audio"
+    name, modality, needs_sample_rate = "mel_distance", "audio", True
 
     def __init__(self, sample_rate: int, **kwargs):
         super().__init__(**kwargs)
@@ -228,29 +230,59 @@ class MelDistance(MeanOverItems):
         return torch.stack([(self.log_mel(a) - self.log_mel(b)).abs().mean() for a, b in clips(x_hat, x, lengths)])
 
 
-class STOI(MeanOverItems):
-    name, modality = "stoi", "audio"
+class PerClipPackage(MeanOverItems):
+    """A package's score of each clip (`score(degraded, clean)` on 1-D float64 CPU
+    tensors), NaN where it cannot score the clip: such clips are left out of the
+    mean and counted in a warning."""
+
+    modality, needs_sample_rate = "audio", True
+    undefined = ""  # when the package cannot score a clip, for the warning
 
     def __init__(self, sample_rate: int, **kwargs):
         super().__init__(**kwargs)
         self.sample_rate = sample_rate
+        self.add_state("unscored", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def score(self, degraded: Tensor, clean: Tensor) -> float:
+        raise NotImplementedError
 
     def scores(self, x_hat, x, lengths):
+        pairs = clips(x_hat.double().cpu(), x.double().cpu(), lengths)
+        scores = torch.tensor([self.score(a, b) for a, b in pairs], dtype=torch.float64)
+        self.unscored += scores.isnan().sum().to(self.unscored.device)
+        return scores[~scores.isnan()]
+
+    def compute(self) -> Tensor:
+        if self.unscored > 0:
+            log.warning("%s: %d clips left out (%s)", self.name, int(self.unscored), self.undefined)
+        return super().compute()
+
+
+class STOI(PerClipPackage):
+    """pystoi's STOI. It needs 30 frames (0.38 s at its 10 kHz) of non-silent speech
+    and otherwise returns 1e-5 with a warning: such clips are left out (many FSDD
+    clips are that short)."""
+
+    name, undefined = "stoi", "under 30 non-silent STOI frames"
+
+    def score(self, degraded, clean):
         from pystoi import stoi
 
-        pairs = [(a.double().cpu().numpy(), b.double().cpu().numpy()) for a, b in clips(x_hat, x, lengths)]
-        return torch.tensor([stoi(clean, degraded, self.sample_rate) for degraded, clean in pairs])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = stoi(clean.numpy(), degraded.numpy(), self.sample_rate)
+        return float("nan") if any("Not enough STFT frames" in str(w.message) for w in caught) else value
 
 
-class PESQ(MeanOverItems):
+class PESQ(PerClipPackage):
     """Wideband (P.862.2, 16 kHz) from 16 kHz up, narrowband (P.862, 8 kHz) below: clips
     are resampled to that rate. Clips PESQ cannot score (no speech found, or shorter
-    than its 0.25 s buffer) are left out and counted in a warning."""
+    than its 0.25 s buffer) are left out."""
 
-    name, modality = "pesq", "audio"  # logged as pesq_wb or pesq_nb
+    name, undefined = "pesq", "no speech found, or shorter than 0.25 s"  # logged as pesq_wb or pesq_nb
 
     def __init__(self, sample_rate: int, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(sample_rate, **kwargs)
         try:
             import pesq
         except ImportError as error:
@@ -259,32 +291,17 @@ class PESQ(MeanOverItems):
                 "pip install -c constraints.txt -e '.[pesq]' (it builds from source: a C compiler and Python headers)"
             ) from error
         self.pesq = pesq
-        self.sample_rate = sample_rate
         self.rate, self.mode = (16000, "wb") if sample_rate >= 16000 else (8000, "nb")
         self.name = f"pesq_{self.mode}"
-        self.add_state("unscored", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def score(self, degraded: Tensor, clean: Tensor) -> float:
+    def score(self, degraded, clean):
         degraded, clean = (
-            torchaudio.functional.resample(s.double().cpu(), self.sample_rate, self.rate).numpy()
-            for s in (degraded, clean)
+            torchaudio.functional.resample(s, self.sample_rate, self.rate).numpy() for s in (degraded, clean)
         )
         try:
             return self.pesq.pesq(self.rate, clean, degraded, self.mode)
         except (self.pesq.NoUtterancesError, self.pesq.BufferTooShortError):
             return float("nan")
-
-    def scores(self, x_hat, x, lengths):
-        scores = torch.tensor([self.score(a, b) for a, b in clips(x_hat, x, lengths)], dtype=torch.float64)
-        self.unscored += scores.isnan().sum()
-        return scores[~scores.isnan()]
-
-    def compute(self) -> Tensor:
-        if self.unscored > 0:
-            log.warning(
-                "%s: %d clips left out (no speech found, or shorter than 0.25 s)", self.name, int(self.unscored)
-            )
-        return super().compute()
 
 
 METRICS = {
@@ -315,7 +332,11 @@ def build_metrics(
             raise ValueError(
                 f"callbacks.signal_quality.metrics: {name} scores {cls.modality}, the model takes {modality}"
             )
-        kwargs = {"sample_rate": sample_rate} if cls in (MelDistance, STOI, PESQ) else {}
+        kwargs = {}
+        if cls.needs_sample_rate:
+            if sample_rate is None:
+                raise ValueError(f"callbacks.signal_quality.sample_rate: {name} needs the audio's sample rate")
+            kwargs["sample_rate"] = sample_rate
         if name in NETWORKS:
             kwargs["features"] = networks.get(name)
         metrics.append(cls(**kwargs))
