@@ -15,12 +15,15 @@ import torch
 import wandb
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
+from torch import nn
+from torchvision.models.vgg import cfgs, make_layers
 
-from vqtrain.callbacks import ReconstructionLogger, WandbConfigLogger, code_histogram
+from vqtrain.callbacks import ReconstructionLogger, SignalQuality, WandbConfigLogger, code_histogram
 from vqtrain.data.audio import AudioDataModule
 from vqtrain.data.images import ShapesDataModule
 from vqtrain.model import DiscreteAutoencoder
 from vqtrain.nets import ConvDecoder1d, ConvDecoder2d, ConvEncoder1d, ConvEncoder2d
+from vqtrain.quality import SSIM, PerceptualDistance, ReconstructionFID
 from vqtrain.quantizers import Quantizer, ResidualQuantizer, VectorQuantizer
 
 LATENT = 8
@@ -44,7 +47,7 @@ def fit(
     loggers=False,
     max_steps: int = 4,
     sanity_steps: int = 1,
-) -> None:
+) -> L.Trainer:
     trainer = L.Trainer(
         default_root_dir=root,
         max_steps=max_steps,
@@ -59,6 +62,7 @@ def fit(
         num_sanity_val_steps=sanity_steps,
     )
     trainer.fit(model, datamodule=data)
+    return trainer
 
 
 def shapes() -> ShapesDataModule:
@@ -176,3 +180,26 @@ def test_code_histogram_keeps_every_use_within_wandbs_bin_limit(size: int):
     assert values.sum() == counts.sum() and (edges[0], edges[-1]) == (0, size)
     if size <= 512:
         np.testing.assert_array_equal(values, counts)
+
+
+def test_signal_quality_scores_every_validation_and_the_test_pass_from_their_own_forward(tmp_path: Path):
+    """Random-weight VGG16 and a pooled projection stand in for the pretrained networks."""
+    torch.manual_seed(0)
+    vgg, pooled = make_layers(cfgs["D"]), nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 4))
+    quality = SignalQuality(["mse", "psnr", "ssim", "lpips", "rfid"], networks={"lpips": vgg, "rfid": pooled})
+    model, data = tiny_model(), shapes()
+    trainer = fit(model, data, tmp_path, [quality], max_steps=4)
+    assert {f"val/{name}" for name in ("mse", "psnr", "ssim", "lpips", "rfid")} <= set(trainer.callback_metrics)
+    [logged] = trainer.test(model, datamodule=data, verbose=False)
+
+    references = [SSIM(), PerceptualDistance(vgg), ReconstructionFID(pooled)]
+    model.eval()
+    with torch.no_grad():
+        for batch in data.test_dataloader():
+            x_hat = model(batch.x).x_hat
+            for reference in references:
+                reference.update(x_hat, batch.x)
+    for reference in references:
+        assert logged[f"test/{reference.name}"] == pytest.approx(reference.compute().item(), rel=1e-5), reference.name
+    assert logged["test/mse"] == pytest.approx(logged["test/recon_loss"], rel=1e-5)
+    assert quality.implementations["rfid"].startswith("torchmetrics FrechetInceptionDistance")

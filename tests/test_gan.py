@@ -266,3 +266,30 @@ def test_every_quantizer_trains_in_the_vqgan_recipe(quantizer: str, tmp_path: Pa
     rows = read_metrics(tmp_path)
     assert len(column(rows, "train/discriminator_loss")) == 1
     assert len(losses := column(rows, "train/loss")) == 2 and all(map(math.isfinite, losses))
+
+
+def test_simvq_imagenet_composes_to_simvqs_published_recipe(tmp_path: Path):
+    """The values of SimVQ's configs/imagenet_simvq_128_B.yaml (see the config's comments)."""
+    cfg = compose(["experiment=simvq_imagenet", "data.root=/data/imagenet"], tmp_path)
+    model, encoder = cfg.model, cfg.model.encoder
+    assert (cfg.data.image_size, cfg.data.batch_size, model.latent_dim, encoder.channels) == (128, 64, 128, 128)
+    assert (list(encoder.ch_mult), encoder.num_res_blocks, encoder.attention) == ([1, 2, 2, 4], 2, False)
+    assert model.decoder.upsample == "depth_to_space" and model.reconstruction.distance == "l1"
+    assert (cfg.quantizer._target_, cfg.quantizer.codebook_size, cfg.quantizer.commitment_weight) == (
+        "vqtrain.quantizers.SimVQ",
+        1024,
+        0.25,
+    )
+    assert (model.generator_loss, model.discriminator_loss, model.adaptive_weight, model.disc_weight) == (
+        "non_saturating",
+        "hinge",
+        False,
+        0.1,
+    )
+    for optimizer in (cfg.optimizer, model.discriminator_optimizer):
+        assert (optimizer.lr, list(optimizer.betas)) == (1e-4, [0.5, 0.9])
+    assert (model.discriminator_start, model.ema_decay, cfg.trainer.precision) == (0, 0.9999, "16-mixed")
+    assert cfg.trainer.strategy.find_unused_parameters
+    model_cfg = compose(["experiment=simvq_imagenet", "data.root=/data/imagenet", PERCEPTUAL], tmp_path)
+    net = instantiate(model_cfg.model.encoder)
+    assert net.stride == 8  # 128 px -> 16 x 16 tokens

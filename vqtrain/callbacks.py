@@ -1,7 +1,8 @@
 """Callbacks. Keeping a run: `last.ckpt` after every validation and on a
 scheduler's stop signal. Showing what scalar curves cannot: reconstructions of
 fixed validation items, how codes are used, the config behind a run (wandb),
-files skipped when scanning the data. Scoring: signal quality of a test pass."""
+files skipped when scanning the data. Scoring: reconstruction quality in
+validation and test."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from matplotlib.figure import Figure
 from torchvision.utils import save_image
 
 from vqtrain.data.batch import Batch
-from vqtrain.metrics import psnr, si_snr
 from vqtrain.model import ModelOutput
-from vqtrain.utils import channel_mask, exists
+from vqtrain.quality import IMPLEMENTATIONS, Quality, build_metrics
+from vqtrain.utils import exists, mask_to_lengths
 
 log = logging.getLogger(__name__)
 
@@ -293,37 +294,68 @@ class ReconstructionLogger(L.Callback):
 
 
 class SignalQuality(L.Callback):
-    """MSE over all real samples, and per item PSNR (images in [-1, 1]: data
-    range 2) or SI-SNR (audio), averaged. Read off the test step's own forward
-    pass through a hook, so nothing is computed twice or differently."""
+    """Reconstruction quality of every validation and of the test pass, logged as
+    `val/<name>` and `test/<name>` (`vqtrain.quality`; `IMPLEMENTATIONS` says what
+    computed each). `metrics`: config names, by default the modality's cheap ones
+    (images: mse, psnr, ssim; audio: mse, si_snr, mel_distance); lpips, rfid, stoi
+    and pesq are opt-in (pretrained networks, or per-clip work on the CPU).
 
-    def __init__(self, modality: str):
-        self.modality = modality
+    Read off the step's own forward pass through a hook, so nothing is computed
+    twice or differently; in float32 with autocast off. Not in the sanity check.
+    `networks` replaces the pretrained network of `lpips` or `rfid` (tests)."""
 
-    def on_test_start(self, trainer: L.Trainer, model: L.LightningModule) -> None:
-        self.squared_error, self.samples, self.scores, self.shape = 0.0, 0.0, [], None
-        self.hook = model.register_forward_hook(self.record)
+    def __init__(
+        self, metrics: list[str] | None = None, sample_rate: int | None = None, networks: dict | None = None
+    ) -> None:
+        self.names = None if metrics is None else list(metrics)
+        self.sample_rate = sample_rate
+        self.networks = networks
+        self.metrics: list[Quality] | None = None
+        self.hook = None
+        self.shape: tuple[int, ...] | None = None  # of the last input, per item
 
-    def on_test_end(self, trainer: L.Trainer, model: L.LightningModule) -> None:
-        self.hook.remove()
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Built once, at the start: a missing weight file or package stops the run before training."""
+        if self.metrics is None:
+            rate = self.sample_rate or getattr(trainer.datamodule, "sample_rate", None)
+            self.metrics = build_metrics(self.names, pl_module.modality, rate, self.networks)
+
+    def start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            for metric in self.metrics:
+                metric.to(pl_module.device).reset()
+            self.hook = pl_module.register_forward_hook(self.record)
+
+    def end(self, pl_module: L.LightningModule, stage: str) -> None:
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+            for metric in self.metrics:  # compute() sums the states across ranks
+                pl_module.log(f"{stage}/{metric.name}", metric.compute().float())
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.end(pl_module, "val")
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.end(pl_module, "test")
 
     def record(self, model: L.LightningModule, inputs: tuple, output: ModelOutput) -> None:
-        x, mask = inputs[0].double(), inputs[1] if len(inputs) > 1 else None
-        x_hat = output.x_hat.double()  # SI-SNR of a poor model is ill-conditioned in float32
-        weight = channel_mask(mask, x).to(x.dtype) if exists(mask) else torch.ones_like(x)
-        error = ((x_hat - x).pow(2) * weight).flatten(1).sum(1)
-        samples = weight.flatten(1).sum(1)
-        self.squared_error += float(error.sum())
-        self.samples += float(samples.sum())
+        x, mask, lengths = (*inputs, None, None)[:3]
+        if lengths is None and exists(mask):
+            lengths = mask_to_lengths(mask)
+        with torch.autocast(x.device.type, enabled=False):
+            x, x_hat = x.float(), output.x_hat.detach().float()
+            for metric in self.metrics:
+                metric.update(x_hat, x, lengths)
         self.shape = tuple(x.shape[2:])
-        if self.modality == "audio":
-            self.scores.append(si_snr(x_hat, x, weight).cpu())
-        else:
-            self.scores.append(psnr(error, samples).cpu())
 
-    def compute(self) -> dict[str, float]:
-        score = float(torch.cat(self.scores).mean())
-        return {
-            "mse": self.squared_error / max(self.samples, 1),
-            "si_snr" if self.modality == "audio" else "psnr": score,
-        }
+    @property
+    def implementations(self) -> dict[str, str]:
+        """What computed each figure, by logged name."""
+        return {metric.name: IMPLEMENTATIONS[metric.name] for metric in self.metrics}

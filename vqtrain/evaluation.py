@@ -1,5 +1,5 @@
 """Score a trained model on a split: training's own test step and codebook
-usage, plus signal quality (MSE, PSNR or SI-SNR) and bit rates."""
+usage, plus reconstruction quality (`vqtrain.quality`) and bit rates."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vqtrain.callbacks import SignalQuality
 from vqtrain.data.common import split_dataset
@@ -18,7 +18,14 @@ HEADLINE = (
     "recon_loss",
     "mse",
     "psnr",
+    "ssim",
+    "lpips",
+    "rfid",
     "si_snr",
+    "mel_distance",
+    "stoi",
+    "pesq_wb",
+    "pesq_nb",
     "utilization",
     "perplexity",
     "dead_codes",
@@ -30,13 +37,19 @@ HEADLINE = (
 )  # first in reports
 
 
-def evaluate(tokenizer: Tokenizer, cfg: DictConfig, split: str = "test") -> dict[str, float]:
+def evaluate(
+    tokenizer: Tokenizer, cfg: DictConfig, split: str = "test", metrics: list[str] | None = None
+) -> dict[str, float]:
     """Run a split through Lightning's test loop with training's own metrics
-    (`shared_step`, codebook usage), plus signal quality and bit rates. As in
-    training's final test, `trainer.limit_test_batches` and `precision` apply."""
+    (`shared_step`, codebook usage), plus reconstruction quality and bit rates.
+    `metrics`: quality figures by config name (`vqtrain.quality.METRICS`), by
+    default the run's `callbacks.signal_quality.metrics` (or the modality's cheap
+    ones). As in training's final test, `trainer.limit_test_batches` and `precision` apply."""
     datamodule = instantiate(cfg.data)
     loader = datamodule.loader(split_dataset(datamodule, split), shuffle=False)
-    quality = SignalQuality(tokenizer.modality)
+    if metrics is None:
+        metrics = OmegaConf.select(cfg, "callbacks.signal_quality.metrics")
+    quality = SignalQuality(metrics, sample_rate=getattr(datamodule, "sample_rate", None))
     device = tokenizer.device
     trainer = L.Trainer(
         accelerator="cpu" if device.type == "cpu" else "gpu",
@@ -50,7 +63,6 @@ def evaluate(tokenizer: Tokenizer, cfg: DictConfig, split: str = "test") -> dict
     )
     [logged] = trainer.test(tokenizer.model, dataloaders=loader, verbose=False)
     figures = {name.removeprefix("test/"): float(value) for name, value in logged.items()}
-    figures.update(quality.compute())
     figures["bits_per_token"] = tokenizer.bits_per_token
     if tokenizer.modality == "audio":
         figures["tokens_per_second"] = tokenizer.sample_rate / tokenizer.stride

@@ -1,4 +1,5 @@
-"""Codebook health (utilization, perplexity, dead codes) and signal quality (PSNR, SI-SNR).
+"""Codebook health: utilization, perplexity, dead codes, effective rank, per-digit usage.
+Reconstruction quality (PSNR, SSIM, LPIPS, rFID, SI-SNR, ...) is `vqtrain.quality`.
 
 Indices come straight from the quantizer: (B, ...) or (B, ..., Q), -1 at
 padding, which is never counted. Each index column (a residual level, a group,
@@ -208,26 +209,3 @@ def code_vectors(quantizer) -> Tensor:
             grid = quantizer.to_codes(digits + quantizer._low) * quantizer._scale
             return grid.unsqueeze(0).expand(quantizer.num_codebooks, -1, -1).clone()
     raise TypeError(f"no code vectors for {type(quantizer).__name__}")
-
-
-# --- signal quality -----------------------------------------------------------------
-
-
-def psnr(squared_error: Tensor, samples: Tensor, data_range: float = 2.0) -> Tensor:
-    """Peak SNR (dB) of each item from its summed squared error over its sample
-    count; images in [-1, 1] have a data range of 2."""
-    return 10 * torch.log10(data_range**2 / (squared_error / samples).clamp_min(1e-12))
-
-
-def si_snr(estimate: Tensor, target: Tensor, weight: Tensor) -> Tensor:
-    """Scale-invariant SNR (dB) of each item over its real samples (weight 1),
-    with the zero-mean signals of Le Roux et al. (2019)."""
-    weight = weight.flatten(1)
-    estimate, target = estimate.flatten(1) * weight, target.flatten(1) * weight
-    count = weight.sum(1, keepdim=True).clamp_min(1)
-    estimate = estimate - estimate.sum(1, keepdim=True) / count * weight
-    target = target - target.sum(1, keepdim=True) / count * weight
-    eps = torch.finfo(estimate.dtype).eps
-    projection = ((estimate * target).sum(1, keepdim=True) + eps) / (target.pow(2).sum(1, keepdim=True) + eps) * target
-    noise = estimate - projection
-    return 10 * torch.log10((projection.pow(2).sum(1) + eps) / (noise.pow(2).sum(1) + eps))

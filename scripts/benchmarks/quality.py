@@ -177,7 +177,8 @@ class Side:
         return self.call(self.module, z, mask)
 
 
-def build_ours(name: str, seed: int) -> Side:
+def build_ours(name: str, seed: int, overrides: list[str] = ()) -> Side:
+    """Our quantizer as the Hydra config composes it, plus `overrides` (e.g. `quantizer.commitment_weight=0`)."""
     import hydra
     from omegaconf import OmegaConf
 
@@ -191,6 +192,7 @@ def build_ours(name: str, seed: int) -> Side:
                 f"quantizer.codebook_size={method.codebook_size}",
                 f"model.latent_dim={DIM}",
                 f"seed={seed}",
+                *overrides,
             ],
             run_dir,
         )
@@ -206,7 +208,7 @@ def build_ours(name: str, seed: int) -> Side:
         module,
         module.codebook_sizes,
         call,
-        f"configs/quantizer/{method.config}.yaml, codebook_size={method.codebook_size}",
+        " ".join([f"configs/quantizer/{method.config}.yaml, codebook_size={method.codebook_size}", *overrides]),
         OmegaConf.to_container(cfg.quantizer, resolve=True),
     )
 
@@ -387,13 +389,15 @@ def code_stats(indices: Tensor, sizes: list[int]) -> dict:
     return {"codebook_sizes": sizes, "utilization": util, "perplexity": perplexity, "dead_codes": dead}
 
 
-def run_one(data, method: str, impl: str, steps: int, batch_size: int, seed: int, device: str) -> dict:
+def run_one(
+    data, method: str, impl: str, steps: int, batch_size: int, seed: int, device: str, overrides: list[str] = ()
+) -> dict:
     started = time.perf_counter()
     torch.manual_seed(seed)
     net = data.net()
     init_hash = tensor_hash(*net.state_dict().values()).hex()[:16]
     torch.manual_seed(seed + 1)
-    side = build_ours(method, seed) if impl == OURS else build_reference(method)
+    side = build_ours(method, seed, overrides) if impl == OURS else build_reference(method)
     net.to(device), side.module.to(device)
     params = [p for p in [*net.parameters(), *side.module.parameters()] if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=LR)
@@ -507,6 +511,13 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--ours-override",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Hydra overrides for our side only, e.g. quantizer.commitment_weight=0 (default: the shipped configs)",
+    )
+    p.add_argument(
         "--no-reference", action="store_true", help=f"ours only (also what happens when {REFERENCE} is not installed)"
     )
     p.add_argument(
@@ -608,7 +619,7 @@ def run(args: argparse.Namespace) -> dict:
             for impl in impls:
                 if impl == REFERENCE and METHODS[method].build_reference is None:
                     continue
-                record = run_one(data, method, impl, steps, batch_size, args.seed, args.device)
+                record = run_one(data, method, impl, steps, batch_size, args.seed, args.device, args.ours_override)
                 rows.append(record)
                 got[impl] = record
                 print(
@@ -648,6 +659,7 @@ def run(args: argparse.Namespace) -> dict:
             "methods": args.methods,
             "budgets": budgets(args),
             "seed": args.seed,
+            "ours_overrides": args.ours_override,
             "lr": LR,
             "optimizer": "Adam",
             "latent": "7x7x64" if args.data == "mnist" else f"64-d per {FSDD_STRIDE} samples",
