@@ -39,9 +39,10 @@ class WeightEMA(nn.Module):
 
     @torch.no_grad()
     def update(self) -> None:
+        """On the device throughout: reading the count back would sync host and GPU every step."""
         self.num_updates += 1
-        n = int(self.num_updates)
-        decay = min(self.decay, (1 + n) / (10 + n))
+        n = self.num_updates.float()
+        decay = ((1 + n) / (10 + n)).clamp(max=self.decay)
         for shadow, param in zip(self.shadows(), self.params):
             shadow.sub_((1 - decay) * (shadow - param))
 
