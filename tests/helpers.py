@@ -1,8 +1,10 @@
-"""What several test modules share: the quantizer configs, a CLI run, the metrics a run logged, FSDD batches."""
+"""What several test modules share: the quantizer configs, a CLI run, the metrics a run logged, FSDD batches,
+the check of the model's logging steps against Lightning's."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import soundfile as sf
 import torch
+from lightning.pytorch import Callback
 
 from vqtrain.utils import lengths_to_mask
 
@@ -77,3 +80,48 @@ def fsdd_batch(root: Path, count: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     for i, clip in enumerate(clips):
         x[i, 0, : len(clip)] = clip
     return x, lengths_to_mask(lengths, x.shape[-1])
+
+
+class LoggingDecisions(Callback):
+    """Per training batch, the model's answers to `logging_step("train")`, beside a probe
+    logged on every batch, which Lightning writes only on the batches it decides to log
+    (see `check_logging_decisions`). Batch number `nonfinite` is made NaN, so that a run
+    with model.nonfinite=skip trains a batch that steps no optimiser."""
+
+    def __init__(self, nonfinite: int | None = None):
+        self.nonfinite, self.answers = nonfinite, []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        ask = pl_module.logging_step
+
+        def recorded(stage: str) -> bool:
+            answer = ask(stage)
+            if stage == "train":
+                self.answers[-1].append(answer)
+            return answer
+
+        pl_module.logging_step = recorded
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.answers.append([])
+        if len(self.answers) - 1 == self.nonfinite:
+            batch.x.fill_(float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        pl_module.log("probe", float(len(self.answers) - 1), on_step=True, on_epoch=False)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        record = {"answers": self.answers, "global_step": trainer.global_step}
+        (Path(trainer.default_root_dir) / "logging_decisions.json").write_text(json.dumps(record))
+
+
+def check_logging_decisions(run_dir: Path, every: int) -> tuple[int, int]:
+    """The model logged on exactly the batches Lightning wrote (the probe's rows): every
+    `every`-th batch, the skipped one counted. Returns the number of batches and the final global_step."""
+    record = json.loads((run_dir / "logging_decisions.json").read_text())
+    assert all(answers and len(set(answers)) == 1 for answers in record["answers"]), record["answers"]
+    decided = [answers[0] for answers in record["answers"]]
+    written = sorted(int(row["step"]) for row in read_metrics(run_dir) if row.get("probe"))
+    assert [batch for batch, answer in enumerate(decided) if answer] == written
+    assert decided == [(batch + 1) % every == 0 for batch in range(len(decided))]
+    return len(decided), record["global_step"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import socket
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -23,35 +22,15 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from helpers import QUANTIZERS, column, read_metrics, run_cli
+from quantizer_cases import DDP, select
 from vqtrain.config import compose
 from vqtrain.data.images import ShapesDataModule
 from vqtrain.metrics import CodebookUsage, count_codes
-from vqtrain.quantizers import BSQ, IBQ, LFQ, Quantizer, ResidualLFQ, ResidualQuantizer, SimVQ, VectorQuantizer
+from vqtrain.quantizers import Quantizer, SimVQ, VectorQuantizer
 from vqtrain.train import train
 
-IN, DIM, CODES, STEPS, BATCH = 6, 4, 16, 8, 24
-
-# EMA codebooks with k-means init and dead-code restarts (the rows drift, so codes die)
-TRICKS = partial(VectorQuantizer, decay=0.8, kmeans_init=True, kmeans_iters=3, dead_code_threshold=0.5, usage_decay=0.5)
-FACTORIES: dict[str, Callable[[], Quantizer]] = {
-    "vq_ema": lambda: VectorQuantizer(DIM, CODES, decay=0.8),
-    "vq": lambda: TRICKS(DIM, CODES),
-    "simvq": lambda: SimVQ(DIM, CODES),  # learned by gradient: relies on DDP's gradient averaging
-    # quantizer dropout drawn per sample and rank ...
-    "rvq": lambda: ResidualQuantizer(
-        DIM, TRICKS, num_levels=3, codebook_size=CODES, dropout=0.5, dropout_mode="sample"
-    ),
-    # ... or once per step for all ranks, which one process can reproduce
-    "rvq_batch_dropout": lambda: ResidualQuantizer(
-        DIM, TRICKS, num_levels=3, codebook_size=CODES, dropout=0.5, dropout_mode="batch"
-    ),
-    # entropy penalties: the batch-codebook entropy's mean probabilities are all-reduced (with their gradient)
-    "lfq": lambda: LFQ(DIM, CODES, inv_temperature=1.0, chunk_elements=50),
-    "bsq": lambda: BSQ(DIM, CODES, inv_temperature=1.0, codebook_entropy="factorized"),
-    "bsq_exact": lambda: BSQ(DIM, CODES, inv_temperature=1.0, codebook_entropy="exact"),
-    "rlfq": lambda: ResidualLFQ(DIM, num_levels=2, codebook_size=CODES, inv_temperature=1.0),
-    "ibq": lambda: IBQ(DIM, CODES, entropy_weight=0.1, inv_temperature=1.0, chunk_elements=50),
-}
+IN, STEPS, BATCH = 6, 8, 24
+FACTORIES = select(DDP)  # settings under which the codebooks move and dead codes restart within STEPS
 
 
 class Autoencoder(nn.Module):
@@ -59,7 +38,11 @@ class Autoencoder(nn.Module):
 
     def __init__(self, quantizer: Quantizer):
         super().__init__()
-        self.encoder, self.quantizer, self.decoder = nn.Linear(IN, DIM), quantizer, nn.Linear(DIM, IN)
+        self.encoder, self.quantizer, self.decoder = (
+            nn.Linear(IN, quantizer.dim),
+            quantizer,
+            nn.Linear(quantizer.dim, IN),
+        )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         out = self.quantizer(self.encoder(x))
@@ -141,18 +124,29 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], list[
     return run
 
 
-@pytest.mark.parametrize("name", ["vq", "simvq", "rvq", "lfq", "ibq"])
+@pytest.mark.parametrize("name", ["ddp_vq", "simvq", "ddp_rvq", "ddp_lfq", "ddp_ibq"])
 def test_ranks_with_different_data_keep_identical_codebooks(name: str, two_ranks):
     rank0, rank1 = two_ranks(name)
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), f"{name}: {key} differs between ranks"
-    if name in ("vq", "rvq"):  # k-means init once per codebook, then dead-code restarts
+    if name in ("ddp_vq", "ddp_rvq"):  # k-means init once per codebook, then dead-code restarts
         assert int(rank0["replaced"]) > len(FACTORIES[name]().codebook_sizes), "no dead code was restarted"
 
 
 @pytest.mark.parametrize(
-    "name", ["vq_ema", "vq", "simvq", "rvq_batch_dropout", "lfq", "bsq", "bsq_exact", "rlfq", "ibq"]
+    "name",
+    [
+        "ddp_vq_ema",
+        "ddp_vq",
+        "simvq",
+        "ddp_rvq_batch_dropout",
+        "ddp_lfq",
+        "ddp_bsq",
+        "ddp_bsq_exact",
+        "ddp_rlfq",
+        "ddp_ibq",
+    ],
 )
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(name: str, two_ranks):
     """DDP averages equal-sized ranks' mean losses = the mean over the joint batch;

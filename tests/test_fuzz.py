@@ -28,50 +28,19 @@ import soundfile as sf
 import torch
 from PIL import Image
 
+from quantizer_cases import FUZZ, select
 from vqtrain.data.audio import AudioFolder, pad_collate
 from vqtrain.data.common import SkippingDataset, collate_skipping
 from vqtrain.data.images import ImageFiles
 from vqtrain.quantizers import (
-    BSQ,
-    FSQ,
-    IBQ,
-    LFQ,
     Quantizer,
-    ResidualFSQ,
-    ResidualLFQ,
-    ResidualQuantizer,
-    SimVQ,
     VectorQuantizer,
 )
 
 CASES = int(os.environ.get("VQTRAIN_FUZZ_CASES", 60))
 SECONDS_PER_CASE = 20
-DIM = 4
 CLEAR_ERRORS = (ValueError, TypeError, IndexError, FloatingPointError)
-QUANTIZERS: dict[str, Callable[[], Quantizer]] = {
-    "vq": partial(VectorQuantizer, DIM, 8),
-    "vq_cosine_rotation": partial(VectorQuantizer, DIM, 8, distance="cosine", estimator="rotation"),
-    "vq_gradient_groups": partial(VectorQuantizer, DIM, 8, groups=2, learning="gradient"),
-    "vq_projected_kmeans_dead": partial(
-        VectorQuantizer, DIM, 8, codebook_dim=2, kmeans_init=True, kmeans_iters=2, dead_code_threshold=0.5
-    ),
-    "simvq": partial(SimVQ, DIM, 8),
-    "fsq": partial(FSQ, DIM, levels=[3, 4]),
-    "fsq_unprojected": partial(FSQ, DIM, levels=[5, 4, 3, 2]),
-    "fsq_symmetric": partial(FSQ, DIM, levels=[4, 2], symmetric=True),
-    "rvq_dropout": partial(
-        ResidualQuantizer, DIM, partial(VectorQuantizer, codebook_size=8), num_levels=2, dropout=0.5
-    ),
-    "rfsq": partial(ResidualFSQ, DIM, levels=[3, 3], num_levels=2),
-    "rfsq_symmetric": partial(ResidualFSQ, DIM, levels=[4, 2], num_levels=2, symmetric=True),
-    "lfq": partial(LFQ, DIM, 16),
-    "lfq_projected_two_codebooks": partial(LFQ, DIM, 8, num_codebooks=2, chunk_elements=16),
-    "bsq_factorized": partial(BSQ, DIM, 16, codebook_entropy="factorized"),
-    "bsq_exact_projected": partial(BSQ, DIM, 8, codebook_entropy="exact"),
-    "rlfq_dropout": partial(ResidualLFQ, DIM, num_levels=2, codebook_size=4, dropout=0.5),
-    "ibq": partial(IBQ, DIM, 8, entropy_weight=0.1, chunk_elements=16),
-    "ibq_projected": partial(IBQ, DIM, 8, codebook_dim=2),
-}
+QUANTIZERS = select(FUZZ)  # every quantizer class; each entry seeds its cases with its index in sorted(QUANTIZERS)
 OUTCOMES: Counter = Counter()
 
 
@@ -123,11 +92,11 @@ def check_clear_error(error: BaseException, case: str) -> None:
 # --- quantizers: forward -------------------------------------------------------------
 
 
-def random_input(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-    """A tensor of random shape, dtype and values, and a mask that may not fit it."""
+def random_input(rng: np.random.Generator, dim: int) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """A tensor of random shape, dtype and values (mostly `dim` wide), and a mask that may not fit it."""
     ndim = int(rng.integers(1, 5))
     shape = [int(rng.choice([0, 1, 2, 3, 5])) for _ in range(ndim - 1)]
-    shape.append(DIM if rng.random() < 0.85 else int(rng.choice([0, 1, 3, 5])))
+    shape.append(dim if rng.random() < 0.85 else int(rng.choice([0, 1, 3, 5])))
     dtype = rng.choice(["float32"] * 5 + ["float16", "bfloat16", "float64", "int64", "bool"])
     scale = float(rng.choice([1e-6, 1.0, 10.0, 1e3]))
     values = torch.from_numpy(rng.standard_normal(shape) * scale)
@@ -158,7 +127,7 @@ def test_quantizer_forward_on_generated_input(name: str):
     module = QUANTIZERS[name]()
     for case in range(CASES):
         rng = np.random.default_rng([0, case, sorted(QUANTIZERS).index(name)])
-        z, mask, description = random_input(rng)
+        z, mask, description = random_input(rng, module.dim)
         training, grad = bool(rng.random() < 0.7), bool(rng.random() < 0.7)
         description = f"{name} case {case}: {description}, {'train' if training else 'eval'}, grad {grad}"
         module.train(training)
@@ -251,11 +220,11 @@ def test_indices_to_codes_on_generated_indices(name: str):
             continue
         assert refuse is None, f"{description}: invalid indices ({refuse}) decoded silently"
         lead = indices.shape[:-1] if columns > 1 else indices.shape
-        assert codes.shape == (*lead, DIM) and codes.dtype == torch.float32 and bool(torch.isfinite(codes).all()), (
-            description
-        )
+        assert (
+            codes.shape == (*lead, module.dim) and codes.dtype == torch.float32 and bool(torch.isfinite(codes).all())
+        ), description
         unused = (indices.reshape(-1, columns).long() < 0).all(-1)
-        assert not codes.reshape(-1, DIM)[unused].any(), f"{description}: -1 did not decode to zeros"
+        assert not codes.reshape(-1, module.dim)[unused].any(), f"{description}: -1 did not decode to zeros"
         OUTCOMES["indices_to_codes", "output"] += 1
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from helpers import QUANTIZERS, REPO, column, read_metrics, run_cli
+from helpers import QUANTIZERS, REPO, check_logging_decisions, column, read_metrics, run_cli
 from vqtrain.config import compose
 from vqtrain.data.batch import Batch
 from vqtrain.discriminators import Judgement, PatchGAN
@@ -293,3 +293,13 @@ def test_simvq_imagenet_composes_to_simvqs_published_recipe(tmp_path: Path):
     model_cfg = compose(["experiment=simvq_imagenet", "data.root=/data/imagenet", PERCEPTUAL], tmp_path)
     net = instantiate(model_cfg.model.encoder)
     assert net.stride == 8  # 128 px -> 16 x 16 tokens
+
+
+def test_logging_steps_are_the_ones_lightning_writes(tmp_path: Path):
+    """As for the base model (test_train.py), with two optimisers stepped by hand and the
+    discriminator's figures logged after the generator's step has moved global_step on."""
+    decisions = ["+callbacks.decisions._target_=helpers.LoggingDecisions", "+callbacks.decisions.nonfinite=3"]
+    overrides = ["model.discriminator_start=1", "trainer.max_steps=6", "trainer.log_every_n_steps=2", "test=false"]
+    train(compose([*TINY, *overrides, "model.nonfinite=skip", *decisions], tmp_path))
+    # the skipped batch stepped neither optimiser: 7 batches, 6 steps, and a rule on global_step would be off by one
+    assert check_logging_decisions(tmp_path, every=2) == (7, 6)

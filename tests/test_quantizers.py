@@ -1,8 +1,8 @@
 """The quantizers against their contract (see `vqtrain/quantizers/base.py`).
 
-Every quantizer configuration under test lives in `QUANTIZER_FACTORIES`; the
-parametrized tests run them all. Everything is small (dim 8, 16 codes), so the
-file runs in seconds on CPU.
+The parametrized tests run every configuration of `quantizer_cases.py` tagged
+`contract`. Everything is small (dim 8, 16 codes), so the file runs in seconds
+on CPU.
 """
 
 from __future__ import annotations
@@ -15,91 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqtrain.quantizers import BSQ, FSQ, IBQ, LFQ, ResidualFSQ, ResidualLFQ, ResidualQuantizer, SimVQ, VectorQuantizer
+from quantizer_cases import CODES, CONTRACT, DIM, select, vq
+from vqtrain.quantizers import FSQ, ResidualFSQ, ResidualQuantizer, SimVQ, VectorQuantizer
 from vqtrain.quantizers.fsq import fsq_levels
 from vqtrain.quantizers.search import kmeans, nearest_codes
 from vqtrain.utils import lengths_to_mask
 
-DIM = 8
-CODES = 16
-
-
-def vq(**kwargs):
-    return partial(VectorQuantizer, DIM, CODES, **kwargs)
-
-
-def residual(level, **kwargs):
-    return partial(ResidualQuantizer, DIM, quantizer=level, num_levels=3, **kwargs)
-
-
-QUANTIZER_FACTORIES = {
-    "vq_ema": vq(),
-    "vq_gradient": vq(learning="gradient"),
-    "vq_cosine": vq(distance="cosine"),
-    "vq_cosine_gradient": vq(distance="cosine", learning="gradient"),
-    "vq_codebook_dim": vq(codebook_dim=3),
-    "vq_groups": vq(groups=2),
-    "vq_groups_codebook_dim_gradient": vq(groups=2, codebook_dim=3, learning="gradient"),
-    "vq_rotation": vq(learning="gradient", estimator="rotation"),
-    "vq_kmeans": vq(kmeans_init=True, kmeans_iters=3, kmeans_max_samples=12),
-    "vq_kmeans_gradient_groups": vq(kmeans_init=True, kmeans_iters=3, learning="gradient", groups=2),
-    "vq_dead_code": vq(dead_code_threshold=0.9, usage_decay=0.5),
-    "vq_dead_code_gradient_cosine": vq(
-        dead_code_threshold=0.9, usage_decay=0.5, learning="gradient", distance="cosine"
-    ),
-    "simvq": partial(SimVQ, DIM, CODES),
-    "simvq_groups_cosine_ste": partial(
-        SimVQ, DIM, CODES, groups=2, distance="cosine", estimator="ste", learn_basis=True
-    ),
-    "fsq": partial(FSQ, 4, levels=[5, 4, 3, 3]),
-    "fsq_projection": partial(FSQ, DIM, levels=[5, 4, 3]),
-    "fsq_two_codebooks": partial(FSQ, DIM, levels=[5, 4, 3, 3], num_codebooks=2),
-    "fsq_two_codebooks_projection": partial(FSQ, DIM, levels=[4, 3], num_codebooks=2, scale=0.5),
-    "fsq_symmetric": partial(FSQ, 4, levels=[5, 4, 3, 2], symmetric=True),
-    "fsq_symmetric_clamp_projection": partial(
-        FSQ, DIM, levels=[8, 5], num_codebooks=2, symmetric=True, bound="clamp", scale=0.5
-    ),
-    "rvq": residual(partial(VectorQuantizer, codebook_size=CODES)),
-    "rvq_shared": residual(partial(VectorQuantizer, codebook_size=CODES, learning="gradient"), shared_codebook=True),
-    "rvq_dropout": residual(partial(VectorQuantizer, codebook_size=CODES, learning="gradient"), dropout=0.5),
-    "rvq_dropout_batch_kmeans_dead": residual(
-        partial(
-            VectorQuantizer,
-            codebook_size=CODES,
-            kmeans_init=True,
-            kmeans_iters=2,
-            dead_code_threshold=0.9,
-            usage_decay=0.5,
-        ),
-        codebook_dim=4,
-        dropout=0.5,
-        dropout_mode="batch",
-    ),
-    "rsimvq": residual(partial(SimVQ, codebook_size=CODES)),
-    "rsimvq_dropout": residual(partial(SimVQ, codebook_size=CODES), dropout=0.5),
-    "rfsq": partial(ResidualFSQ, DIM, levels=[5, 5, 3], num_levels=3),
-    "rfsq_dropout": partial(ResidualFSQ, DIM, levels=[5, 5, 3], num_levels=3, dropout=0.5),
-    "rfsq_symmetric": partial(ResidualFSQ, DIM, levels=[8, 5, 4], num_levels=3, symmetric=True),
-    "rfsq_symmetric_dropout": partial(ResidualFSQ, DIM, levels=[8, 5, 4], num_levels=3, symmetric=True, dropout=0.5),
-    "lfq": partial(LFQ, 4, CODES, commitment_weight=0.25),
-    "lfq_two_codebooks_projection": partial(
-        LFQ, DIM, 8, num_codebooks=2, inv_temperature=1.0, chunk_elements=7, commitment_weight=0.25
-    ),
-    "lfq_factorized_projection": partial(LFQ, DIM, CODES, codebook_entropy="factorized", commitment_weight=0.25),
-    "bsq_factorized": partial(BSQ, 4, CODES, codebook_entropy="factorized"),
-    "bsq": partial(BSQ, 4, CODES),
-    "bsq_exact_two_codebooks_projection": partial(
-        BSQ, DIM, 8, num_codebooks=2, codebook_entropy="exact", scale=2.0, chunk_elements=5
-    ),
-    "rlfq": partial(ResidualLFQ, DIM, num_levels=3, codebook_size=CODES, commitment_weight=0.25),
-    "rlfq_dropout": partial(
-        ResidualLFQ, DIM, num_levels=3, codebook_size=8, dropout=0.5, inv_temperature=1.0, commitment_weight=0.25
-    ),
-    "ibq": partial(IBQ, DIM, CODES),
-    "ibq_codebook_dim_entropy_chunked": partial(
-        IBQ, DIM, CODES, codebook_dim=3, entropy_weight=0.1, inv_temperature=1.0, chunk_elements=7
-    ),
-}
+QUANTIZER_FACTORIES = select(CONTRACT)
 RESIDUAL = [name for name in QUANTIZER_FACTORIES if name.startswith("r")]
 FSQS = [name for name in QUANTIZER_FACTORIES if name.startswith("fsq")]
 GRADIENT_LEARNED = [

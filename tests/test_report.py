@@ -20,22 +20,9 @@ from matplotlib.figure import Figure
 from vqtrain.report import describe, find_run_dirs, load_run, write_report
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.num_train=32",
-    "data.num_val=8",
-    "data.num_test=8",
-    "data.batch_size=8",
-    "data.image_size=16",
-    "model.latent_dim=8",
-    "model.encoder.hidden_channels=8",
-    "model.decoder.hidden_channels=8",
-    "model.usage_window=2",
-    "trainer.log_every_n_steps=2",
-    "trainer.val_check_interval=3",
-    "trainer.max_steps=6",
-    "trainer.accelerator=cpu",
-    "trainer.enable_progress_bar=false",
-]
+# Usage windows of 2 steps, logged every 2 steps: one row per window (steps 1, 3, 5), as Lightning
+# repeats a window's figures on every later logging step of its epoch
+TINY = ["debug=tiny_image", "model.usage_window=2", "trainer.log_every_n_steps=2"]
 RUNS = {("fsq", 256), ("fsq", 1024), ("vq", 256), ("vq", 1024)}
 # summary.md column -> metric whose last logged value it shows
 METRICS = {
@@ -56,7 +43,7 @@ def environment(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Four 6-step runs: vq and fsq at two codebook sizes, as `train.py -m` lays them out."""
+    """Four 6-step runs (debug=tiny_image): vq and fsq at two codebook sizes, as `train.py -m` lays them out."""
     root = tmp_path_factory.mktemp("sweep")
     result = subprocess.run(
         [

@@ -36,17 +36,9 @@ from vqtrain.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 RESIDUAL = {"rvq": 4, "rsimvq": 4, "rfsq": 4, "rlfq": 4}  # levels in their configs
-TINY_MODEL = ["model.latent_dim=8", "model.encoder.hidden_channels=8", "model.decoder.hidden_channels=8"]
-QUICK = [
-    "trainer.max_steps=4",
-    "trainer.val_check_interval=4",
-    "trainer.limit_val_batches=1",
-    "trainer.accelerator=cpu",
-    "trainer.enable_progress_bar=false",
-    "callbacks.reconstructions=null",
-    "data.batch_size=8",
-]
-SHAPES = ["data.num_train=64", "data.num_val=16", "data.num_test=24"]
+# debug=tiny_image / tiny_audio, evaluated on the whole test split: the eval tests check
+# their figures against every test item, which training's final test must have seen too
+WHOLE_TEST = "trainer.limit_test_batches=1.0"
 
 
 def codebook(quantizer: str) -> str:
@@ -75,7 +67,15 @@ def image_run(tmp_path_factory: pytest.TempPathFactory):
     def run(quantizer: str) -> Path:
         if quantizer not in runs:
             run_dir = tmp_path_factory.mktemp(f"shapes_{quantizer}")
-            train(compose([f"quantizer={quantizer}", codebook(quantizer), *TINY_MODEL, *SHAPES, *QUICK], run_dir))
+            # 24 test images: three shards of 10 in the encode test
+            overrides = [
+                "debug=tiny_image",
+                "data.num_test=24",
+                WHOLE_TEST,
+                f"quantizer={quantizer}",
+                codebook(quantizer),
+            ]
+            train(compose(overrides, run_dir))
             runs[quantizer] = run_dir
         return runs[quantizer]
 
@@ -94,18 +94,7 @@ def fsdd_subset(fsdd_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture(scope="module")
 def audio_run(fsdd_subset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("fsdd_rfsq")
-    overrides = [
-        "data=fsdd",
-        f"data.root={fsdd_subset}",
-        "quantizer=rfsq",
-        codebook("rfsq"),
-        "model.latent_dim=8",
-        "model.encoder.hidden_channels=4",
-        "model.decoder.hidden_channels=4",
-        *QUICK,
-        "trainer.max_steps=2",
-        "trainer.val_check_interval=2",
-    ]
+    overrides = ["debug=tiny_audio", f"data.root={fsdd_subset}", WHOLE_TEST, "quantizer=rfsq", codebook("rfsq")]
     train(compose(overrides, run_dir))
     return run_dir
 
@@ -146,7 +135,7 @@ def test_image_round_trip_is_exact(quantizer: str, image_run):
 
 @pytest.mark.parametrize("quantizer", QUANTIZERS)
 def test_padded_audio_round_trip_is_exact_at_real_positions(quantizer: str, tmp_path: Path):
-    cfg = compose(["data=fsdd", f"quantizer={quantizer}", codebook(quantizer), *TINY_MODEL], tmp_path)
+    cfg = compose(["debug=tiny_audio", f"quantizer={quantizer}", codebook(quantizer)], tmp_path)
     tokenizer = Tokenizer(instantiate(cfg.model), OmegaConf.to_container(cfg))
     assert (tokenizer.modality, tokenizer.sample_rate, tokenizer.stride) == ("audio", 8000, 32)
     lengths = torch.tensor([1000, 613, 97])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from helpers import QUANTIZERS, column, read_metrics, run_cli
+from helpers import QUANTIZERS, check_logging_decisions, column, read_metrics, run_cli
 from vqtrain.config import compose
 from vqtrain.train import train
 
@@ -162,3 +162,13 @@ def test_vq_on_mnist_beats_the_mean_image(mnist_root: Path, tmp_path: Path):
     assert metrics["test/recon_loss"] < 0.25 * baseline, (metrics["test/recon_loss"], baseline)
     first, last = column(read_metrics(tmp_path), "train/recon_loss")[0], metrics["test/recon_loss"]
     assert last < first
+
+
+def test_logging_steps_are_the_ones_lightning_writes(tmp_path: Path):
+    """`VQModel.logging_step` asks Lightning's private decision (see there why): on every
+    batch of a run, a skipped one among them, it matches what Lightning writes."""
+    decisions = ["+callbacks.decisions._target_=helpers.LoggingDecisions", "+callbacks.decisions.nonfinite=3"]
+    overrides = ["debug=tiny_image", "trainer.log_every_n_steps=2", "model.nonfinite=skip", "test=false"]
+    train(compose([*overrides, *decisions], tmp_path))
+    # automatic optimisation steps the optimiser on a skipped batch too (no gradient): it counts
+    assert check_logging_decisions(tmp_path, every=2) == (6, 6)

@@ -199,7 +199,14 @@ class DiscreteAutoencoder(L.LightningModule):
 
     def logging_step(self, stage: str) -> bool:
         """Whether Lightning writes this step's logs. Training values logged on other
-        steps would be dropped, but each would cost a host-device sync to fetch."""
+        steps would be dropped, but each would cost a host-device sync to fetch.
+
+        Lightning's own decision is private (`_logger_connector.should_update_logs`, as its
+        own callbacks read it): it counts batches, and no public counter does. A rule on
+        `global_step` agrees under automatic optimisation, but not in `gan.py`: a skipped
+        batch steps neither optimiser, and the discriminator's figures are logged after the
+        generator's step has moved `global_step` on. test_train.py and test_gan.py check
+        this against what Lightning writes, so that an upgrade that changes it fails there."""
         if stage != "train":
             return True
         trainer = self._trainer
