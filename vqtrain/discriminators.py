@@ -17,8 +17,7 @@ import torchaudio
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from vqtrain.losses import zero_padding
-from vqtrain.utils import ceil_div, exists, lengths_to_mask
+from vqtrain.utils import ceil_div, exists, lengths_to_mask, mask_time
 
 NORMS = ("batch", "none")
 
@@ -122,7 +121,7 @@ class STFTDiscriminator(nn.Module):
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Judgement:
         """`x` (B, C, T) -> logits (B, 1, F', frames), features (B, filters, F'', frames)."""
         with torch.autocast(x.device.type, enabled=False):
-            spec = self.spectrogram(zero_padding(x.float(), lengths))  # (B, C, freq, frames), complex
+            spec = self.spectrogram(mask_time(x.float(), lengths))  # (B, C, freq, frames), complex
         z = torch.cat([spec.real, spec.imag], dim=1)
         mask = lengths_to_mask(ceil_div(lengths, self.hop_length), z.shape[-1]) if exists(lengths) else None
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
 
-from vqtrain.utils import ceil_div, exists, lengths_to_mask
+from vqtrain.utils import ceil_div, channel_mask, exists, lengths_to_mask, mask_time
 
 if TYPE_CHECKING:
     from vqtrain.discriminators import Judgement
@@ -26,7 +26,7 @@ def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
     values = values.float()
     if not exists(mask):
         return values.mean()
-    weight = mask.view(mask.shape[0], *([1] * (values.ndim - 2)), mask.shape[-1]).expand_as(values)
+    weight = channel_mask(mask, values)
     return torch.where(weight, values, 0.0).sum() / weight.sum().clamp_min(1)
 
 
@@ -66,13 +66,6 @@ class MultiResolutionSTFTLoss(nn.Module):
                 distance = torch.where(real, distance, 0.0).sum() / real.sum().clamp_min(1)
             total = total + distance.mean()
         return total / len(self.fft_sizes)
-
-
-def zero_padding(x: Tensor, lengths: Tensor | None) -> Tensor:
-    """(B, C, T) with the samples past each clip's length set to zero."""
-    if not exists(lengths):
-        return x
-    return torch.where(lengths_to_mask(lengths, x.shape[-1])[:, None], x, 0.0)
 
 
 class MultiScaleMelLoss(nn.Module):
@@ -132,7 +125,7 @@ class MultiScaleMelLoss(nn.Module):
         """`x_hat`, `x` (B, C, T); `lengths` (B,) real samples, None when all are."""
         total = x.new_zeros((), dtype=torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            signal, target = (zero_padding(s.float(), lengths) for s in (x_hat, x))
+            signal, target = (mask_time(s.float(), lengths) for s in (x_hat, x))
             for mel, hop in zip(self.mels, self.hops):
                 spec, ref = mel(signal), mel(target)  # (B, C, mels, frames)
                 distance = (

@@ -42,8 +42,17 @@ def ceil_div(a: Tensor | int, b: int) -> Tensor | int:
 
 
 def channel_mask(mask: Tensor, like: Tensor) -> Tensor:
-    """A (B, T) sample mask spread over the channels of a (B, C, T) signal."""
-    return mask[:, None].expand_as(like)
+    """A (B, T) mask spread over every axis between batch and time of `like` (B, ..., T)."""
+    return mask.view(mask.shape[0], *([1] * (like.ndim - 2)), mask.shape[-1]).expand_as(like)
+
+
+def mask_time(x: Tensor, lengths: Tensor | None, stride: int = 1) -> Tensor:
+    """Zero the positions of (B, ..., T) past ceil(lengths / stride): a clip's padding
+    at a resolution `stride` times coarser than its samples."""
+    if not exists(lengths):
+        return x
+    valid = lengths_to_mask(ceil_div(lengths, stride), x.shape[-1])
+    return torch.where(channel_mask(valid, x), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 # --- random number generators: saved in checkpoints for exact resumes --------

@@ -15,19 +15,10 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqtrain.utils import ceil_div, exists, lengths_to_mask
-
-
-def mask_time(x: Tensor, lengths: Tensor | None, stride: int) -> Tensor:
-    """Zero the positions of (B, C, T) past ceil(lengths / stride)."""
-    if not exists(lengths):
-        return x
-    valid = lengths_to_mask(ceil_div(lengths, stride), x.shape[-1])
-    return torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+from vqtrain.utils import ceil_div, exists, mask_time
 
 
 class ResBlock(nn.Module):
