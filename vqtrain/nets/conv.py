@@ -35,10 +35,22 @@ class ResBlock(nn.Module):
         return x + self.block(x)
 
 
-class ConvEncoder2d(nn.Module):
-    """Image encoder: `num_downsamples` stride-2 convolutions, each followed by residual blocks."""
+class ImageEncoder(nn.Module):
+    """What image encoders share: `net` (B, C, H, W) -> (B, D, H / stride, W / stride),
+    with sides that must divide by `stride`, said in one line rather than a shape error."""
 
     modality = "image"
+    stride: int
+    net: nn.Module
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        if x.shape[-1] % self.stride or x.shape[-2] % self.stride:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} must be divisible by the encoder stride {self.stride}")
+        return self.net(x)
+
+
+class ConvEncoder2d(ImageEncoder):
+    """Image encoder: `num_downsamples` stride-2 convolutions, each followed by residual blocks."""
 
     def __init__(
         self,
@@ -57,11 +69,6 @@ class ConvEncoder2d(nn.Module):
             layers += [ResBlock(hidden_channels, nn.Conv2d) for _ in range(num_res_blocks)]
         layers += [nn.ELU(), nn.Conv2d(hidden_channels, out_channels, 1)]
         self.net = nn.Sequential(*layers)
-
-    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
-        if x.shape[-1] % self.stride or x.shape[-2] % self.stride:
-            raise ValueError(f"image size {tuple(x.shape[-2:])} must be divisible by the encoder stride {self.stride}")
-        return self.net(x)
 
 
 class ConvDecoder2d(nn.Module):

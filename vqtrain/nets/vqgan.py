@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from vqtrain.nets.conv import ImageEncoder
+
 UPSAMPLERS = ("nearest", "depth_to_space")
 
 
@@ -103,11 +105,9 @@ class Upsample(nn.Module):
         return rearrange(self.conv(x), "b (s t c) h w -> b c (h s) (w t)", s=2, t=2)
 
 
-class VQGANEncoder(nn.Module):
+class VQGANEncoder(ImageEncoder):
     """conv_in; per resolution `num_res_blocks` residual blocks then a stride-2 3x3
     conv (none after the last); middle; norm, swish, 1x1 conv to `out_channels`."""
-
-    modality = "image"
 
     def __init__(
         self,
@@ -139,11 +139,6 @@ class VQGANEncoder(nn.Module):
             nn.Conv2d(width, out_channels, 1),
         ]
         self.net = nn.Sequential(*layers)
-
-    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
-        if x.shape[-1] % self.stride or x.shape[-2] % self.stride:
-            raise ValueError(f"image size {tuple(x.shape[-2:])} must be divisible by the encoder stride {self.stride}")
-        return self.net(x)
 
 
 class VQGANDecoder(nn.Module):
