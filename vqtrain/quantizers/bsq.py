@@ -30,9 +30,10 @@ from vqtrain.utils import l2norm
 class BSQ(LFQ):
     spherical = True
 
-    def __init__(self, dim: int, *args, commitment_weight: float = 0.25, **kwargs):
-        """LFQ's arguments; only the commitment default differs (the paper's 0.25)."""
-        super().__init__(dim, *args, commitment_weight=commitment_weight, **kwargs)
+    def __init__(self, dim: int, *args, inv_temperature: float = 100.0, commitment_weight: float = 0.25, **kwargs):
+        """LFQ's arguments. Two defaults differ: the paper's commitment 0.25, and the reference's
+        inv_temperature 100 (on the sphere s^2 = 1/B: its bit logits 4 tau s h are 1/B of LFQ's at equal tau)."""
+        super().__init__(dim, *args, inv_temperature=inv_temperature, commitment_weight=commitment_weight, **kwargs)
 
     def prepare(self, h: Tensor) -> Tensor:
         return l2norm(h) * self.scale

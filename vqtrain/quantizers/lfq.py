@@ -14,11 +14,17 @@ penalty (sec. 3.1, see `entropy.py`)
     q(c | x) = softmax_c(-tau ||h - c||^2) = softmax_c(2 tau <h, c>)   (tau = inv_temperature)
 
 and a commitment loss ||h - sg(q)||^2. The loss is
-`entropy_weight * L_entropy + commitment_weight * commitment`; the commitment
-weight is 0 by default, as in vector-quantize-pytorch: 0.25 halved the codes used
-in the MNIST quality benchmark (0.49 against 0.99 of 1024 after 200 steps). The entropy terms
-are batch statistics of a training forward: computed only in training mode
-(0 in eval, as in the reference), over real rows only, all ranks pooled.
+`entropy_weight * L_entropy + commitment_weight * commitment`. Defaults, measured in
+the README (LFQ): commitment 0.05 (at 0 nothing bounds the latents, and the
+per-sample entropy rewards ever larger ones) and inv_temperature 5, not the
+reference's 100. Our reading of why: the entropy terms reach a bit through its
+logit 4 tau s h_i only while that logit is within a few units of 0; with the
+commitment holding |h| near s, at tau = 100 few rows are, and bits that all rows
+set alike stay so (in 6 of 16 seeds of the quality harness a quarter to a half of
+the codes went unused). At tau = 5: 99.8% of the codes used over those seeds,
+against 86.8% at 100 and 96.4% for the reference. The entropy terms are batch
+statistics of a training forward: computed only in training mode (0 in eval, as
+in the reference), over real rows only, all ranks pooled.
 
 The softmax over the 2^B codes factorises over bits, so the per-sample entropy is
 exactly a sum of B binary entropies, and the batch-averaged distribution is built
@@ -82,8 +88,8 @@ class LFQ(Quantizer):
         scale: float = 1.0,
         entropy_weight: float = 0.1,
         diversity_gamma: float = 1.0,
-        inv_temperature: float = 100.0,
-        commitment_weight: float = 0.0,
+        inv_temperature: float = 5.0,
+        commitment_weight: float = 0.05,
         codebook_entropy: str = "exact",
         chunk_elements: int = DEFAULT_ENTROPY_CHUNK_ELEMENTS,
     ):
@@ -165,7 +171,7 @@ class ResidualLFQ(ResidualQuantizer):
         entropy_weight: float = 0.1,
         diversity_gamma: float = 1.0,
         inv_temperature: float = 100.0,
-        commitment_weight: float = 0.0,
+        commitment_weight: float = 0.01,
         codebook_entropy: str = "exact",
         **kwargs,
     ):
