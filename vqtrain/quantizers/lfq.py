@@ -161,7 +161,10 @@ class LFQ(Quantizer):
 
 class ResidualLFQ(ResidualQuantizer):
     """Residual LFQ: level l quantizes the residual with code values +-2^-l
-    (vector-quantize-pytorch's ResidualLFQ), each level with its own entropy terms."""
+    (vector-quantize-pytorch's ResidualLFQ), each level with its own entropy terms.
+    Its defaults (inverse temperature 10, commitment 0.05) were chosen apart from LFQ's
+    in the quality harness: the levels' logits 4 tau s h shrink with s, and at LFQ's
+    tau = 5 level 0 left more codes unused (README, LFQ)."""
 
     def __init__(
         self,
@@ -170,8 +173,8 @@ class ResidualLFQ(ResidualQuantizer):
         codebook_size: int = 1024,
         entropy_weight: float = 0.1,
         diversity_gamma: float = 1.0,
-        inv_temperature: float = 100.0,
-        commitment_weight: float = 0.01,
+        inv_temperature: float = 10.0,
+        commitment_weight: float = 0.05,
         codebook_entropy: str = "exact",
         **kwargs,
     ):
