@@ -60,9 +60,8 @@ class MultiResolutionSTFTLoss(nn.Module):
                 for s in (signal, target)
             ]
             distance = (torch.log(spec[0] + self.eps) - torch.log(spec[1] + self.eps)).abs().mean(1)  # (B, frames)
-            if exists(lengths):
-                frames = torch.arange(distance.shape[-1], device=x.device) * hop
-                real = frames[None] < lengths[:, None]
+            if exists(lengths):  # frame i is centred on sample i * hop, as in MultiScaleMelLoss
+                real = lengths_to_mask(ceil_div(lengths, hop), distance.shape[-1])
                 distance = torch.where(real, distance, 0.0).sum() / real.sum().clamp_min(1)
             total = total + distance.mean()
         return total / len(self.fft_sizes)
