@@ -345,7 +345,9 @@ class SignalQuality(L.Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.end(pl_module, "test")
 
-    def record(self, model: L.LightningModule, inputs: tuple, output: ModelOutput) -> None:
+    def record(self, model: L.LightningModule, inputs: tuple, output: ModelOutput | None) -> None:
+        if not isinstance(output, ModelOutput):
+            return  # under DDP the wrapper's call runs validation_step / test_step through forward: not a pass
         x, mask, lengths = (*inputs, None, None)[:3]
         if lengths is None and exists(mask):
             lengths = mask_to_lengths(mask)
