@@ -133,10 +133,14 @@ def test_quantizer_forward_on_generated_input(name: str):
         module.train(training)
         if grad and z.is_floating_point():
             z.requires_grad_(True)
+        before = {k: t.clone() for k, t in module.state_dict().items()}
         out = attempt(description, partial(forward, module, z, mask, grad))
         if isinstance(out, Exception):
             check_clear_error(out, description)
             OUTCOMES["quantizer forward", "clear error"] += 1
+        elif not bool(torch.isfinite(real_rows(z.detach().float(), mask)).all()):
+            check_nonfinite_training_forward(module, before, description)
+            OUTCOMES["quantizer forward", "non-finite training step, nothing learnt"] += 1
         else:
             check_forward(module, z, mask, out, description)
             OUTCOMES["quantizer forward", "output"] += 1
@@ -148,6 +152,15 @@ def forward(module: Quantizer, z: torch.Tensor, mask: torch.Tensor | None, grad:
         if z.requires_grad:
             (out.quantized.float().sum() + out.loss).backward()
     return out
+
+
+def check_nonfinite_training_forward(module: Quantizer, before: dict, case: str) -> None:
+    """A training forward does not wait to look at its input: a non-finite one must leave
+    every statistic as it was (the model then sees the NaN in the loss and skips or raises)."""
+    assert module.updating, f"{case}: non-finite input accepted outside a training forward"
+    for key, tensor in module.state_dict().items():
+        if key not in ("step",):  # a residual quantizer's step counts forwards, learnt from or not
+            assert torch.equal(tensor, before[key]), f"{case}: {key} changed on non-finite input"
 
 
 def check_forward(module: Quantizer, z: torch.Tensor, mask: torch.Tensor | None, out, case: str) -> None:

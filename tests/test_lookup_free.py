@@ -109,15 +109,15 @@ def test_entropy_terms_and_their_gradient_equal_the_full_softmax(name, chunk_ele
 
 def test_factorized_codebook_entropy_is_bsqs_per_bit_sum_and_an_upper_bound():
     a = randn(40, 2, 5, scale=2.0)
-    _, factorized = bit_entropy_terms(a, factorized=True)
-    _, exact = bit_entropy_terms(a, factorized=False)
+    _, factorized = bit_entropy_terms(a, torch.ones(40), factorized=True)
+    _, exact = bit_entropy_terms(a, torch.ones(40), factorized=False)
     p = torch.sigmoid(a).mean(0)  # (C, B) batch-mean probability of each bit being 1
     expected = (exact_entropy(torch.stack([p, 1 - p], -1)).sum(-1)).mean()
     torch.testing.assert_close(factorized, expected)
     assert factorized >= exact - 1e-6  # the sum of the marginals' entropies bounds the joint's
     # independent, uniform bits: the two agree
-    _, factorized = bit_entropy_terms(torch.zeros(8, 1, 4), factorized=True)
-    _, exact = bit_entropy_terms(torch.zeros(8, 1, 4), factorized=False)
+    _, factorized = bit_entropy_terms(torch.zeros(8, 1, 4), torch.ones(8), factorized=True)
+    _, exact = bit_entropy_terms(torch.zeros(8, 1, 4), torch.ones(8), factorized=False)
     torch.testing.assert_close(factorized, exact)
     torch.testing.assert_close(exact, torch.tensor(4 * math.log(2)))
 
@@ -157,9 +157,9 @@ def test_2_18_codes_stay_within_the_chunk_bound(monkeypatch):
     seen = []
     original = entropy_module._bit_code_chunk
 
-    def spy(a, base, start, stop):
+    def spy(a, base, weight, start, stop):
         seen.append(a.shape[0] * a.shape[1] * (stop - start))
-        return original(a, base, start, stop)
+        return original(a, base, weight, start, stop)
 
     monkeypatch.setattr(entropy_module, "_bit_code_chunk", spy)
     module = LFQ(18, 2**18, chunk_elements=2**18).train()

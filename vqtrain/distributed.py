@@ -44,6 +44,15 @@ def broadcast(t: Tensor, src: int = 0) -> Tensor:
     return t
 
 
+def all_gather(t: Tensor) -> Tensor:
+    """(world, ...) `t` of every rank (all the same shape), stacked in rank order."""
+    if not is_distributed():
+        return t.unsqueeze(0)
+    gathered = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(gathered, t.contiguous())
+    return torch.stack(gathered)
+
+
 def gather_rows(t: Tensor) -> Tensor:
     """Concatenate the rows of `t` from every rank (row counts may differ, even be 0)."""
     if not is_distributed():

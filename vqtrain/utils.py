@@ -23,6 +23,31 @@ def l2norm(t: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
     return F.normalize(t, dim=dim, eps=eps)
 
 
+def _wrap(value: int) -> int:
+    """A 64-bit constant as the int64 that has its bits."""
+    return value - 2**64 if value >= 2**63 else value
+
+
+def _splitmix64(z: Tensor) -> Tensor:
+    """SplitMix64's output function on int64 tensors (products wrap around; shifts made logical)."""
+    z = z + _wrap(0x9E3779B97F4A7C15)
+    z = (z ^ ((z >> 30) & (2**34 - 1))) * _wrap(0xBF58476D1CE4E5B9)
+    z = (z ^ ((z >> 27) & (2**37 - 1))) * _wrap(0x94D049BB133111EB)
+    return z ^ ((z >> 31) & (2**33 - 1))
+
+
+def hashed_uniform(*keys: Tensor | int) -> Tensor:
+    """float32 numbers in [0, 1), a pure function of the integer `keys` (int64 tensors
+    broadcast; ints below 2^63): randomness drawn on the device from counters (a seed,
+    a step held in a buffer, an item's number), with no generator to keep in step and
+    no host-device sync."""
+    device = next((key.device for key in keys if isinstance(key, Tensor)), None)
+    z = torch.zeros((), dtype=torch.long, device=device)
+    for key in keys:
+        z = _splitmix64(z ^ key)
+    return ((z >> 40) & (2**24 - 1)).float() / 2**24
+
+
 def lengths_to_mask(lengths: Tensor, max_length: int) -> Tensor:
     """(B,) lengths -> (B, T) bool mask, True on the first `length` positions."""
     return torch.arange(max_length, device=lengths.device) < lengths[:, None]

@@ -1,9 +1,16 @@
 """The contract every quantizer keeps, and the pieces they share.
 
-A quantizer sees only real rows: `Quantizer.forward` flattens `(B, ..., D)` to
-rows, drops the masked ones, runs the method in float32 with autocast off, and
-scatters the result back with zeros (and index -1) at padding. Padding can
-therefore never reach a loss, a gradient, a codebook update or a usage count.
+A quantizer sees rows: `Quantizer.forward` flattens `(B, ..., D)` to rows and
+applies the mask first: padded rows are set to zero and weigh 0, so padding can
+never reach a loss, a gradient, a codebook update or a usage count. The method
+runs on every row (fixed shapes: no boolean indexing, no host-device sync on a
+GPU) in float32 with autocast off, and every mean, count and statistic it takes
+is weighted by the row weights; the output is zero (index -1) at padding.
+
+A non-finite value at a real position is refused with an error outside a
+training forward (inference, validation: one host read). In a training forward,
+which must not wait on the device, it makes every weight 0 for that step, so
+that no statistic moves; the NaN still reaches the loss, where the model sees it.
 """
 
 from __future__ import annotations
@@ -25,9 +32,21 @@ class QuantizerOutput:
     loss: Tensor  # weighted sum of the terms: what the model adds to its objective
 
 
-def mse(x: Tensor, y: Tensor) -> Tensor:
-    """Mean squared error that is 0, not NaN, over zero rows."""
-    return (x - y).pow(2).sum() / max(x.numel(), 1)
+def mse(x: Tensor, y: Tensor, weight: Tensor) -> Tensor:
+    """Mean squared error over the rows (dim 0) of `x` and `y`, weighted by
+    `weight` (N,); 0, not NaN, when no row weighs anything."""
+    return row_mean((x - y).pow(2).flatten(1).sum(-1), weight) / max(math.prod(x.shape[1:]), 1)
+
+
+def row_mean(values: Tensor, weight: Tensor) -> Tensor:
+    """Weighted mean of per-row values (N,); 0 when no row weighs anything."""
+    return (values * weight).sum() / weight.sum().clamp_min(1)
+
+
+def real_rows(x: Tensor, weight: Tensor) -> Tensor:
+    """`x` (..., N, d) with the rows of weight 0 set to zero: statistics taken from it
+    see no padding and no non-finite value (0 x NaN would be NaN)."""
+    return torch.where(weight[:, None] > 0, x, 0.0)
 
 
 def zero(device: torch.device) -> Tensor:
@@ -102,10 +121,12 @@ class Quantizer(nn.Module):
         self.dim = check_positive_int("dim", dim)
 
     # -- what subclasses provide ------------------------------------------
-    def quantize_rows(self, x: Tensor, sample_ids: Tensor, num_samples: int):
-        """float32 (N, D) real rows -> (quantized (N, D), indices (N, Q), losses, loss).
+    def quantize_rows(self, x: Tensor, weight: Tensor, sample_ids: Tensor):
+        """float32 (N, D) rows -> (quantized (N, D), indices (N, Q), losses, loss).
 
-        `sample_ids` (N,) says which batch item each row came from."""
+        `weight` (N,) is 1 for a real row and 0 for padding (zero rows) or for every
+        row of a non-finite input: losses are weighted means, statistics weighted
+        sums. `sample_ids` (N,) says which batch item each row came from."""
         raise NotImplementedError
 
     def decode_rows(self, indices: Tensor) -> Tensor:
@@ -149,24 +170,21 @@ class Quantizer(nn.Module):
         rows_per_sample = math.prod(lead[1:])
         sample_ids = torch.arange(rows.shape[0], device=z.device) // max(rows_per_sample, 1)
         if exists(mask):
-            keep = mask.reshape(-1)
-            rows, sample_ids = rows[keep], sample_ids[keep]
-        # a NaN or Inf would get some code silently and could poison codebook statistics for good
-        # one cheap reduction first: the sum is finite whenever every value is (unless it overflows)
-        if not bool(rows.sum().isfinite()) and not bool(torch.isfinite(rows).all()):
+            keep = mask.reshape(-1, 1)
+            rows = torch.where(keep, rows, 0.0)  # mask first: nothing of the padding goes further
+        # a NaN or Inf must not get a code and poison the codebook statistics: no row of such a step counts
+        finite = torch.isfinite(rows).all()
+        if not self.updating and not bool(finite):
             raise FloatingPointError(f"{type(self).__name__} input has NaN or Inf values at real (unmasked) positions")
+        weight = keep[:, 0] & finite if exists(mask) else finite.expand(rows.shape[0])
 
         with torch.autocast(z.device.type, enabled=False):
-            quantized, indices, losses, loss = self.quantize_rows(rows.float(), sample_ids, lead[0])
+            quantized, indices, losses, loss = self.quantize_rows(rows.float(), weight.float(), sample_ids)
 
         quantized = quantized.to(z.dtype)
         if exists(mask):
-            full = z.new_zeros(keep.shape[0], self.dim)
-            full[keep] = quantized
-            quantized = full
-            full_indices = indices.new_full((keep.shape[0], indices.shape[1]), -1)
-            full_indices[keep] = indices
-            indices = full_indices
+            quantized = torch.where(keep, quantized, 0.0)
+            indices = torch.where(keep, indices, -1)
         return QuantizerOutput(
             quantized=quantized.reshape(z.shape),
             indices=self._shape_indices(indices, lead),

@@ -6,8 +6,8 @@ MAGVIT-2's entropy penalty (Yu et al. 2023, arXiv:2310.05737, sec. 3.1):
 
 the mean per-sample entropy (pushed down: confident assignments) minus the
 entropy of the batch-averaged code distribution (pushed up: every code used).
-The expectation E_x is over the real rows of the batch only (the base drops the
-masked ones) and, under DDP, over every rank's rows: the sum of q(c | x) is
+The expectation E_x is over the real rows of the batch only (rows weighted by the
+base's row weights, 0 at padding) and, under DDP, over every rank's rows: the sum of q(c | x) is
 all-reduced with a collective whose backward all-reduces the gradient too, so
 that two ranks equal one process on the concatenated batch.
 
@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from vqtrain.distributed import is_distributed
+from vqtrain.quantizers.base import row_mean
 
 # Float32 elements of one chunk's (rows x codes) matrix: 2^22 = 16 MiB.
 DEFAULT_ENTROPY_CHUNK_ELEMENTS = 2**22
@@ -89,15 +90,17 @@ def code_bits(start: int, stop: int, num_bits: int, device) -> Tensor:
     return ((torch.arange(start, stop, device=device)[:, None] >> shifts) & 1).float()
 
 
-def _bit_code_chunk(a: Tensor, base: Tensor, start: int, stop: int) -> Tensor:
-    """Sum over rows of q(c | x) for the codes start..stop-1, per codebook: (C, stop - start)."""
+def _bit_code_chunk(a: Tensor, base: Tensor, weight: Tensor, start: int, stop: int) -> Tensor:
+    """Weighted sum over rows of q(c | x) for the codes start..stop-1, per codebook: (C, stop - start)."""
     bits = code_bits(start, stop, a.shape[-1], a.device)
     log_q = base.unsqueeze(-1) + torch.matmul(a, bits.T)  # (C, N, chunk)
-    return log_q.exp().sum(1)
+    return torch.matmul(weight, log_q.exp())  # (C, chunk): sum_n w_n q(c | x_n)
 
 
-def bit_code_probability_sums(a: Tensor, chunk_elements: int = DEFAULT_ENTROPY_CHUNK_ELEMENTS) -> Tensor:
-    """Bit logits a (N, C, B) -> (C, 2^B) sums over the N rows of q(c | x).
+def bit_code_probability_sums(
+    a: Tensor, weight: Tensor, chunk_elements: int = DEFAULT_ENTROPY_CHUNK_ELEMENTS
+) -> Tensor:
+    """Bit logits a (N, C, B), row weights (N,) -> (C, 2^B) weighted sums over the N rows of q(c | x).
 
     For codes that are products of independent bits (LFQ, BSQ) the softmax over all
     2^B codes factorises exactly: q(c | x) = prod_i sigmoid(+-a_i), so
@@ -109,7 +112,7 @@ def bit_code_probability_sums(a: Tensor, chunk_elements: int = DEFAULT_ENTROPY_C
     chunk = max(1, chunk_elements // max(num_rows * num_codebooks, 1))
     several = chunk < num_codes
     parts = [
-        maybe_checkpoint(_bit_code_chunk, a, base, s, min(s + chunk, num_codes), enabled=several)
+        maybe_checkpoint(_bit_code_chunk, a, base, weight, s, min(s + chunk, num_codes), enabled=several)
         for s in range(0, num_codes, chunk)
     ]
     return torch.cat(parts, dim=-1)
@@ -117,22 +120,23 @@ def bit_code_probability_sums(a: Tensor, chunk_elements: int = DEFAULT_ENTROPY_C
 
 def bit_entropy_terms(
     a: Tensor,
+    weight: Tensor,
     factorized: bool,
     chunk_elements: int = DEFAULT_ENTROPY_CHUNK_ELEMENTS,
 ) -> tuple[Tensor, Tensor]:
-    """Bit logits a (N, C, B) of N real rows -> (per-sample entropy, codebook entropy).
+    """Bit logits a (N, C, B) of N rows weighted by `weight` (N,) -> (per-sample entropy, codebook entropy).
 
     per-sample: mean over rows and codebooks of H(q(c | x)) = sum_i H(sigmoid(a_i)) (exact).
     codebook: mean over codebooks of H(mean over rows of all ranks of q(c | x)); with
     `factorized`, BSQ's approximation (arXiv:2406.07548): the sum over bits of
     H(mean sigmoid(a_i)), an upper bound that costs O(N B) instead of O(N 2^B)."""
-    num_rows = a.shape[0]
-    count = all_reduce_sum_with_grad(torch.tensor(float(num_rows), device=a.device))
-    per_sample = binary_entropy_from_logits(a).sum(-1).sum() / max(num_rows * a.shape[1], 1)
+    count = all_reduce_sum_with_grad(weight.sum())
+    per_sample = row_mean(binary_entropy_from_logits(a).sum(-1).mean(-1), weight)
     if factorized:
-        bit_means = all_reduce_sum_with_grad(torch.sigmoid(a).sum(0)) / count.clamp_min(1)  # (C, B)
+        bit_means = all_reduce_sum_with_grad(torch.einsum("n,ncb->cb", weight, torch.sigmoid(a))) / count.clamp_min(1)
         codebook = (entropy(torch.stack([bit_means, 1 - bit_means], -1)).sum(-1)).mean()
     else:
-        means = all_reduce_sum_with_grad(bit_code_probability_sums(a, chunk_elements)) / count.clamp_min(1)  # (C, 2^B)
+        sums = bit_code_probability_sums(a, weight, chunk_elements)
+        means = all_reduce_sum_with_grad(sums) / count.clamp_min(1)  # (C, 2^B)
         codebook = entropy(means).mean()
     return per_sample, codebook

@@ -123,7 +123,7 @@ class FSQ(Quantizer):
         """Grid units -> code values in [-1, 1]."""
         return (units - self._center) / self._half_width
 
-    def quantize_rows(self, x: Tensor, sample_ids: Tensor, num_samples: int):
+    def quantize_rows(self, x: Tensor, weight: Tensor, sample_ids: Tensor):
         h = self.project_in(x).view(x.shape[0], self.num_codebooks, len(self.levels))
         if not self.unit_scale:
             h = h / self._scale

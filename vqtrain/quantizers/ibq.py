@@ -34,6 +34,7 @@ from vqtrain.quantizers.base import (
     check_positive_int,
     check_weight,
     mse,
+    row_mean,
     zero,
 )
 from vqtrain.quantizers.entropy import (
@@ -56,11 +57,13 @@ def _soft_chunk(h: Tensor, codes: Tensor, lse: Tensor) -> Tensor:
     return torch.exp(h @ codes.T - lse.unsqueeze(-1)) @ codes.detach()
 
 
-def _entropy_chunk(h: Tensor, codes: Tensor, lse: Tensor, inv_temperature: float) -> tuple[Tensor, Tensor]:
-    """Per-row -sum p log p (N,) and per-code sum over rows of p (chunk,), p = softmax(tau <h, e>)."""
+def _entropy_chunk(
+    h: Tensor, codes: Tensor, lse: Tensor, weight: Tensor, inv_temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Per-row -sum p log p (N,) and per-code weighted sum over rows of p (chunk,), p = softmax(tau <h, e>)."""
     log_p = (h @ codes.T) * inv_temperature - lse.unsqueeze(-1)
     p = log_p.exp()
-    return -(p * log_p).sum(-1), p.sum(0)
+    return -(p * log_p).sum(-1), weight @ p
 
 
 class IBQ(Quantizer):
@@ -119,7 +122,7 @@ class IBQ(Quantizer):
         ]
         return torch.logsumexp(torch.cat(parts, -1), -1)
 
-    def quantize_rows(self, x: Tensor, sample_ids: Tensor, num_samples: int):
+    def quantize_rows(self, x: Tensor, weight: Tensor, sample_ids: Tensor):
         h = self.project_in(x)
         indices = self.nearest(h.detach())
         hard = self.embed[indices]
@@ -132,26 +135,26 @@ class IBQ(Quantizer):
                 maybe_checkpoint(_soft_chunk, h, self.embed[s:e], lse, enabled=len(chunks) > 1) for s, e in chunks
             )
             q = hard + (soft - soft.detach())
-        losses = {"codebook": mse(q, h.detach()), "commitment": mse(h, hard.detach())}
+        losses = {"codebook": mse(q, h.detach(), weight), "commitment": mse(h, hard.detach(), weight)}
         if self.training and self.weights["entropy"] > 0:
-            losses.update(self.entropy_terms(h))
+            losses.update(self.entropy_terms(h, weight))
         else:
             losses.update(entropy=zero(x.device), per_sample_entropy=zero(x.device), codebook_entropy=zero(x.device))
         return self.project_out(q), indices.unsqueeze(-1), losses, self.weigh(losses, self.weights)
 
-    def entropy_terms(self, h: Tensor) -> dict[str, Tensor]:
+    def entropy_terms(self, h: Tensor, weight: Tensor) -> dict[str, Tensor]:
         """LFQ's entropy penalty over p = softmax(inv_temperature * <h, e>), chunked over codes."""
         tau = self.inv_temperature
         lse = self.logsumexp(h, tau)
         chunks = self.chunks(h.shape[0])
         per_row, sums = zip(
             *(
-                maybe_checkpoint(_entropy_chunk, h, self.embed[s:e], lse, tau, enabled=len(chunks) > 1)
+                maybe_checkpoint(_entropy_chunk, h, self.embed[s:e], lse, weight, tau, enabled=len(chunks) > 1)
                 for s, e in chunks
             )
         )
-        per_sample = sum(per_row).sum() / max(h.shape[0], 1)
-        count = all_reduce_sum_with_grad(torch.tensor(float(h.shape[0]), device=h.device))
+        per_sample = row_mean(sum(per_row), weight)
+        count = all_reduce_sum_with_grad(weight.sum())
         means = all_reduce_sum_with_grad(torch.cat(sums)) / count.clamp_min(1)
         codebook = entropy(means)
         return {

@@ -129,7 +129,7 @@ class LFQ(Quantizer):
         """(N, C, B) pre-quantization latents; BSQ puts them on the sphere of radius `scale`."""
         return h
 
-    def quantize_rows(self, x: Tensor, sample_ids: Tensor, num_samples: int):
+    def quantize_rows(self, x: Tensor, weight: Tensor, sample_ids: Tensor):
         n = x.shape[0]
         h = self.prepare(self.project_in(x).view(n, self.num_codebooks, self.bits))
         positive = h > 0
@@ -137,11 +137,12 @@ class LFQ(Quantizer):
         q = torch.where(positive, s, -s)
         indices = (positive.long() * self._powers).sum(-1)  # (N, C)
         out = straight_through(h, q) if torch.is_grad_enabled() else q
-        losses = {"commitment": mse(h, q), "codebook": zero(x.device)}
+        losses = {"commitment": mse(h, q, weight), "codebook": zero(x.device)}
         if self.training:  # batch statistics: a training forward's regulariser only
             # 2 tau <h, c> differs between the two values of bit i by 4 tau s h_i: the bit's logit
             logits = (4 * self.inv_temperature * s) * h
-            per_sample, codebook = bit_entropy_terms(logits, self.codebook_entropy == "factorized", self.chunk_elements)
+            factorized = self.codebook_entropy == "factorized"
+            per_sample, codebook = bit_entropy_terms(logits, weight, factorized, self.chunk_elements)
         else:
             per_sample = codebook = zero(x.device)
         losses["entropy"] = per_sample - self.diversity_gamma * codebook

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from vqtrain.distributed import rank
 from vqtrain.quantizers.base import Quantizer, check_choice, check_positive_int, zero
 from vqtrain.quantizers.fsq import FSQ, fsq_levels
-from vqtrain.utils import exists
+from vqtrain.utils import exists, hashed_uniform
 
 
 class ResidualQuantizer(Quantizer):
@@ -72,49 +72,45 @@ class ResidualQuantizer(Quantizer):
         """What level 0 quantizes: the projected input."""
         return self.project_in(x)
 
-    def depths(self, sample_ids: Tensor, num_samples: int) -> Tensor | None:
-        """Levels used per row in this training step, or None for all of them."""
+    def depths(self, sample_ids: Tensor) -> Tensor | None:
+        """Levels used per row in this training step, or None for all of them: drawn on the
+        device from (seed, step[, rank, sample]), independent of every random generator."""
         if not (self.training and self.dropout > 0):
             return None
         per_sample = self.dropout_mode == "sample"
-        generator = torch.Generator().manual_seed(
-            hash((self.seed, int(self.step), rank() if per_sample else 0)) % 2**63
-        )
-        draws = num_samples if per_sample else 1
-        drop = torch.rand(draws, generator=generator) < self.dropout
-        depth = torch.randint(self.dropout_min_levels, self.num_levels + 1, (draws,), generator=generator)
-        depth = torch.where(drop, depth, torch.full_like(depth, self.num_levels)).to(sample_ids.device)
-        return depth[sample_ids] if per_sample else depth.expand(sample_ids.shape[0])
+        sample = sample_ids if per_sample else torch.zeros_like(sample_ids)
+        where = rank() if per_sample else 0
+        drop = hashed_uniform(self.seed, self.step, where, sample, 0) < self.dropout
+        low, high = self.dropout_min_levels, self.num_levels
+        depth = low + (hashed_uniform(self.seed, self.step, where, sample, 1) * (high - low + 1)).long()
+        return torch.where(drop, depth.clamp_max(high), high)
 
-    def quantize_rows(self, x: Tensor, sample_ids: Tensor, num_samples: int):
-        depth = self.depths(sample_ids, num_samples)
+    def quantize_rows(self, x: Tensor, weight: Tensor, sample_ids: Tensor):
+        """Every level runs on every row (fixed shapes); rows a level drops weigh 0 there,
+        and it adds nothing to them (index -1)."""
+        depth = self.depths(sample_ids)
         if self.updating:
             self.step += 1
         residual = self.first_residual(x)
         total = torch.zeros_like(residual)
-        indices = torch.full((x.shape[0], self.num_levels), -1, dtype=torch.long, device=x.device)
+        indices = []
         losses = {"commitment": zero(x.device), "codebook": zero(x.device)}
         loss = zero(x.device)
         for i, level in enumerate(self.levels):
-            active = None if depth is None else depth > i
-            rows = residual if active is None else residual[active]
-            out, idx, level_losses, level_loss = level.quantize_rows(
-                rows, sample_ids if active is None else sample_ids[active], num_samples
-            )
-            if active is None:
-                total = total + out
-                indices[:, i] = idx[:, 0]
-                residual = residual - out.detach()
-            else:
-                total = total.index_put((active,), total[active] + out)
-                indices[active, i] = idx[:, 0]
-                residual = residual.index_put((active,), rows - out.detach())
+            active = None if depth is None else (depth > i)[:, None]
+            level_weight = weight if active is None else weight * active[:, 0]
+            out, idx, level_losses, level_loss = level.quantize_rows(residual, level_weight, sample_ids)
+            if active is not None:
+                out, idx = torch.where(active, out, 0.0), torch.where(active, idx, -1)
+            total = total + out
+            indices.append(idx[:, 0])
+            residual = residual - out.detach()
             for name, value in level_losses.items():
                 losses[f"{name}/level{i}"] = value
             losses["commitment"] = losses["commitment"] + level_losses["commitment"]
             losses["codebook"] = losses["codebook"] + level_losses["codebook"]
             loss = loss + level_loss
-        return self.project_out(total), indices, losses, loss
+        return self.project_out(total), torch.stack(indices, -1), losses, loss
 
     def decode_rows(self, indices: Tensor, num_levels: int | None = None) -> Tensor:
         total = torch.zeros(indices.shape[0], self.code_dim, device=indices.device)

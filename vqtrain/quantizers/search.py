@@ -2,32 +2,54 @@
 
 The search is one matmul per chunk: argmin_k ||c_k||^2 - 2 x.c_k (||x||^2 does
 not change the argmin). Chunking bounds the (rows x codes) score matrix, so a
-65,536-code codebook never materialises a full tokens x codes matrix. On CPU
+65,536-code codebook never materialises a full tokens x codes matrix. The chunk
+is sized for the device (`chunk_elements_for`): on CPU for the cache, on a GPU
+for its free memory, so that a large search is a handful of launches. On CPU
 the bias ||c_k||^2 rides in the matmul as an extra input column of ones (no
 separate pass over the scores) and the argmin runs in two vectorised stages.
+
+Counts and sums by code are scatter-adds into fixed-size buffers (no
+`bincount`, whose output size depends on the data: a host-device sync on CUDA).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-# Float32 elements of one chunk's score matrix: 2^22 = 16 MiB. Small enough to
-# stay in cache between the matmul and the argmin, large enough (64 rows at
+# Float32 elements of one chunk's score matrix on CPU: 2^22 = 16 MiB. Small enough
+# to stay in cache between the matmul and the argmin, large enough (64 rows at
 # 65,536 codes) to keep the matmul efficient.
 DEFAULT_CHUNK_ELEMENTS = 2**22
+# On a GPU: a sixteenth of the free memory, between 16 MiB and 2^28 elements (1 GiB),
+# so that 16,384 rows x 65,536 codes take four launches.
+GPU_CHUNK_ELEMENTS = (2**22, 2**28)
+
+
+@functools.cache
+def chunk_elements_for(device: torch.device) -> int:
+    """Score-matrix elements per chunk on `device` (read once per device)."""
+    if device.type != "cuda":
+        return DEFAULT_CHUNK_ELEMENTS
+    free, _ = torch.cuda.mem_get_info(device)
+    low, high = GPU_CHUNK_ELEMENTS
+    return int(min(max(free // 16 // 4, low), high))
+
+
 # Codes per block of the two-stage argmin on CPU (see `argmin_last`).
 ARGMIN_BLOCK = 128
 
 
 @torch.no_grad()
-def nearest_codes(
-    x: Tensor, codebook: Tensor, cosine: bool = False, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
-) -> Tensor:
+def nearest_codes(x: Tensor, codebook: Tensor, cosine: bool = False, chunk_elements: int | None = None) -> Tensor:
     """x (G, N, d), codebook (G, K, d) -> int64 (G, N) index of the nearest code
-    (the first one among exact ties).
+    (the first one among exact ties). `chunk_elements`: the device's size when None.
 
     For cosine distance both sides must already be l2-normalised."""
+    if chunk_elements is None:
+        chunk_elements = chunk_elements_for(x.device)
     groups, num_rows, dim = x.shape
     num_codes = codebook.shape[1]
     indices = torch.empty(groups, num_rows, dtype=torch.long, device=x.device)
@@ -88,11 +110,14 @@ def gather_codes(codebook: Tensor, indices: Tensor) -> Tensor:
     return rows.view(*indices.shape, dim)
 
 
-def bincount_groups(indices: Tensor, num_codes: int) -> Tensor:
-    """indices (G, N) -> float32 counts (G, K)."""
-    groups = indices.shape[0]
+def count_by_code(indices: Tensor, num_codes: int, weight: Tensor | None = None) -> Tensor:
+    """indices (G, N) -> float32 (G, K) counts (sums of the rows' `weight` (N,), if given).
+    Exact: sums of 0s and 1s stay integers, in any order."""
+    groups, num_rows = indices.shape
     offsets = torch.arange(groups, device=indices.device)[:, None] * num_codes
-    return torch.bincount((indices + offsets).reshape(-1), minlength=groups * num_codes).view(groups, num_codes).float()
+    values = torch.ones(groups * num_rows, device=indices.device) if weight is None else weight.repeat(groups)
+    counts = torch.zeros(groups * num_codes, device=indices.device)
+    return counts.index_add_(0, (indices + offsets).reshape(-1), values).view(groups, num_codes)
 
 
 def sum_by_code(x: Tensor, indices: Tensor, num_codes: int) -> Tensor:
@@ -123,7 +148,7 @@ def kmeans(x: Tensor, fallback: Tensor, iters: int, cosine: bool, generator: tor
     counts = torch.zeros(centroids.shape[:2], device=x.device)
     for _ in range(iters):
         assign = nearest_codes(x, centroids, cosine=cosine)
-        counts = bincount_groups(assign, centroids.shape[1])
+        counts = count_by_code(assign, centroids.shape[1])
         sums = sum_by_code(x, assign, centroids.shape[1])
         updated = sums / counts.clamp_min(1).unsqueeze(-1)
         if cosine:

@@ -10,7 +10,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-from vqtrain.quantizers.search import DEFAULT_CHUNK_ELEMENTS
 from vqtrain.quantizers.vq import VectorQuantizer
 
 
@@ -25,7 +24,7 @@ class SimVQ(VectorQuantizer):
         estimator: str = "rotation",
         commitment_weight: float = 0.25,
         codebook_weight: float = 1.0,
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        chunk_elements: int | None = None,
     ):
         self.learn_basis = bool(learn_basis)
         super().__init__(

@@ -17,7 +17,11 @@ at the uniform share 1/K.
 Restarts move dead codes onto distinct latents of the step, drawn with
 probability proportional to their squared distance from their code (k-means++
 seeding): latents the codebook serves worst first, and never onto a latent a code
-already sits on, so no two codes are ever identical.
+already sits on, so no two codes are ever identical. The draw has fixed shapes,
+so it runs on the device at every step without a host-device sync (it changes
+nothing while no code is dead): a weighted sample without replacement by the
+Gumbel-top-k trick, over distinct latents (copies of one latent pooled, their
+weights summed), all ranks pooled by merging each rank's top candidates.
 
 Initial codes: uniform in [-1/K, 1/K], near the origin (as in VQ-VAE and
 taming-transformers), so the first assignments go by the direction of a latent
@@ -31,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vqtrain.distributed import all_reduce_sum, broadcast, gather_rows, rank
+from vqtrain.distributed import all_gather, all_reduce_sum, broadcast, gather_rows, rank, world_size
 from vqtrain.quantizers.base import (
     ESTIMATORS,
     Quantizer,
@@ -39,16 +43,10 @@ from vqtrain.quantizers.base import (
     check_positive_int,
     check_weight,
     mse,
+    real_rows,
     zero,
 )
-from vqtrain.quantizers.search import (
-    DEFAULT_CHUNK_ELEMENTS,
-    bincount_groups,
-    gather_codes,
-    kmeans,
-    nearest_codes,
-    sum_by_code,
-)
+from vqtrain.quantizers.search import count_by_code, gather_codes, kmeans, nearest_codes, sum_by_code
 from vqtrain.utils import exists, l2norm
 
 
@@ -83,7 +81,7 @@ class VectorQuantizer(Quantizer):
         dead_code_threshold: float = 0.0,
         usage_decay: float = 0.8,
         frozen_codes: list[int] | None = None,
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        chunk_elements: int | None = None,
     ):
         super().__init__(dim)
         self.num_codes = check_positive_int("codebook_size", codebook_size)
@@ -108,7 +106,7 @@ class VectorQuantizer(Quantizer):
             raise ValueError(
                 f"dead_code_threshold is a fraction of the uniform share and must be < 1, got {dead_code_threshold}"
             )
-        self.chunk_elements = check_positive_int("chunk_elements", chunk_elements)
+        self.chunk_elements = None if chunk_elements is None else check_positive_int("chunk_elements", chunk_elements)
 
         if exists(codebook_dim):
             self.code_dim = check_positive_int("codebook_dim", codebook_dim)
@@ -133,6 +131,7 @@ class VectorQuantizer(Quantizer):
         self.register_buffer("usage", torch.zeros(groups, self.num_codes))  # EMA of shares, before bias correction
         self.register_buffer("usage_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("initted", torch.tensor(not self.kmeans_init))
+        self.initted_seen = not self.kmeans_init  # `initted` as last read on the host: read until it is True
 
     def _init_codebook(self, codebook: Tensor) -> None:
         if self.learning == "gradient":
@@ -171,19 +170,32 @@ class VectorQuantizer(Quantizer):
         """(G, N, d) -> (N, D)."""
         return self.project_out(h.transpose(0, 1).reshape(h.shape[1], self.groups * self.code_dim))
 
-    def quantize_rows(self, x: Tensor, sample_ids: Tensor, num_samples: int):
+    def quantize_rows(self, x: Tensor, weight: Tensor, sample_ids: Tensor):
         h = self.to_code_space(x)
-        if self.updating and not bool(self.initted):
-            self._kmeans_init(h.detach())
+        if self.updating and not self.kmeans_done():
+            self._kmeans_init(h.detach(), weight)
         codebook = self.codebook
         indices = nearest_codes(h.detach(), codebook.detach(), self.distance == "cosine", self.chunk_elements)
         q = gather_codes(codebook, indices)
-        losses = {"commitment": mse(h, q.detach())}
-        losses["codebook"] = mse(h.detach(), q) if self.learning == "gradient" else zero(x.device)
+        losses = {"commitment": mse(h.transpose(0, 1), q.detach().transpose(0, 1), weight)}
+        if self.learning == "gradient":
+            losses["codebook"] = mse(h.detach().transpose(0, 1), q.transpose(0, 1), weight)
+        else:
+            losses["codebook"] = zero(x.device)
         if self.updating:
-            self._update_statistics(h.detach(), indices)
+            self._update_statistics(h.detach(), indices, weight)
         out = ESTIMATORS[self.estimator](h, q) if torch.is_grad_enabled() else q
         return self.from_code_space(out), indices.T, losses, self.weigh(losses, self.weights)
+
+    def kmeans_done(self) -> bool:
+        """Whether k-means init has run: one host read of `initted` until it has (it runs once)."""
+        if not self.initted_seen:
+            self.initted_seen = bool(self.initted)
+        return self.initted_seen
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.initted_seen = not self.kmeans_init  # read the loaded `initted` again
 
     def decode_rows(self, indices: Tensor) -> Tensor:
         if bool((indices < 0).any()):
@@ -192,8 +204,10 @@ class VectorQuantizer(Quantizer):
 
     # -- codebook statistics (training forward only) ---------------------
     @torch.no_grad()
-    def _kmeans_init(self, h: Tensor) -> None:
-        """Initialise from the real vectors of the first training batch, all ranks pooled."""
+    def _kmeans_init(self, h: Tensor, weight: Tensor) -> None:
+        """Initialise from the real vectors of the first training batch, all ranks pooled.
+        It runs once, and may sync: it picks the real rows by a boolean index."""
+        h = h[:, weight > 0]
         pooled = gather_rows(h.transpose(0, 1).contiguous()).transpose(0, 1)  # (G, N_all, d)
         if pooled.shape[1] == 0:
             return  # nothing real seen yet: try again on the next batch
@@ -213,64 +227,65 @@ class VectorQuantizer(Quantizer):
         broadcast(counts)
         self._replace_codes(self.update_weight > 0, centroids, counts.clamp_min(1))
         self.initted.fill_(True)
+        self.initted_seen = True
 
     @torch.no_grad()
-    def _update_statistics(self, h: Tensor, indices: Tensor) -> None:
-        counts = all_reduce_sum(bincount_groups(indices, self.num_codes))
+    def _update_statistics(self, h: Tensor, indices: Tensor, weight: Tensor) -> None:
+        """EMA codebook, usage shares and restarts, on the device: a group without a
+        real row anywhere (all ranks) keeps its statistics as they are."""
+        counts = all_reduce_sum(count_by_code(indices, self.num_codes, weight))
         total = counts.sum(-1, keepdim=True)
-        if not bool((total > 0).all()):
-            return  # no real rows anywhere: nothing to learn from
+        learn = total > 0  # (G, 1)
         # restarts weigh latents by their distance to the code they were given, before it moves
-        error = (h - gather_codes(self.codebook, indices)).pow(2).sum(-1) if self.dead_code_threshold > 0 else None
+        if self.dead_code_threshold > 0:
+            error = (h - gather_codes(self.codebook, indices)).pow(2).sum(-1) * weight
         if self.learning == "ema":
-            sums = all_reduce_sum(sum_by_code(h, indices, self.num_codes))
-            self.cluster_size.lerp_(counts, 1 - self.decay)
-            self.embed_sum.lerp_(sums, 1 - self.decay)
+            sums = all_reduce_sum(sum_by_code(real_rows(h, weight), indices, self.num_codes))
+            self.cluster_size.copy_(
+                torch.where(learn, self.cluster_size.lerp(counts, 1 - self.decay), self.cluster_size)
+            )
+            self.embed_sum.copy_(
+                torch.where(learn[..., None], self.embed_sum.lerp(sums, 1 - self.decay), self.embed_sum)
+            )
             size = self.cluster_size.sum(-1, keepdim=True)
             smoothed = (self.cluster_size + self.epsilon) / (size + self.num_codes * self.epsilon) * size
             target = self.embed_sum / smoothed.unsqueeze(-1)
             if self.distance == "cosine":
                 target = l2norm(target)
-            weight = self.update_weight.unsqueeze(-1)
-            self.embed.copy_(torch.where(weight > 0, self.embed.lerp(target, weight), self.embed))
-        self.usage.lerp_(counts / total, 1 - self.usage_decay)
-        self.usage_steps += 1
-        if exists(error):
+            rate = self.update_weight.unsqueeze(-1) * learn[..., None]
+            self.embed.copy_(torch.where(rate > 0, self.embed.lerp(target, rate), self.embed))
+        self.usage.copy_(
+            torch.where(learn, self.usage.lerp(counts / total.clamp_min(1), 1 - self.usage_decay), self.usage)
+        )
+        self.usage_steps += learn.all()
+        if self.dead_code_threshold > 0:
             self._restart_dead_codes(h, error)
 
     def usage_share(self) -> Tensor:
         """(G, K) bias-corrected EMA of each code's share of the assignments."""
-        return self.usage / (1 - self.usage_decay ** int(self.usage_steps))
+        return self.usage / (1 - self.usage_decay**self.usage_steps)
 
     @torch.no_grad()
     def _restart_dead_codes(self, h: Tensor, error: Tensor) -> None:
         """Move dead codes onto distinct real latents of this step (all ranks pooled),
-        drawn with probability proportional to count x squared distance to their code."""
+        drawn without replacement with probability proportional to the summed squared
+        distance of a latent's copies to their code. `error` is 0 for rows that must
+        not be drawn (padding). Fixed shapes throughout: nothing here syncs."""
         dead = (self.usage_share() < self.dead_code_threshold / self.num_codes) & (self.update_weight > 0)
-        if not bool(dead.any()):
-            return
-        pooled = gather_rows(torch.cat([h, error.unsqueeze(-1)], -1).transpose(0, 1).contiguous()).transpose(0, 1)
-        if pooled.shape[1] == 0:
-            return
-        seed = int(torch.randint(2**62, ()))  # drawn on every rank: RNG streams stay aligned
-        generator = torch.Generator().manual_seed(seed)
-        where, codes = torch.zeros_like(dead), self.embed.detach().clone()
-        for g in range(self.groups):
-            rows, copies = pooled[g].unique(dim=0, return_counts=True)  # sorted: independent of the batch layout
-            latents, error = rows[:, :-1], rows[:, -1]
-            # a latent (nearly) on its code would make a twin code: ties then fall to float rounding
-            candidates = (error > 1e-8 * latents.pow(2).sum(-1)).nonzero().squeeze(1)
-            slots = dead[g].nonzero().squeeze(1)[: candidates.numel()]
-            if slots.numel() == 0:
-                continue
-            weights = (error * copies)[candidates].double().cpu()
-            picks = candidates[torch.multinomial(weights, slots.numel(), generator=generator).to(h.device)]
-            broadcast(picks)
-            where[g, slots] = True
-            codes[g, slots] = latents[picks]
+        # a latent (nearly) on its code would make a twin code: ties then fall to float rounding
+        error = torch.where(error > 1e-8 * h.pow(2).sum(-1), error, 0.0)
+        keys, latents = restart_candidates(h, error, self.num_codes)
+        if world_size() > 1:  # every rank's best candidates, merged alike on every rank
+            keys, latents = restart_candidates(
+                flatten_ranks(all_gather(latents)), flatten_ranks(all_gather(keys)), self.num_codes, gathered=True
+            )
+        slot = (dead.cumsum(-1) - 1).clamp_min(0)  # the n-th dead code takes the n-th best candidate
+        where = dead & (keys.gather(1, slot) > -torch.inf)
+        codes = torch.where(where[..., None], latents.gather(1, slot[..., None].expand_as(self.embed)), self.embed)
         sizes = self.cluster_size.mean(-1, keepdim=True).expand_as(dead) if self.learning == "ema" else None
         self._replace_codes(where, codes, sizes)
-        self.usage[where] = (1 - self.usage_decay ** int(self.usage_steps)) / self.num_codes
+        fresh = (1 - self.usage_decay**self.usage_steps) / self.num_codes
+        self.usage.copy_(torch.where(where, fresh, self.usage))
 
     def _replace_codes(self, where: Tensor, codes: Tensor, cluster_size: Tensor | None) -> None:
         """Set the codes selected by `where` (G, K), keeping EMA statistics consistent."""
@@ -280,3 +295,45 @@ class VectorQuantizer(Quantizer):
             self.embed_sum.copy_(
                 torch.where(where.unsqueeze(-1), codes * self.cluster_size.unsqueeze(-1), self.embed_sum)
             )
+
+
+def flatten_ranks(t: Tensor) -> Tensor:
+    """(world, G, M, ...) gathered per rank -> (G, world * M, ...)."""
+    return t.transpose(0, 1).flatten(1, 2)
+
+
+@torch.no_grad()
+def restart_candidates(h: Tensor, weight: Tensor, count: int, gathered: bool = False) -> tuple[Tensor, Tensor]:
+    """The `count` best restart candidates per group, drawn from the rows h (G, N, d)
+    with weights (G, N): (keys (G, count), latents (G, count, d)), best first; a key
+    of -inf marks no candidate (too few rows of weight > 0).
+
+    A weighted sample without replacement by the Gumbel-top-k trick: key = log w + Gumbel
+    noise, the largest keys win. Copies of one latent (equal rows; -0.0 = 0.0) are one
+    candidate with the largest of their keys, which is a draw with their summed weight.
+    Copies are found by sorting on a hash of the row's bits, then comparing neighbours
+    exactly. With `gathered`, `weight` holds keys already drawn (candidates of several
+    ranks, merged): only the pooling of copies and the top-k run again."""
+    groups, num_rows, dim = h.shape
+    h = h + 0.0  # -0.0 -> 0.0: equal values, equal bits
+    if gathered:
+        keys = weight
+    else:
+        uniform = torch.rand(world_size(), groups, num_rows, device=h.device)[rank()]  # each rank its own draw
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1 - 1e-7)))
+        keys = torch.where(weight > 0, weight.clamp_min(1e-38).log() + gumbel, -torch.inf)
+    if num_rows < count:  # too few rows: pad with non-candidates
+        keys = torch.cat([keys, keys.new_full((groups, count - num_rows), -torch.inf)], 1)
+        h = torch.cat([h, h.new_zeros(groups, count - num_rows, dim)], 1)
+        num_rows = count
+    bits = h.view(torch.int32).long()
+    multipliers = torch.arange(1, dim + 1, device=h.device) * 0x5851F42D4C957F2D | 1  # wraps around
+    row_hash = (bits * multipliers).sum(-1)  # wraps around: a hash, exactly equal for equal rows
+    order = keys.sort(dim=-1, descending=True, stable=True).indices  # copies: the best key first ...
+    order = order.gather(1, row_hash.gather(1, order).sort(dim=-1, stable=True).indices)  # ... in runs of one hash
+    sorted_rows = h.gather(1, order[..., None].expand(-1, -1, dim))
+    first_copy = torch.ones(groups, num_rows, dtype=torch.bool, device=h.device)
+    first_copy[:, 1:] = (sorted_rows[:, 1:] != sorted_rows[:, :-1]).any(-1)
+    sorted_keys = torch.where(first_copy, keys.gather(1, order), -torch.inf)
+    best, position = sorted_keys.topk(count, dim=-1)
+    return best, sorted_rows.gather(1, position[..., None].expand(-1, -1, dim))
