@@ -1,11 +1,13 @@
 """Benchmarks, one module each under scripts/benchmarks/ (its docstring says what
 it measures and how): quantizer speed and memory, training-loop overhead, audio
-data throughput, quality against the reference (`bench.py NAME -h`).
+data throughput, quality against the reference, host-device syncs per training
+step (`bench.py NAME -h`).
 
     python scripts/bench.py quantizers --compare vector-quantize-pytorch
     python scripts/bench.py train
     python scripts/bench.py data
     python scripts/bench.py quantizers --device cuda        # on a GPU machine
+    python scripts/bench.py syncs --device cuda             # host-device syncs per training step
 
 Every subcommand prints a table and writes JSON (`--out`, default
 reports/bench-<subcommand>.json) with the raw timings, the machine load
@@ -31,10 +33,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import torch  # noqa: E402
 
-from scripts.benchmarks import data, quality, quantizers, train  # noqa: E402
+from scripts.benchmarks import data, quality, quantizers, syncs, train  # noqa: E402
 from scripts.benchmarks.common import machine_info, write_json  # noqa: E402
 
-BENCHMARKS = {"quantizers": quantizers, "train": train, "data": data, "quality": quality}
+BENCHMARKS = {"quantizers": quantizers, "train": train, "data": data, "quality": quality, "syncs": syncs}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -322,13 +322,44 @@ class NaNLoss(nn.Module):
 
 
 def test_nonfinite_loss_names_the_step_or_is_skipped(tmp_path: Path):
+    """Decided on the device, reported on the host at the next logging step: the first
+    non-finite step is raised naming the step and the tensor, or counted and logged."""
     model = instantiate(compose([*FAST], tmp_path).model).train()
     model.reconstruction = NaNLoss()
     batch = Batch(x=torch.randn(2, 1, 32, 32), index=torch.arange(2), skipped=torch.tensor(0))
-    with pytest.raises(FloatingPointError, match="non-finite train loss at step 0"):
-        model.training_step(batch, 0)
+    assert not bool(model.shared_step(batch, "train").finite)
+    with pytest.raises(FloatingPointError, match=r"non-finite train loss at step 0 \(model\.nonfinite=skip"):
+        model.report_nonfinite()
     model.nonfinite = "skip"
-    assert model.training_step(batch, 0) is None and int(model.skipped_steps) == 1
+    model.report_nonfinite()
+    assert int(model.skipped_steps) == 1 and int(model.nonfinite_step) == -1  # reported: the record is cleared
+    assert model.train_usage.counts.sum() == 0  # a non-finite step's codes are not counted
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_a_masked_update_changes_nothing(optimizer: str, tmp_path: Path):
+    """`mask_update` skips a fused optimizer's step on the device: parameters and state stay bitwise."""
+    model = instantiate(compose([*FAST, f"optimizer={optimizer}"], tmp_path).model).train()
+    opt = model.optimizer_factory(list(model.parameters()))
+    batch = Batch(x=torch.randn(2, 1, 32, 32), index=torch.arange(2), skipped=torch.tensor(0))
+    for finite in (True, False):
+        before = [p.detach().clone() for p in model.parameters()]
+        state = {k: {n: t.clone() for n, t in v.items()} for k, v in opt.state.items()}
+        result = model.shared_step(batch, "train")
+        opt.zero_grad()
+        assert model.mask_update(opt, torch.tensor(finite))
+        (result.loss * (1.0 if finite else float("nan"))).backward()
+        opt.step()
+        changed = [not torch.equal(a, p) for a, p in zip(before, model.parameters())]
+        assert any(changed) if finite else not any(changed)
+        if not finite:
+            assert all(torch.equal(state[k][n], t) for k, v in opt.state.items() for n, t in v.items())
+
+
+def test_an_optimizer_without_found_inf_is_told_on_the_host(tmp_path: Path):
+    model = instantiate(compose([*FAST, "optimizer=adagrad"], tmp_path).model).train()
+    opt = model.optimizer_factory(list(model.parameters()))
+    assert model.mask_update(opt, torch.tensor(True)) and not model.mask_update(opt, torch.tensor(False))
 
 
 def audio_model(tmp_path: Path, *overrides: str):

@@ -38,11 +38,12 @@ class WeightEMA(nn.Module):
         return [getattr(self, f"shadow{i}") for i in range(len(self.params))]
 
     @torch.no_grad()
-    def update(self) -> None:
-        """On the device throughout: reading the count back would sync host and GPU every step."""
-        self.num_updates += 1
+    def update(self, taken: Tensor | bool = True) -> None:
+        """On the device throughout: reading the count back would sync host and GPU every step.
+        `taken` (bool, on the device): False for a step that updated nothing, which changes nothing."""
+        self.num_updates += taken
         n = self.num_updates.float()
-        decay = ((1 + n) / (10 + n)).clamp(max=self.decay)
+        decay = torch.where(torch.as_tensor(taken), ((1 + n) / (10 + n)).clamp(max=self.decay), 1.0)
         for shadow, param in zip(self.shadows(), self.params):
             shadow.sub_((1 - decay) * (shadow - param))
 

@@ -12,9 +12,10 @@ counting hooks switched off (the workaround of Lightning issue #17958, as in
 SimVQ's trainer). So `global_step` is the number of generator steps (batches
 trained on), and `trainer.max_steps`, `discriminator_start`, `model.scheduler`
 (one schedule for both optimisers, stepped once a batch), `log_every_n_steps`,
-`val_check_interval` and the usage windows all count batches. A batch skipped
-for a non-finite loss (`model.nonfinite=skip`) steps neither optimiser and does
-not count.
+`val_check_interval` and the usage windows all count batches. A batch with a
+non-finite loss counts as a step but updates nothing (`model.nonfinite`, see
+`model.py`): both optimisers step with their updates masked on the device, and
+the EMA of the weights stays where it was.
 
 Logged beside the base model's terms: `perceptual_loss`, `adversarial_loss`
 (the generator's, unweighted), `adaptive_weight` (training: 0 before
@@ -38,7 +39,7 @@ from vqtrain.data.batch import Batch
 from vqtrain.discriminators import Judgement
 from vqtrain.ema import WeightEMA
 from vqtrain.losses import check_kind, discriminator_loss, feature_matching_loss, generator_adversarial_loss
-from vqtrain.model import DiscreteAutoencoder, ModelOutput
+from vqtrain.model import NONFINITE, DiscreteAutoencoder, ModelOutput, StepResult
 from vqtrain.utils import exists
 
 log = logging.getLogger(__name__)
@@ -183,36 +184,30 @@ class AdversarialAutoencoder(DiscreteAutoencoder):
         try:
             result = self.shared_step(batch, "train")
             self.training_bookkeeping(result)
-            if result is None:  # skipped: neither optimiser steps, the batch does not count
+            if result is None:  # no readable item: neither optimiser steps, the batch does not count
                 return
-            loss, output = result
             generator_opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            generator_opt.step()
+            if self.mask_update(generator_opt, result.finite):
+                self.manual_backward(result.loss)
+            generator_opt.step()  # counts the batch; no update when masked or without gradients
         finally:
             self.untoggle_optimizer(generator_opt)
         if exists(self.ema):
-            self.ema.update()
+            self.ema.update(result.finite)
         if active:
-            self.discriminator_step(batch, output, discriminator_opt)
+            self.discriminator_step(batch, result, discriminator_opt)
         self.step_schedules()
 
-    def discriminator_step(self, batch: Batch, output: ModelOutput, optimizer: Any) -> None:
+    def discriminator_step(self, batch: Batch, generator: StepResult, optimizer: Any) -> None:
         self.toggle_optimizer(optimizer)
         try:
             real = self.discriminator(batch.x, batch.lengths)
-            fake = self.discriminator(output.x_hat.detach(), batch.lengths)
+            fake = self.discriminator(generator.output.x_hat.detach(), batch.lengths)
             loss = discriminator_loss(real, fake, self.discriminator_loss)
-            try:
-                self.check_finite("discriminator loss", loss)
-            except FloatingPointError as error:
-                if self.nonfinite == "raise":
-                    raise FloatingPointError(f"{error} (model.nonfinite=skip skips such steps instead)") from error
-                self.skipped_steps += 1
-                log.warning("%s: discriminator step skipped (%d so far)", error, int(self.skipped_steps))
-                return
+            finite = self.finite_on_all_ranks(loss, batch, NONFINITE.index("discriminator loss"), generator.finite)
             optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
+            if self.mask_update(optimizer, finite):
+                self.manual_backward(loss)
             uncounted(optimizer).step()
         finally:
             self.untoggle_optimizer(optimizer)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -121,7 +122,8 @@ class SyncWatch(Callback):
     """Records `count` whole training iterations from batch number `first` on (the
     step, backward, optimizer, Lightning's own bookkeeping; not the DataLoader) and
     writes what it saw to `syncs.json` in the run directory: ops per batch and the
-    syncing ops with their source lines. Choose batches that are not logging steps.
+    syncing ops with their source lines; on a CUDA device also the real syncs that
+    `torch.cuda.set_sync_debug_mode` reports. Choose batches that are not logging steps.
 
     python train.py +callbacks.syncs._target_=vqtrain.hostsync.SyncWatch trainer.log_every_n_steps=1000"""
 
@@ -129,9 +131,15 @@ class SyncWatch(Callback):
         self.first, self.count = first, count
         self.batches = 0
         self.recorder: SyncRecorder | None = None
+        self.cuda_warnings: warnings.catch_warnings | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if self.batches == self.first:
+            if pl_module.device.type == "cuda":
+                self.cuda_warnings = warnings.catch_warnings(record=True)
+                self.caught = self.cuda_warnings.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
             self.recorder = SyncRecorder().start()
         elif self.batches == self.first + self.count:
             self.finish(trainer)
@@ -150,4 +158,12 @@ class SyncWatch(Callback):
             "ops_per_batch": recorder.ops / max(batches, 1),
             "syncs": [{"op": op, "where": where, "count": n} for (op, where), n in recorder.syncs.most_common()],
         }
-        (Path(trainer.default_root_dir) / "syncs.json").write_text(json.dumps(record, indent=1))
+        if self.cuda_warnings is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self.cuda_warnings.__exit__(None, None, None)
+            messages = [str(w.message) for w in self.caught if "synchroniz" in str(w.message)]
+            record.update(cuda_syncs=len(messages), cuda_sync_messages=sorted(set(messages))[:20])
+            self.cuda_warnings = None
+        run_dir = Path(trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "syncs.json").write_text(json.dumps(record, indent=1))

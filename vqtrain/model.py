@@ -9,6 +9,15 @@ residual levels `codebook/level0_loss`...), then `utilization`, `perplexity`,
 Training usage figures cover the last `usage_window` steps; validation and test
 figures cover the whole epoch. A dead code went unused for `dead_code_window`
 training steps (in validation and test: over the whole epoch).
+
+A training step never waits on the device (no host-device sync outside logging
+steps): whether its loss is finite is decided on the device, and a non-finite
+step updates nothing. Its optimizer update is masked through the fused
+optimizer's `found_inf` (as `GradScaler` skips steps), its codes are not
+counted, and it is recorded; at the next logging step (or the end of training)
+`model.nonfinite=raise` raises naming the first such step and the tensor, and
+`skip` logs how many were skipped. An optimizer without `found_inf` (not fused)
+is told on the host instead: one sync a step.
 """
 
 from __future__ import annotations
@@ -43,6 +52,8 @@ from vqtrain.utils import (
 log = logging.getLogger(__name__)
 
 STAGES = ("train", "val", "test")
+# what went non-finite, by the code a training step records on the device
+NONFINITE = ("train loss", "input batch.x", "discriminator loss")
 
 
 class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
@@ -92,6 +103,14 @@ class ModelOutput(NamedTuple):
     quantizer: QuantizerOutput
 
 
+class StepResult(NamedTuple):
+    """A step's loss and output, and whether the loss is finite on every rank (bool, on the device)."""
+
+    loss: Tensor
+    output: ModelOutput
+    finite: Tensor
+
+
 class DiscreteAutoencoder(L.LightningModule):
     def __init__(
         self,
@@ -133,6 +152,10 @@ class DiscreteAutoencoder(L.LightningModule):
         self.last_use = LastUse(sizes, dead_code_window)
         self.register_buffer("skipped_items", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        # the first non-finite training step not yet reported, and what went non-finite (NONFINITE)
+        self.register_buffer("nonfinite_step", torch.full((), -1, dtype=torch.long), persistent=False)
+        self.register_buffer("nonfinite_what", torch.zeros((), dtype=torch.long), persistent=False)
+        self.reported_skips = 0  # skipped steps already logged as a warning
         self.latest_usage: dict[str, dict[str, Tensor]] = {}
         self.run_config: dict | None = None  # the resolved run config, saved in checkpoints
         self.resumed_rng_states: dict | None = None  # from the checkpoint resumed, until training starts
@@ -163,8 +186,8 @@ class DiscreteAutoencoder(L.LightningModule):
 
     def forward(self, x: Tensor, mask: Tensor | None = None, lengths: Tensor | None = None) -> ModelOutput:
         z, latent_mask, lengths = self.encode(x, mask, lengths)
-        if is_distributed():  # one rank's non-finite latents must stop every rank before the quantizer's collectives
-            self.check_finite("encoder output", z, latent_mask)
+        if is_distributed() and not self.quantizer.updating:  # the quantizer raises outside training:
+            self.check_finite("encoder output", z, latent_mask)  # all ranks at once, or some would wait
         out = self.quantizer(z, latent_mask)
         return ModelOutput(self.decode(out.quantized, lengths, x.shape[-1]), out)
 
@@ -182,20 +205,67 @@ class DiscreteAutoencoder(L.LightningModule):
     # -- steps -------------------------------------------------------------
     def check_finite(self, name: str, tensor: Tensor, mask: Tensor | None = None) -> None:
         """Raise if any real value is NaN/Inf on any rank: ranks decide together,
-        so a skipped step never leaves the others waiting in a collective."""
-        values = tensor if not exists(mask) else tensor[mask]
+        so a skipped step never leaves the others waiting in a collective. A host
+        read: for validation and test; training steps use `finite_on_all_ranks`."""
+        values = tensor if not exists(mask) else torch.where(mask[..., None], tensor, 0.0)
         finite = all_reduce_min(torch.isfinite(values).all().to(torch.int32))
         if not bool(finite):
             raise FloatingPointError(f"non-finite {name} at step {self.global_step}")
 
     def blame(self, batch: Batch, error: FloatingPointError) -> FloatingPointError:
         """The input, when it is what went non-finite; looked at only once a step has failed."""
-        real = batch.x if batch.mask is None else batch.x[channel_mask(batch.mask, batch.x)]
-        return (
-            error
-            if bool(torch.isfinite(real).all())
-            else FloatingPointError(f"non-finite input batch.x at step {self.global_step}")
-        )
+        if bool(self.input_finite(batch)):
+            return error
+        return FloatingPointError(f"non-finite input batch.x at step {self.global_step}")
+
+    @staticmethod
+    def input_finite(batch: Batch) -> Tensor:
+        real = batch.x if batch.mask is None else torch.where(channel_mask(batch.mask, batch.x), batch.x, 0.0)
+        return torch.isfinite(real).all()
+
+    def finite_on_all_ranks(self, loss: Tensor, batch: Batch, what: int = 0, known: Tensor | None = None) -> Tensor:
+        """Whether `loss` is finite on every rank (bool, on the device). A non-finite one is
+        counted as skipped and, if it is the first since the last report, recorded with what
+        went non-finite (`NONFINITE[what]`, or the input if that is what is) for `report_nonfinite`.
+        `known`: False when this batch was already counted as skipped (the GAN's second loss)."""
+        finite = all_reduce_min(torch.isfinite(loss).to(torch.int32)).bool()
+        if exists(known):
+            finite = finite & known
+        new = ~finite if known is None else ~finite & known
+        first = new & (self.nonfinite_step < 0)
+        self.nonfinite_step.copy_(torch.where(first, self.global_step, self.nonfinite_step))
+        blamed = torch.where(self.input_finite(batch), what, NONFINITE.index("input batch.x"))
+        self.nonfinite_what.copy_(torch.where(first, blamed, self.nonfinite_what))
+        self.skipped_steps += new
+        return finite
+
+    def report_nonfinite(self) -> None:
+        """On logging steps and at the end of training (host reads): raise for the first
+        non-finite step recorded (`model.nonfinite=raise`), or warn of the steps skipped."""
+        if self.nonfinite == "raise":
+            step = int(self.nonfinite_step)
+            if step >= 0:
+                what = NONFINITE[int(self.nonfinite_what)]
+                raise FloatingPointError(
+                    f"non-finite {what} at step {step} (model.nonfinite=skip skips such steps instead)"
+                )
+            return
+        skipped = int(self.skipped_steps)
+        if skipped > self.reported_skips:
+            what, step = NONFINITE[int(self.nonfinite_what)], int(self.nonfinite_step)
+            log.warning("non-finite %s at step %d: step skipped (%d so far)", what, step, skipped)
+            self.reported_skips = skipped
+        self.nonfinite_step.fill_(-1)
+
+    def mask_update(self, optimizer: Any, finite: Tensor) -> bool:
+        """Let `optimizer`'s next step update only if `finite`, decided on the device: a fused
+        optimizer takes `found_inf` (as from `GradScaler`), and skips on the device. Another one
+        is told on the host (a sync): returns False when its step must not run."""
+        inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
+        if getattr(inner, "_step_supports_amp_scaling", False):
+            inner.found_inf = (~finite).float()
+            return True
+        return bool(finite)
 
     def logging_step(self, stage: str) -> bool:
         """Whether Lightning writes this step's logs. Training values logged on other
@@ -212,47 +282,58 @@ class DiscreteAutoencoder(L.LightningModule):
         trainer = self._trainer
         return trainer is not None and (trainer._logger_connector.should_update_logs or bool(trainer.fast_dev_run))
 
-    def shared_step(self, batch: Batch, stage: str) -> tuple[Tensor, ModelOutput] | None:
+    def shared_step(self, batch: Batch, stage: str) -> StepResult | None:
         self.skipped_items += batch.skipped
         if batch.x is None:  # every item unreadable
             return None
-        try:
+        if stage == "train":  # decided on the device: see the module's docstring
             output = self(batch.x, batch.mask, batch.lengths)
             loss, terms = self.objective(batch, output)
-            self.check_finite(f"{stage} loss", loss)  # the step's one check: NaN input or latents end here too
-        except FloatingPointError as failure:
-            error = self.blame(batch, failure)
-            if self.nonfinite == "raise":
-                raise FloatingPointError(f"{error} (model.nonfinite=skip skips such steps instead)") from error
-            self.skipped_steps += 1
-            log.warning("%s: step skipped (%d so far)", error, int(self.skipped_steps))
-            return None
+            finite = self.finite_on_all_ranks(loss, batch)
+        else:
+            try:
+                output = self(batch.x, batch.mask, batch.lengths)
+                loss, terms = self.objective(batch, output)
+                self.check_finite(f"{stage} loss", loss)  # the step's one check: NaN input or latents end here too
+            except FloatingPointError as failure:
+                error = self.blame(batch, failure)
+                if self.nonfinite == "raise":
+                    raise FloatingPointError(f"{error} (model.nonfinite=skip skips such steps instead)") from error
+                log.warning("%s: step skipped", error)
+                return None
+            finite = torch.ones((), dtype=torch.bool, device=loss.device)
 
-        counts = count_codes(output.quantizer.indices, self.quantizer.codebook_sizes)
+        counts = count_codes(output.quantizer.indices, self.quantizer.codebook_sizes) * finite
         self.usage(stage).update(counts)
         if stage == "train":
             self.last_use.update(counts, self.global_step)
-        if self.logging_step(stage):
+        if self.logging_step(stage) and bool(finite):  # a host read, on logging steps only: a skipped step logs nothing
             training = stage == "train"
             options = dict(on_step=training, on_epoch=not training, sync_dist=not training, batch_size=len(batch))
             self.log_dict({f"{stage}/{name}": value.detach() for name, value in terms.items()}, **options)
             self.log(f"{stage}/loss", loss.detach(), prog_bar=True, **options)
-        return loss, output
+        return StepResult(loss, output, finite)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         result = self.shared_step(batch, "train")
         self.training_bookkeeping(result)
-        return None if result is None else result[0]
+        if result is None or not self.mask_update(self.optimizers(), result.finite):
+            return None  # no backward, no update
+        return result.loss
 
-    def training_bookkeeping(self, result: tuple[Tensor, ModelOutput] | None) -> None:
-        """Skip counts on logging steps; the usage window's figures at its last step."""
+    def training_bookkeeping(self, result: StepResult | None) -> None:
+        """Non-finite steps and skip counts on logging steps; the usage window's figures at its last step."""
         if self.logging_step("train"):
+            self.report_nonfinite()
             self.log_dict(
                 {"data/skipped_items": self.skipped_items.float(), "train/skipped_steps": self.skipped_steps.float()},
                 on_step=True,
             )
         if result is not None and (self.global_step + 1) % self.usage_window == 0:
             self.log_usage("train", dead_codes=self.last_use.dead_codes(self.global_step))
+
+    def on_train_end(self) -> None:
+        self.report_nonfinite()  # a non-finite step after the last logging step
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self.shared_step(batch, "val")

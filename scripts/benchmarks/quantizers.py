@@ -47,6 +47,7 @@ from scripts.benchmarks.common import (
     print_table,
     sync,
 )
+from vqtrain.hostsync import SyncRecorder
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 BENCH = REPO / "scripts" / "bench.py"  # runs each case in a child process: `bench.py _case SPEC`
@@ -192,6 +193,10 @@ def run_case(spec: dict) -> dict:
                 if len(times) >= min(3, spec["repeats"]) and time.perf_counter() - started > spec["max_case_seconds"]:
                     break
         peak = None if spec["impl"] == "matmul" else measure_peak(step, device)
+        if spec["impl"] != "matmul":  # aten ops of one step (a stand-in for kernel launches) and syncing ones
+            with SyncRecorder() as recorder:
+                step()
+            result.update(aten_ops=recorder.ops, syncs=sum(recorder.syncs.values()))
     except (RuntimeError, MemoryError) as error:
         if not is_oom(error):
             raise
@@ -374,22 +379,26 @@ def run(args: argparse.Namespace) -> dict:
             else f"{r['status']}" + (f" ({r['note']})" if r.get("note") else "")
         )
 
+    def ops(r: dict | None) -> str | None:
+        return f"{r['aten_ops']}/{r['syncs']}" if r and "aten_ops" in r else None
+
     def pct(r: dict | None) -> str | None:
         return f"{100 * r['fraction_of_matmul_ceiling']:.0f}%" if r and "fraction_of_matmul_ceiling" in r else None
 
     headers = (
-        ["case", "vqtrain", "peak extra"]
-        + (["reference", "peak extra", "speed-up"] if REFERENCE in impls else [])
+        ["case", "vqtrain", "peak extra", "ops/syncs"]
+        + (["reference", "peak extra", "ops/syncs", "speed-up"] if REFERENCE in impls else [])
         + ["% matmul ceiling (ours/ref)"]
     )
     rows = []
     for row in summary:
         ours, ref = row[OURS], row.get(REFERENCE)
-        line = [row["case"], status(ours), fmt_bytes(ours.get("peak_extra_bytes"))]
+        line = [row["case"], status(ours), fmt_bytes(ours.get("peak_extra_bytes")), ops(ours)]
         if REFERENCE in impls:
             line += [
                 status(ref),
                 fmt_bytes(ref.get("peak_extra_bytes")),
+                ops(ref),
                 f"{row['speedup']:.1f}x" if "speedup" in row else None,
             ]
         ceiling = "/".join(p or "-" for p in (pct(ours), pct(ref))) if pct(ours) or pct(ref) else None
