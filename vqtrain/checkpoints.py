@@ -40,7 +40,7 @@ def load_run_checkpoint(path: _PATH, mmap: bool = False) -> dict[str, Any]:
     UnreadableFile naming it. `mmap`: a look at it, its tensors left on disk."""
     checkpoint = load_archive(path, CHECKPOINT, CHECKPOINT_REMEDY, mmap=mmap)
     if not isinstance(checkpoint, dict) or not checkpoint.get(CONFIG_KEY) or "state_dict" not in checkpoint:
-        problem = f"holds no run config (`{CONFIG_KEY}`) or no weights: not a vqtrain training checkpoint"
+        problem = f"holds no run config (`{CONFIG_KEY}`) or no weights"
         raise unreadable(path, problem, CHECKPOINT, "give a checkpoint that vqtrain's training wrote")
     return checkpoint
 

@@ -59,6 +59,7 @@ def run_script(main: Callable[[list[str]], None]) -> None:
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
+    """A StartupError as `error: <its message>` on stderr and exit status 1."""
     try:
         yield
     except StartupError as error:

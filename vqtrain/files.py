@@ -82,11 +82,10 @@ def check_archive(path: _PATH, expected: str, remedy: str) -> None:
             failed = archive.testzip()
     except FileNotFoundError:
         raise MissingPath(f"{path}: no such file (expected {expected})") from None
-    except Exception as error:  # whatever a damaged archive raises (BadZipFile, EOFError, OSError, ...)
-        problem = (
-            "truncated, or not a zip archive as torch.save writes" if isinstance(error, zipfile.BadZipFile) else ""
-        )
-        raise unreadable(path, f"{problem or 'damaged'} ({first_line(error)})", expected, remedy) from error
+    except zipfile.BadZipFile as error:  # no zip archive's directory at its end
+        raise unreadable(path, "truncated, or not a file torch.save wrote", expected, remedy) from error
+    except Exception as error:  # whatever else a damaged archive raises (EOFError, OSError, NotImplementedError, ...)
+        raise unreadable(path, f"damaged: {first_line(error)}", expected, remedy) from error
     if failed is not None:
         raise unreadable(path, f"damaged: its record {failed} fails its CRC check", expected, remedy)
 
@@ -100,7 +99,7 @@ def load_archive(path: _PATH, expected: str, remedy: str, mmap: bool = False) ->
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # an archive torch.load cannot read, whatever it raises
-        raise unreadable(path, f"not readable by torch.load ({first_line(error)})", expected, remedy) from error
+        raise unreadable(path, f"not readable by torch.load: {first_line(error)}", expected, remedy) from error
 
 
 # --- JSON with a checksum: index.json, the audio header cache -----------------------
@@ -110,10 +109,10 @@ def digest(content: dict) -> str:
     return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
 
-def write_checked_json(path: _PATH, content: dict, indent: int | None = None) -> None:
+def write_checked_json(path: _PATH, content: dict) -> None:
     """`content` and, under "sha256", the SHA-256 of its JSON: a changed digit,
     which still parses, is found when the file is read back."""
-    text = json.dumps({**content, CHECKSUM_KEY: digest(content)}, indent=indent) + "\n"
+    text = json.dumps({**content, CHECKSUM_KEY: digest(content)}) + "\n"
     write_atomic(path, lambda file: file.write(text.encode()))
 
 
@@ -126,7 +125,7 @@ def read_checked_json(path: _PATH, expected: str, remedy: str) -> tuple[dict, bo
     except FileNotFoundError:
         raise MissingPath(f"{path}: no such file (expected {expected})") from None
     except (OSError, ValueError) as error:
-        raise unreadable(path, f"truncated or damaged ({first_line(error)})", expected, remedy) from error
+        raise unreadable(path, f"truncated or damaged: {first_line(error)}", expected, remedy) from error
     if not isinstance(content, dict):
         raise unreadable(path, f"holds a JSON {type(content).__name__}, not an object", expected, remedy)
     claimed = content.pop(CHECKSUM_KEY, None)
@@ -137,7 +136,7 @@ def read_checked_json(path: _PATH, expected: str, remedy: str) -> tuple[dict, bo
 
 # --- CSV logs -------------------------------------------------------------------------
 
-CSV_REMEDY = "move it away; the run starts a new log"
+CSV_REMEDY = "restore it from a copy, or move it away (a resumed run starts a new log)"
 
 
 def read_csv_log(path: _PATH) -> tuple[list[str], list[dict[str, str]]]:
@@ -152,14 +151,14 @@ def read_csv_log(path: _PATH) -> tuple[list[str], list[dict[str, str]]]:
     except FileNotFoundError:
         raise MissingPath(f"{path}: no such file (expected {expected})") from None
     except (OSError, ValueError) as error:
-        raise unreadable(path, f"not text ({first_line(error)})", expected, CSV_REMEDY) from error
+        raise unreadable(path, f"not text: {first_line(error)}", expected, CSV_REMEDY) from error
     if text and not text.endswith("\n"):
         log.warning("%s ends in a partial line (a copy cut short?): left out", path)
         text = text[: text.rfind("\n") + 1]
     try:
         lines = list(csv.reader(io.StringIO(text, newline="")))
     except csv.Error as error:
-        raise unreadable(path, f"not CSV ({error})", expected, CSV_REMEDY) from error
+        raise unreadable(path, f"not CSV: {error}", expected, CSV_REMEDY) from error
     header, rows = (lines[0], lines[1:]) if lines else ([], [])
     for number, row in enumerate(rows, start=2):
         if len(row) != len(header):
