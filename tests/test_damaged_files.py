@@ -49,7 +49,7 @@ def flip_inside(path: Path, tensor: torch.Tensor) -> None:
     path.write_bytes(bytes(content))
 
 
-def run_script(*args: str, full_error: bool = False) -> subprocess.CompletedProcess:
+def run_python(*args: str, full_error: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1" if full_error else "0"}
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
 
@@ -84,7 +84,7 @@ def test_resume_auto_skips_a_truncated_last_checkpoint_naming_it(
 def test_a_file_that_is_no_checkpoint_is_refused_in_one_line(tmp_path: Path):
     notes = tmp_path / "notes.txt"
     notes.write_text("epoch 3: loss 0.12\n")
-    result = run_script(
+    result = run_python(
         "train.py", f"hydra.run.dir={tmp_path / 'run'}", *TINY_RUN, "trainer.max_steps=2", f"ckpt_path={notes}"
     )
     assert_one_line(result, f"{notes}: ", "expected a vqtrain training checkpoint")
@@ -96,7 +96,7 @@ def test_eval_of_a_truncated_checkpoint_is_one_line(tiny_run: Path, tmp_path: Pa
     """HYDRA_FULL_ERROR=1 shows the traceback, as for training's own start-up errors."""
     checkpoint = Path(shutil.copy(tiny_run / "last.ckpt", tmp_path / "last.ckpt"))
     cut_short(checkpoint)
-    result = run_script("scripts/eval.py", f"ckpt_path={checkpoint}", "device=cpu", full_error=full_error)
+    result = run_python("scripts/eval.py", f"ckpt_path={checkpoint}", "device=cpu", full_error=full_error)
     if full_error:
         assert result.returncode == 1 and "Traceback" in result.stderr
         assert result.stderr.splitlines()[-1].startswith(f"vqtrain.files.UnreadableFile: {checkpoint}: ")
@@ -108,7 +108,7 @@ def test_decode_of_a_truncated_token_shard_is_one_line(tiny_run: Path, tmp_path:
     shard = tmp_path / "shard-00000.pt"
     save_shard(shard, {**SHARD, "tokens": [torch.arange(64).reshape(8, 8)] * 2})
     cut_short(shard)
-    result = run_script(
+    result = run_python(
         "scripts/decode.py", f"ckpt_path={tiny_run / 'last.ckpt'}", f"tokens={shard}", f"out={tmp_path / 'png'}"
     )
     assert_one_line(result, f"{shard}: ", "expected a token shard", "scripts/encode.py")
