@@ -35,9 +35,10 @@ test: check-pins lint
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
-# FUZZ_CASES generated cases per target (the 19 quantizer set-ups tagged `fuzz` in tests/quantizer_cases.py x 2 entry points, audio files, image files); `make test` runs 60
+# FUZZ_CASES generated cases per target (the 19 quantizer set-ups tagged `fuzz` in tests/quantizer_cases.py x 2 entry points,
+# audio files, image files; damaged files: a checkpoint, a token shard, index.json, the audio header cache); `make test` runs 60
 fuzz: $(STAMP)
-	VQTRAIN_FUZZ_CASES=$(or $(FUZZ_CASES),1000) $(PY) -m pytest -q tests/test_fuzz.py $(ARGS)
+	VQTRAIN_FUZZ_CASES=$(or $(FUZZ_CASES),1000) $(PY) -m pytest -q tests/test_fuzz.py tests/test_fuzz_files.py $(ARGS)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py quantizers --compare vector-quantize-pytorch

@@ -11,6 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
+from vqtrain.cli import run_script
 from vqtrain.report import find_run_dirs, load_run, load_wandb_runs, write_report
 
 
@@ -36,4 +37,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -3,12 +3,11 @@
 python scripts/decode.py ckpt_path=runs/<run>/last.ckpt tokens=tokens/shard-00000.pt out=recon/ [num_levels=2] [device=cpu]
 """
 
-import sys
 from dataclasses import dataclass
 
 from omegaconf import MISSING
 
-from vqtrain.cli import default_device, parse_args
+from vqtrain.cli import default_device, parse_args, run_script
 from vqtrain.tokenizer import load_tokenizer
 from vqtrain.tokens import decode_shard
 
@@ -32,4 +31,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main)

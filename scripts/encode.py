@@ -4,12 +4,11 @@ rerunning resumes, keeping the shards already written.
     python scripts/encode.py ckpt_path=runs/<run>/last.ckpt out=tokens/ [split=train] [shard_size=1000] [data=fsdd] [device=cpu]
 """
 
-import sys
 from dataclasses import dataclass
 
 from omegaconf import MISSING
 
-from vqtrain.cli import default_device, parse_args
+from vqtrain.cli import default_device, parse_args, run_script
 from vqtrain.config import run_config
 from vqtrain.tokenizer import load_tokenizer
 from vqtrain.tokens import encode_split
@@ -34,4 +33,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main)

@@ -6,13 +6,12 @@ with what computed each quality figure under "implementations".
         [metrics=[psnr,ssim,lpips,rfid]]   # quality figures (vqtrain.quality.METRICS); default: the run's
 """
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import MISSING
 
-from vqtrain.cli import default_device, format_table, parse_args, write_json
+from vqtrain.cli import default_device, format_table, parse_args, run_script, write_json
 from vqtrain.config import run_config
 from vqtrain.evaluation import evaluate
 from vqtrain.quality import IMPLEMENTATIONS
@@ -42,4 +41,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_script(main)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import SHARED_DATA
+from helpers import SHARED_DATA, TINY_RUN
 
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -37,3 +37,15 @@ def fsdd_root() -> Path:
     if not FSDD.is_dir() or not any(FSDD.glob("*.wav")):
         pytest.skip(f"real FSDD absent: expected WAV files in {FSDD}")
     return FSDD
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory of 4 steps on the shapes data, validated at steps 2 and 4:
+    step0000002.ckpt, step0000004.ckpt, last.ckpt (step 4), metrics.csv. Read only."""
+    from vqtrain.config import compose
+    from vqtrain.train import train
+
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    train(compose([*TINY_RUN, "trainer.max_steps=4"], run_dir))
+    return run_dir

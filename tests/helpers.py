@@ -1,5 +1,5 @@
 """What several test modules share: the quantizer configs, a CLI run, the metrics a run logged, FSDD batches,
-the check of the model's logging steps against Lightning's."""
+the check of the model's logging steps against Lightning's, the fuzzers' damage and summary line."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import pytest
 import soundfile as sf
 import torch
 from lightning.pytorch import Callback
@@ -18,6 +21,12 @@ from vqtrain.utils import lengths_to_mask
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"  # real MNIST and FSDD, never copied into the repository
+# the shapes data, validated every 2 steps, every validation's step<N>.ckpt kept (conftest's tiny_run)
+TINY_RUN = [
+    *("debug=tiny", "trainer.val_check_interval=2", "test=false", "quantizer.codebook_size=64"),
+    *("data.num_train=32", "data.num_val=16", "data.num_test=16", "data.batch_size=16"),
+    "callbacks.model_checkpoint.save_top_k=-1",
+]
 QUANTIZERS = sorted(path.stem for path in (REPO / "configs" / "quantizer").glob("*.yaml"))  # every quantizer config
 
 
@@ -125,3 +134,27 @@ def check_logging_decisions(run_dir: Path, every: int) -> tuple[int, int]:
     assert [batch for batch, answer in enumerate(decided) if answer] == written
     assert decided == [(batch + 1) % every == 0 for batch in range(len(decided))]
     return len(decided), record["global_step"]
+
+
+# --- fuzzing ------------------------------------------------------------------------------
+
+
+def truncate(rng: np.random.Generator, whole: bytes) -> bytes:
+    return whole[: int(rng.integers(0, len(whole)))]
+
+
+def mutate(rng: np.random.Generator, whole: bytes, span: int | None = None) -> bytes:
+    """`whole` with 1-7 bytes overwritten at random, among its first `span` (default: anywhere)."""
+    content = bytearray(whole)
+    for spot in rng.integers(0, min(len(content), span or len(content)), int(rng.integers(1, 8))):
+        content[spot] = int(rng.integers(0, 256))
+    return bytes(content)
+
+
+def write_outcomes(request: pytest.FixtureRequest, outcomes: Counter, what: str) -> None:
+    """One line in the terminal summary with the number of fuzz cases and how they ended."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and outcomes:
+        ends = ", ".join(f"{target} {end}: {count}" for (target, end), count in sorted(outcomes.items()))
+        with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+            reporter.write_line(f"\nfuzz: {sum(outcomes.values())} {what} ({ends})")

@@ -24,7 +24,7 @@ from torch import nn
 
 from helpers import column, global_step, read_metrics
 from vqtrain.callbacks import forward_sigusr1
-from vqtrain.checkpoints import AtomicCheckpointIO, resume_path
+from vqtrain.checkpoints import AtomicCheckpointIO, resumable, resume_path
 from vqtrain.config import compose
 from vqtrain.data.audio import AudioFolder
 from vqtrain.data.batch import Batch
@@ -445,15 +445,17 @@ def test_checkpoints_are_atomic_by_default(tmp_path: Path):
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
-def test_resume_auto_takes_the_newest_checkpoint(tmp_path: Path):
+def test_resume_auto_tries_the_newest_checkpoint_first(tmp_path: Path):
+    """Those written to continue from first, newest first; then the best validation's."""
     cfg = OmegaConf.create({"ckpt_path": None, "resume": "auto", "paths": {"output_dir": str(tmp_path)}})
     assert resume_path(cfg) is None
-    for age, name in enumerate(["hpc_ckpt_2.ckpt", "last.ckpt", "hpc_ckpt_1.ckpt"]):
+    for age, name in enumerate(["step0000009.ckpt", "hpc_ckpt_2.ckpt", "last.ckpt", "hpc_ckpt_1.ckpt"]):
         (tmp_path / name).write_bytes(b"")
         os.utime(tmp_path / name, ns=(0, 10**9 * (10 - age)))
-    assert resume_path(cfg) == str(tmp_path / "hpc_ckpt_2.ckpt")  # Lightning's save on SLURM's requeue signal
+    order = ["hpc_ckpt_2.ckpt", "last.ckpt", "hpc_ckpt_1.ckpt", "step0000009.ckpt"]  # hpc: SLURM's requeue signal
+    assert [path.name for path in resumable(tmp_path)] == order
     os.utime(tmp_path / "last.ckpt", ns=(0, 10**9 * 11))
-    assert resume_path(cfg) == str(tmp_path / "last.ckpt")
+    assert [path.name for path in resumable(tmp_path)][:2] == ["last.ckpt", "hpc_ckpt_2.ckpt"]
     assert resume_path(OmegaConf.merge(cfg, {"resume": "never"})) is None
     with pytest.raises(ValueError, match="resume must be 'auto' or 'never', got 'yes'"):
         resume_path(OmegaConf.merge(cfg, {"resume": "yes"}))

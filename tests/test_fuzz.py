@@ -28,6 +28,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
+from helpers import mutate, truncate, write_outcomes
 from quantizer_cases import FUZZ, select
 from vqtrain.data.audio import AudioFolder, pad_collate
 from vqtrain.data.common import SkippingDataset, collate_skipping
@@ -46,13 +47,8 @@ OUTCOMES: Counter = Counter()
 
 @pytest.fixture(scope="module", autouse=True)
 def report(request: pytest.FixtureRequest) -> Iterator[None]:
-    """One line in the terminal summary with the number of cases and how they ended."""
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and OUTCOMES:
-        ends = ", ".join(f"{target} {end}: {count}" for (target, end), count in sorted(OUTCOMES.items()))
-        with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
-            reporter.write_line(f"\nfuzz: {sum(OUTCOMES.values())} cases ({ends})")
+    write_outcomes(request, OUTCOMES, "cases")
 
 
 class Hang(Exception):
@@ -282,18 +278,6 @@ def lying_wav_header(rng: np.random.Generator) -> bytes:
     )
     header = b"RIFF" + struct.pack("<I", riff_size) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
     return header + b"data" + struct.pack("<I", data_size) + rng.bytes(int(rng.integers(0, 200)))
-
-
-def truncate(rng: np.random.Generator, whole: bytes) -> bytes:
-    return whole[: int(rng.integers(0, len(whole)))]
-
-
-def mutate(rng: np.random.Generator, whole: bytes, span: int | None = None) -> bytes:
-    """`whole` with 1-7 bytes overwritten at random, among its first `span` (default: anywhere)."""
-    content = bytearray(whole)
-    for spot in rng.integers(0, min(len(content), span or len(content)), int(rng.integers(1, 8))):
-        content[spot] = int(rng.integers(0, 256))
-    return bytes(content)
 
 
 def bad_audio(rng: np.random.Generator) -> tuple[str, bytes, str]:

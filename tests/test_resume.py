@@ -6,6 +6,8 @@ is known)."""
 
 from __future__ import annotations
 
+import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,8 +117,34 @@ def test_resume_equals_a_run_never_stopped(validated: bool, where: str, data: st
     fit(tmp_path / "whole", end, *overrides)
     fit(tmp_path / "first", stop, *overrides)
     fit(tmp_path / "second", end, *overrides, f"ckpt_path={tmp_path / 'first' / 'last.ckpt'}")
+    assert_same_run(tmp_path / "whole", tmp_path / "second", stop, end)
 
-    whole, resumed = (torch.load(tmp_path / run / "last.ckpt", weights_only=True) for run in ("whole", "second"))
+
+def test_resume_auto_past_a_truncated_last_checkpoint_equals_a_run_never_stopped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A copy of a run directory whose last.ckpt was cut short (a partial copy):
+    resume=auto skips it, named, and continues from the validation's
+    step<stop>.ckpt, as the run that was never stopped went on from there."""
+    stop, end = STEPS_PER_EPOCH + 2, 3 * STEPS_PER_EPOCH
+    overrides = [*SHAPES, f"model.scheduler.total_steps={end}", f"trainer.val_check_interval={stop}"]
+    fit(tmp_path / "whole", end, *overrides)
+    fit(tmp_path / "first", stop, *overrides)
+    resumed = Path(shutil.copytree(tmp_path / "first", tmp_path / "resumed"))
+    last = resumed / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])
+    with caplog.at_level(logging.INFO):
+        fit(resumed, end, *overrides)
+    assert f"skipped an unreadable checkpoint: {last}: truncated" in caplog.text
+    assert f"resuming from {resumed / f'step{stop:07d}.ckpt'}" in caplog.text
+    trained = [int(row["step"]) for row in read_metrics(resumed) if row["train/loss"]]
+    assert trained == list(range(end))  # steps 0 to stop - 1 by the first run, the rest once: not from scratch
+    assert_same_run(tmp_path / "whole", resumed, stop, end)
+
+
+def assert_same_run(whole_dir: Path, resumed_dir: Path, stop: int, end: int) -> None:
+    """The resumed run's last checkpoint and its rows from `stop` on are those of the run never stopped."""
+    whole, resumed = (torch.load(run / "last.ckpt", weights_only=True) for run in (whole_dir, resumed_dir))
     assert whole["global_step"] == resumed["global_step"] == end
     for key, value in whole["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
@@ -133,7 +161,7 @@ def test_resume_equals_a_run_never_stopped(validated: bool, where: str, data: st
     assert whole["optimizer_states"][0]["param_groups"] == resumed["optimizer_states"][0]["param_groups"]
     for a, b in zip(whole["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
-    rows, resumed_rows = train_rows(tmp_path / "whole", stop), train_rows(tmp_path / "second", stop)
+    rows, resumed_rows = train_rows(whole_dir, stop), train_rows(resumed_dir, stop)
     assert len(rows) == end - stop and [row["step"] for row in resumed_rows] == [row["step"] for row in rows]
     assert column(resumed_rows, "train/utilization")  # the usage window was logged too
     for resumed, whole_row in zip(resumed_rows, rows):
@@ -141,7 +169,7 @@ def test_resume_equals_a_run_never_stopped(validated: bool, where: str, data: st
         assert {key: resumed[key] for key in logged} == {key: whole_row[key] for key in logged}
         # Lightning repeats a window's usage figures in the later rows of its epoch; a resumed run starts without them
         assert all(key.startswith(USAGE_FIGURES) for key, value in whole_row.items() if value and key not in logged)
-    assert validations(tmp_path / "second", stop) == validations(tmp_path / "whole", stop) != []
+    assert validations(resumed_dir, stop) == validations(whole_dir, stop) != []
 
 
 def rates(total_steps: int, steps: int, checkpoint: dict | None = None) -> tuple[list[float], dict]:

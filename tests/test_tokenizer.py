@@ -31,7 +31,7 @@ from vqtrain.data.audio import normalize_loudness
 from vqtrain.data.common import split_dataset
 from vqtrain.evaluation import evaluate
 from vqtrain.tokenizer import Tokenizer, load_tokenizer
-from vqtrain.tokens import decode_shard, encode_split
+from vqtrain.tokens import decode_shard, encode_split, load_index
 from vqtrain.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,7 +295,7 @@ def test_encode_resumes_from_the_shards_already_written(audio_run: Path, tmp_pat
     shard = torch.load(tmp_path / "shard-00001.pt", weights_only=True)
     old = torch.load(io.BytesIO(before["shard-00001.pt"][1]), weights_only=True)
     assert shard["ids"] == old["ids"] and all(torch.equal(a, b) for a, b in zip(shard["tokens"], old["tokens"]))
-    assert json.loads((tmp_path / "index.json").read_text()) == index
+    assert load_index(tmp_path) == index
     with pytest.raises(ValueError, match="fresh out directory"):
         encode_split(tokenizer, cfg, "test", tmp_path, shard_size=5)
 
@@ -318,7 +318,7 @@ def test_decode_writes_clips_at_the_run_sample_rate(audio_run: Path, tmp_path: P
 def test_encode_and_decode_scripts_on_images(image_run, tmp_path: Path):
     checkpoint = image_run("rvq") / "last.ckpt"
     script("encode", ckpt_path=checkpoint, out=tmp_path / "tokens", split="test", shard_size=10, device="cpu")
-    index = json.loads((tmp_path / "tokens" / "index.json").read_text())
+    index = load_index(tmp_path / "tokens")
     assert [item["id"] for item in index["items"]] == list(range(24))
     assert [item["shape"] for item in index["items"]] == [[8, 8, 4]] * 24
     assert index["shards"] == ["shard-00000.pt", "shard-00001.pt", "shard-00002.pt"]

@@ -1,13 +1,11 @@
-"""Files that appear whole or not at all, and the checkpoints of a run: how
-they are written, which one a run continues from, what they carry."""
+"""The checkpoints of a run: how they are written, which one a run continues
+from, what they carry."""
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from lightning.fabric.utilities.types import _PATH
@@ -15,34 +13,14 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig
 
 from vqtrain.config import InvalidConfig, Required
+from vqtrain.files import UnreadableFile, load_archive, unreadable, write_atomic
 
 log = logging.getLogger(__name__)
 
 CONFIG_KEY = "vqtrain_config"  # the resolved run config, in every training checkpoint
 MODALITY_KEY = "vqtrain_modality"  # "image" or "audio": what the model was trained on
-
-
-def write_atomic(path: _PATH, write: Callable[[BinaryIO], Any]) -> None:
-    """`write(file)` into a hidden temporary file next to `path`, fsync, rename
-    over `path`: a file that exists is complete, and a kill mid-write leaves the
-    previous one. The temporary file is removed if `write` fails."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a power cut
-    finally:
-        os.close(directory)
+CHECKPOINT = "a vqtrain training checkpoint"
+CHECKPOINT_REMEDY = "restore it from a copy, or use another checkpoint of the run"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -56,28 +34,63 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         write_atomic(path, lambda file: torch.save(checkpoint, file))
 
 
+def load_run_checkpoint(path: _PATH, mmap: bool = False) -> dict[str, Any]:
+    """A training checkpoint, checked: one that is truncated, damaged (a record
+    fails its CRC) or not a training checkpoint (no run config) is an
+    UnreadableFile naming it. `mmap`: a look at it, its tensors left on disk."""
+    checkpoint = load_archive(path, CHECKPOINT, CHECKPOINT_REMEDY, mmap=mmap)
+    if not isinstance(checkpoint, dict) or not checkpoint.get(CONFIG_KEY) or "state_dict" not in checkpoint:
+        problem = f"holds no run config (`{CONFIG_KEY}`) or no weights"
+        raise unreadable(path, problem, CHECKPOINT, "give a checkpoint that vqtrain's training wrote")
+    return checkpoint
+
+
 def resume_path(cfg: DictConfig) -> str | None:
-    """An explicit `ckpt_path`, else with resume=auto the run directory's newest
-    checkpoint to continue from: last.ckpt, a last-v<n>.ckpt (what ModelCheckpoint
-    wrote in run directories of earlier versions), or an hpc_ckpt_<n>.ckpt that
-    Lightning saved on SLURM's requeue signal."""
+    """An explicit `ckpt_path`, else with resume=auto the newest readable
+    checkpoint of the run directory (see `resumable`), each one skipped named in
+    a warning. Checked before anything is built: a damaged `ckpt_path`, or a run
+    directory whose checkpoints are all unreadable, is an UnreadableFile rather
+    than a run started from scratch over an existing one."""
     if cfg.ckpt_path:
         Required("ckpt_path", Path(cfg.ckpt_path), "a checkpoint to resume from", folder=False).check()
+        load_run_checkpoint(cfg.ckpt_path, mmap=True)
         return str(cfg.ckpt_path)
     if cfg.resume not in ("auto", "never"):
         raise InvalidConfig(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
+    if cfg.resume == "never":
+        return None
     run_dir = Path(cfg.paths.output_dir)
-    saved = [path for pattern in ("last*.ckpt", "hpc_ckpt_*.ckpt") for path in run_dir.glob(pattern) if path.is_file()]
-    if cfg.resume == "auto" and saved:
-        newest = max(saved, key=lambda path: path.stat().st_mtime_ns)
-        log.info("resuming from %s", newest)
-        return str(newest)
+    skipped: list[UnreadableFile] = []
+    for path in resumable(run_dir):
+        try:
+            load_run_checkpoint(path, mmap=True)
+        except UnreadableFile as error:
+            log.warning("resume=auto skipped an unreadable checkpoint: %s", error)
+            skipped.append(error)
+            continue
+        log.info("resuming from %s", path)
+        return str(path)
+    if skipped:
+        raise UnreadableFile(
+            f"resume=auto: no readable checkpoint in {run_dir} "
+            f"({'; '.join(f'{error.path.name}: {error.problem}' for error in skipped)}): "
+            "restore one from a copy, or start afresh in another run directory or with resume=never"
+        )
     return None
 
 
-def load_run_checkpoint(path: _PATH) -> dict[str, Any]:
-    """A training checkpoint, refused with a clear error when it carries no run config."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not checkpoint.get(CONFIG_KEY):
-        raise ValueError(f"{path} holds no run config (`{CONFIG_KEY}`): not a vqtrain training checkpoint")
-    return checkpoint
+def resumable(run_dir: Path) -> list[Path]:
+    """The order resume=auto tries a run directory's checkpoints in: newest first
+    (by mtime, as Lightning orders them) those written to continue from: last.ckpt,
+    a last-v<n>.ckpt (ModelCheckpoint's, in run directories of earlier versions),
+    an hpc_ckpt_<n>.ckpt (Lightning's save on SLURM's requeue signal); then,
+    should none of them be readable, the others (the best validation's
+    step<N>.ckpt), newest first. Kept apart, since a copy of the folder (cp -r)
+    gives its files new mtimes in the order they were copied."""
+
+    def newest_first(paths: set[Path]) -> list[Path]:
+        return sorted(paths, key=lambda path: path.stat().st_mtime_ns, reverse=True)
+
+    latest = {path for pattern in ("last*.ckpt", "hpc_ckpt_*.ckpt") for path in run_dir.glob(pattern) if path.is_file()}
+    others = {path for path in run_dir.glob("*.ckpt") if path.is_file()} - latest
+    return newest_first(latest) + newest_first(others)

@@ -1,19 +1,22 @@
-"""What the scripts share: typed `key=value` arguments, the default device,
-tables and JSON files. The scripts in `scripts/` only parse arguments and call
-the package."""
+"""What the scripts share: typed `key=value` arguments, one-line errors, the
+default device, tables and JSON files. The scripts in `scripts/` only parse
+arguments and call the package."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-import torch
 from omegaconf import OmegaConf
 
-from vqtrain.checkpoints import write_atomic
+from vqtrain.config import StartupError
+from vqtrain.files import write_atomic
 
 Schema = TypeVar("Schema")
 
@@ -32,6 +35,8 @@ def parse_args(schema: type[Schema], argv: Sequence[str]) -> tuple[Schema, list[
 
 
 def default_device() -> str:
+    import torch  # here: the report script needs no torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -40,5 +45,24 @@ def format_table(figures: dict[str, float]) -> str:
     return "\n".join(f"{name:<{width}}  {value:>14.6g}" for name, value in figures.items())
 
 
-def write_json(path: Path, content: dict, indent: int | None = 2) -> None:
-    write_atomic(path, lambda file: file.write((json.dumps(content, indent=indent) + "\n").encode()))
+def write_json(path: Path, content: dict) -> None:
+    write_atomic(path, lambda file: file.write((json.dumps(content, indent=2) + "\n").encode()))
+
+
+def run_script(main: Callable[[list[str]], None]) -> None:
+    """`main(sys.argv[1:])`; an error the user fixes (a setting, a path, a
+    damaged file: StartupError) ends in one line `error: ...` and exit status 1,
+    without a traceback unless HYDRA_FULL_ERROR=1, as in training."""
+    with one_line_errors():
+        main(sys.argv[1:])
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """A StartupError as `error: <its message>` on stderr and exit status 1."""
+    try:
+        yield
+    except StartupError as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.exit(f"error: {error}")

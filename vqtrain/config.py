@@ -41,8 +41,9 @@ ABSENT = object()
 
 
 class StartupError(Exception):
-    """A setting refused at start-up, before anything is built: the CLI prints
-    its message as one line, without a traceback (HYDRA_FULL_ERROR=1 shows it)."""
+    """An error the user fixes (a setting, a path, a damaged file), mostly found
+    at start-up, before anything is built: the CLI and the scripts print its
+    message as one line, without a traceback (HYDRA_FULL_ERROR=1 shows it)."""
 
 
 class InvalidConfig(StartupError, ValueError):

@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
-import csv
+import logging
+import os
+from pathlib import Path
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from vqtrain.files import UnreadableFile, read_csv_log
+
+log = logging.getLogger(__name__)
+
 
 class AppendingWriter(ExperimentWriter):
-    """Lightning's writer deletes an existing metrics.csv; this one keeps it and its columns."""
+    """Lightning's writer deletes an existing metrics.csv; this one keeps it and
+    its columns. A log cut short loses its partial last line, so that the rows
+    appended start on a line of their own; one that is not the log's CSV (a
+    damaged copy) is moved aside, named in a warning, and a new log started."""
 
     def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-                self.metrics_keys = next(csv.reader(file), [])
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        try:
+            self.metrics_keys = read_csv_log(path)[0]
+        except UnreadableFile as error:
+            aside = path.with_name(f"{path.stem}.damaged{path.suffix}")
+            path.replace(aside)
+            log.warning("%s: %s; moved to %s, logging to a new %s", path, error.problem, aside.name, path.name)
+            return
+        content = path.read_bytes()
+        os.truncate(path, content.rfind(b"\n") + 1)  # a partial last line, if any, off
 
 
 class ResumableCSVLogger(CSVLogger):

@@ -14,7 +14,6 @@ missing is named in the notes.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import math
 import re
@@ -27,6 +26,8 @@ import yaml
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
+
+from vqtrain.files import CSV_REMEDY, read_csv_log, unreadable
 
 # table columns beside method, data and size: (header, metric whose last value is shown, format)
 COLUMNS = [
@@ -134,15 +135,15 @@ def find_run_dirs(roots: Iterable[str | Path]) -> list[Path]:
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
-    """Lightning's CSV log: a row per logging step, filled only where something was logged."""
-    if not path.is_file() or path.stat().st_size == 0:
+    """Lightning's CSV log: a row per logging step, filled only where something
+    was logged; a damaged one is an UnreadableFile naming it."""
+    if not path.is_file():
         return []
-    with path.open(newline="") as file:
-        return [
-            {key: float(value) for key, value in row.items() if key and value not in (None, "")}
-            for row in csv.DictReader(file)
-            if row.get("step")
-        ]
+    rows = read_csv_log(path)[1]
+    try:
+        return [{key: float(value) for key, value in row.items() if key and value} for row in rows if row.get("step")]
+    except ValueError as error:
+        raise unreadable(path, f"damaged: {error}", "a CSV log of numbers", CSV_REMEDY) from error
 
 
 def describe(

@@ -5,15 +5,18 @@ A shard (`shard-00000.pt`, torch.save of a dict) holds `format_version`,
 item in split order `ids` (file path or position), `index` (position in the
 split), `tokens` (int64: images (H', W'[, Q]), audio (ceil(length / stride)[, Q])
 without padding) and, for audio, `lengths` in samples (else None); `skipped`
-lists unreadable items. `index.json` beside the shards lists every item.
+lists unreadable items. `index.json` beside the shards lists every item, and
+the SHA-256 of its content under "sha256" (`load_index` reads it).
 
 Versions: 1 adds `format_version` to the layout of the unversioned shards of
 earlier releases, which are read as version 0. A newer or unknown version is
-refused with an error naming it.
+refused with an error naming it. Shards are checked as they are read (see
+`vqtrain.files.check_archive`): a damaged one is an error naming it.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import soundfile
@@ -25,14 +28,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from vqtrain.checkpoints import write_atomic
-from vqtrain.cli import write_json
 from vqtrain.data.common import DataModule, SkippingDataset, item_id, split_dataset
+from vqtrain.files import UnreadableFile, load_archive, read_checked_json, write_atomic, write_checked_json
 from vqtrain.tokenizer import Tokenizer
 from vqtrain.utils import ceil_div, exists
 
 FORMAT_VERSION = 1
 READABLE_VERSIONS = (0, 1)  # 0: the unversioned shards of earlier releases, same layout
+SHARD = "a token shard written by scripts/encode.py"
+REWRITE = "delete it and run scripts/encode.py again with the same out= (it keeps the other shards)"
+
+log = logging.getLogger(__name__)
 
 
 def save_shard(path: Path, shard: dict) -> None:
@@ -41,7 +47,7 @@ def save_shard(path: Path, shard: dict) -> None:
 
 
 def load_shard(path: str | Path) -> dict:
-    shard = torch.load(path, weights_only=True)
+    shard = load_archive(path, SHARD, REWRITE)
     version = shard.get("format_version", 0)
     if version not in READABLE_VERSIONS:
         raise ValueError(
@@ -51,12 +57,23 @@ def load_shard(path: str | Path) -> dict:
     return shard
 
 
+def load_index(out_dir: str | Path) -> dict:
+    """`out_dir`/index.json, checked against its checksum; one written before
+    index files carried a checksum is read with a warning that it is unverified."""
+    path = Path(out_dir) / "index.json"
+    index, checked = read_checked_json(path, "the index.json scripts/encode.py writes", REWRITE)
+    if not checked:
+        log.warning("%s carries no checksum (written by an earlier vqtrain): read unverified", path)
+    return index
+
+
 def encode_split(
     tokenizer: Tokenizer, cfg: DictConfig, split: str, out_dir: str | Path, shard_size: int = 1000
 ) -> dict:
     """Tokens of every item of a split, in split order, as shards of `shard_size`
     items and `index.json`. Shards already written are kept (each is written
-    whole, by rename), so an interrupted run resumes."""
+    whole, by rename), so an interrupted run resumes; a damaged one is encoded
+    again, named in a warning."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     out_dir = Path(out_dir)
@@ -68,8 +85,8 @@ def encode_split(
     with tqdm(total=len(dataset), unit="item", desc=f"encode {split}") as progress:
         for number, start in enumerate(range(0, len(dataset), shard_size)):
             path = out_dir / f"shard-{number:05d}.pt"
-            if path.is_file():
-                shard = load_shard(path)
+            shard = read_written_shard(path)
+            if shard is not None:
                 if shard["meta"] != meta:
                     raise ValueError(
                         f"{path} was written by another run ({shard['meta']}, now {meta}): use a fresh out directory"
@@ -89,8 +106,19 @@ def encode_split(
                     item["length"] = shard["lengths"][i]
                 items.append(item)
     index = {**meta, **tokenizer.describe(), "shards": shards, "items": items, "skipped": skipped}
-    write_json(out_dir / "index.json", index, indent=None)  # compact: it lists every item
+    write_checked_json(out_dir / "index.json", index)  # compact: it lists every item
     return index
+
+
+def read_written_shard(path: Path) -> dict | None:
+    """A shard an earlier run wrote, or None: not written yet, or damaged (said in a warning)."""
+    if not path.is_file():
+        return None
+    try:
+        return load_shard(path)
+    except UnreadableFile as error:
+        log.warning("%s: %s; encoding it again", path, error.problem)
+        return None
 
 
 def encode_shard(tokenizer: Tokenizer, datamodule: DataModule, dataset: Dataset, positions: range) -> dict:

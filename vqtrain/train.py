@@ -6,8 +6,6 @@ python train.py quantizer=fsq data=mnist trainer.max_steps=200
 from __future__ import annotations
 
 import logging
-import os
-import sys
 
 import hydra
 import lightning as L
@@ -15,7 +13,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vqtrain.checkpoints import resume_path
-from vqtrain.config import CONFIG_DIR, InvalidConfig, StartupError, check_config, check_paths, register_resolvers
+from vqtrain.cli import one_line_errors
+from vqtrain.config import CONFIG_DIR, InvalidConfig, check_config, check_paths, register_resolvers
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +61,10 @@ def finish_wandb() -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
-    """A start-up error is one line naming the key, not a traceback, unless
-    HYDRA_FULL_ERROR=1 (as for Hydra's own errors)."""
-    try:
+    """A start-up error (a setting, a path, a damaged file) is one line, not a
+    traceback, unless HYDRA_FULL_ERROR=1 (as for Hydra's own errors)."""
+    with one_line_errors():
         train(cfg)
-    except StartupError as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

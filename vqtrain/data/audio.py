@@ -13,7 +13,6 @@ MSE loss would otherwise hardly see the quiet ones.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -31,8 +30,8 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from ..checkpoints import write_atomic
 from ..config import Required
+from ..files import read_checked_json, unreadable, write_checked_json
 from ..utils import ceil_div, default, lengths_to_mask
 from .batch import Batch
 from .common import DataModule, UnreadableItem, collate_skipping, hash_fraction
@@ -43,7 +42,8 @@ log = logging.getLogger(__name__)
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif")  # what libsndfile >= 1.1 decodes
 LAYOUT = f"a folder tree of {'/'.join(AUDIO_EXTENSIONS)} files, at any depth (other files are ignored)"
 DECODE_ERRORS = (sf.SoundFileError, RuntimeError, OSError)
-CACHE_VERSION = 2  # 2: headers that claim more frames than the file can hold are unusable
+# 2: headers that claim more frames than the file can hold are unusable; 3: a checksum of the content
+CACHE_VERSION = 3
 # libsndfile's WAV header dump says "data : <declared> (should be <present>)" when the data chunk is cut short
 TRUNCATED = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 # torchaudio's resampling kernel has about (old / g) * (new / g) taps, g = gcd(old, new): at most 441 * 640
@@ -132,23 +132,35 @@ def cache_locations(root: Path, cache_dir: str | Path | None) -> list[Path]:
     return [user_cache / name]
 
 
+CACHE = "vqtrain's audio header cache"
+CACHE_REMEDY = "nothing to do: every header is read again, and the cache written anew"
+
+
 def load_cache(locations: list[Path]) -> dict[str, list]:
+    """The cached headers, or none (every header read again): when there is no
+    cache, it is of another version, or it is damaged (said in a warning)."""
     for path in locations:
         try:
-            cache = json.loads(path.read_text())
-        except (OSError, ValueError):
+            cache, checked = read_checked_json(path, CACHE, CACHE_REMEDY)
+        except FileNotFoundError:
             continue
-        if isinstance(cache, dict) and cache.get("version") == CACHE_VERSION:
-            return cache["files"]
+        except ValueError as error:
+            log.warning("%s", error)
+            continue
+        if cache.get("version") != CACHE_VERSION:
+            continue
+        if not checked or not isinstance(cache.get("files"), dict):
+            log.warning("%s", unreadable(path, "damaged: no checksum or no files", CACHE, CACHE_REMEDY))
+            continue
+        return cache["files"]
     return {}
 
 
 def save_cache(locations: list[Path], entries: dict[str, list]) -> None:
     """Atomic write to the first writable location (ranks may scan at once); failing only costs a rescan."""
-    text = json.dumps({"version": CACHE_VERSION, "files": entries})
     for path in locations:
         try:
-            write_atomic(path, lambda file: file.write(text.encode()))
+            write_checked_json(path, {"version": CACHE_VERSION, "files": entries})
             return
         except OSError:
             continue
