@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.accelerators.cuda import is_cuda_available
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..config import Required
@@ -131,7 +132,7 @@ class DataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.workers_setting = num_workers
         self.pin_setting = pin_memory
-        self.standalone_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.standalone_device: torch.device | None = None  # where batches go without a trainer (benchmarks, tests)
         self.strict = strict
         self.order_seed = torch.initial_seed() % 2**63  # batch order: the run's seed (seed_everything)
         self.train_set = self.val_set = self.test_set = None
@@ -144,9 +145,12 @@ class DataModule(L.LightningDataModule):
 
     @property
     def device(self) -> torch.device:
-        """Where the batches are used: the trainer's device once Lightning attaches one,
-        else `standalone_device` (CUDA if present, as accelerator=auto picks; settable)."""
-        return self.trainer.strategy.root_device if self.trainer is not None else self.standalone_device
+        """Where the batches are used: the trainer's device once Lightning attaches one, else
+        `standalone_device`, else CUDA if present (as accelerator=auto picks; asked without
+        creating a CUDA context, which would break a later ddp_fork)."""
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return self.standalone_device or torch.device("cuda" if is_cuda_available() else "cpu")
 
     @property
     def num_workers(self) -> int:

@@ -25,6 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 from ..config import Required, check_paths
 from .common import DataModule, UnreadableItem, hash_fraction
 from .device import DeviceBatches, decide_on_device
+from .shapes import draw_shapes
 
 IMAGE_LAYOUT = "a folder tree of images"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -68,6 +69,7 @@ class TensorImages(Dataset):
         self.images = images
         self.fit = fit
         self.rows: Tensor | None = None
+        self.rows_device: torch.device | None = None  # as asked for: "cuda" is not rows.device, "cuda:0"
 
     def __len__(self) -> int:
         return len(self.images)
@@ -86,13 +88,12 @@ class TensorImages(Dataset):
     def rows_on(self, device: torch.device) -> Tensor:
         """Every image as `__getitem__` gives it, in one float32 tensor on `device`
         (converted on the host, so that both paths give the same pixels; kept for later loaders)."""
-        if self.rows is None or self.rows.device != device:
-            self.rows = None  # free the old copy first
+        if self.rows is None or self.rows_device != device:
             first = self.convert(self.images[:1])
             rows = torch.empty((len(self), *first.shape[1:]), dtype=first.dtype, device=device)
             for start in range(0, len(self), self.chunk):
                 rows[start : start + self.chunk].copy_(self.convert(self.images[start : start + self.chunk]))
-            self.rows = rows
+            self.rows, self.rows_device = rows, device
         return self.rows
 
 
@@ -161,41 +162,11 @@ class ImageDataModule(DataModule):
         return DeviceBatches(dataset.rows_on(self.device), self.batches(dataset, shuffle, drop_last, resume))
 
     def fit(self) -> Callable[[Tensor], Tensor]:
-        """Per-item conversion of in-memory images to `channels` x `image_size`^2."""
+        """The conversion of in-memory images (a batch of them) to `channels` x `image_size`^2."""
         return partial(fit_images, image_size=self.image_size, channels=self.channels, pad=self.pad)
 
 
 # --- shapes: the embedded default, no files --------------------------------
-
-
-def draw_shapes(count: int, image_size: int, seed: int, max_shapes: int = 3, chunk: int = 1024) -> Tensor:
-    """uint8 (count, 1, S, S): 1..max_shapes filled circles, squares and upward
-    triangles on black, each with random position, size and brightness."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.cat(
-        [_draw_shapes(min(chunk, count - start), image_size, max_shapes, generator) for start in range(0, count, chunk)]
-    )
-
-
-def _draw_shapes(count: int, size: int, max_shapes: int, generator: torch.Generator) -> Tensor:
-    def uniform(low: float, high: float) -> Tensor:
-        return low + (high - low) * torch.rand(count, max_shapes, 1, 1, generator=generator)
-
-    radius = uniform(0.1, 0.25) * size
-    pixels = torch.arange(size) + 0.5
-    dx = pixels - (radius + uniform(0, 1) * (size - 2 * radius))  # (N, K, 1, S): shapes lie fully inside
-    dy = pixels[:, None] - (radius + uniform(0, 1) * (size - 2 * radius))  # (N, K, S, 1)
-    kind = torch.randint(3, (count, max_shapes, 1, 1), generator=generator)
-    brightness = uniform(0.35, 1.0)
-    shapes_per_image = torch.randint(1, max_shapes + 1, (count, 1, 1, 1), generator=generator)
-    present = torch.arange(max_shapes)[:, None, None] < shapes_per_image
-
-    circle = dx**2 + dy**2 <= radius**2
-    square = (dx.abs() <= 0.85 * radius) & (dy.abs() <= 0.85 * radius)
-    triangle = (dy.abs() <= radius) & (2 * dx.abs() <= dy + radius)  # apex up, base as wide as the diameter
-    mask = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle)) & present
-    image = (mask * brightness).amax(dim=1, keepdim=True)
-    return (image * 255).round().to(torch.uint8)
 
 
 class ShapesDataModule(ImageDataModule):
