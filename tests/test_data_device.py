@@ -95,6 +95,18 @@ def test_batches_cut_on_the_device_equal_the_dataloaders_also_after_a_resume(dat
     assert_same(resumed_at_epoch_start[1], loaded[1])
 
 
+def test_each_rank_cuts_its_own_share_on_the_device(monkeypatch: pytest.MonkeyPatch):
+    """Under DDP (two ranks here) every rank's batches are its DataLoader's, and the ranks' are disjoint."""
+    monkeypatch.setattr("vqtrain.data.common.world_size", lambda: 2)
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr("vqtrain.data.common.rank", lambda rank=rank: rank)
+        (cut,) = epochs(shapes, on_device=True, count=1)
+        assert_same(cut, epochs(shapes, on_device=False, count=1)[0])
+        shares.append(set(torch.cat([batch.index for batch in cut]).tolist()))
+    assert len(shares[0]) == len(shares[1]) == 48 and not shares[0] & shares[1]
+
+
 @pytest.mark.parametrize("data", ["shapes", "thumbnails"])
 def test_validation_batches_cut_on_the_device_equal_the_dataloaders(data: str):
     """Unshuffled, with a last short batch."""
