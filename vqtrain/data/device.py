@@ -13,11 +13,11 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 from .batch import Batch
 
@@ -69,11 +69,17 @@ def decide_on_device(setting: bool | str, device: torch.device, nbytes: int) -> 
 class DeviceBatches:
     """What Lightning takes for a DataLoader: the batches of `batch_sampler`
     as rows of `rows`, a tensor already on the device. Lightning reorders an
-    epoch through `batch_sampler.sampler.set_epoch`, as for a DataLoader."""
+    epoch through `batch_sampler.sampler.set_epoch`, as for a DataLoader;
+    `dataset` and `collate_fn` serve code that collates single items as a
+    DataLoader would (ReconstructionLogger's fixed batch)."""
 
-    def __init__(self, rows: Tensor, batch_sampler: Sampler[list[int]]):
+    def __init__(
+        self, rows: Tensor, batch_sampler: Sampler[list[int]], dataset: Dataset, collate_fn: Callable[[list], Batch]
+    ):
         self.rows = rows
         self.batch_sampler = batch_sampler
+        self.dataset = dataset
+        self.collate_fn = collate_fn
 
     def __len__(self) -> int:
         return len(self.batch_sampler)

@@ -159,7 +159,8 @@ class ImageDataModule(DataModule):
         """Batches cut on the device when data.on_device says so, else a DataLoader."""
         if not (self.in_memory and decide_on_device(self.on_device, self.device, dataset.converted_bytes())):
             return super().loader(dataset, shuffle, drop_last, resume)
-        return DeviceBatches(dataset.rows_on(self.device), self.batches(dataset, shuffle, drop_last, resume))
+        batches = self.batches(dataset, shuffle, drop_last, resume)
+        return DeviceBatches(dataset.rows_on(self.device), batches, dataset, self.collate)
 
     def fit(self) -> Callable[[Tensor], Tensor]:
         """The conversion of in-memory images (a batch of them) to `channels` x `image_size`^2."""
