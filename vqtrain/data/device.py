@@ -37,9 +37,9 @@ def available_cpus() -> int:
 
 def auto_workers(device: torch.device, cpus: int) -> int:
     """Loader worker processes for `cpus` cores per training process. Training
-    on the CPU needs every core for the model, and on a host of two or three
-    cores per process the main process loads fastest: 0. Training on a GPU,
-    workers prepare the next batches while it computes: one core stays with
+    on the CPU needs every core for the model, and with one or two cores per
+    process the main process loads fastest: 0. Training on a GPU with more,
+    workers prepare the next batches while it computes; one core stays with
     the main process."""
     if device.type == "cpu" or cpus <= 2:
         return 0
