@@ -376,7 +376,7 @@ def test_config_switches_the_model_and_builds_the_data(name, fsdd_cache, tmp_pat
     assert config.model.encoder._target_ == "vqtrain.nets.ConvEncoder1d"  # the audio model, switched by the data
     config.data.cache_dir = str(fsdd_cache)
     data = hydra.utils.instantiate(config.data)
-    assert isinstance(data, AudioDataModule) and data.batch_size == 32 and data.num_workers == 0
+    assert isinstance(data, AudioDataModule) and data.batch_size == 32 and data.workers_setting == "auto"
     if name == "fsdd" and FSDD.is_dir():
         data.setup()
         assert {speaker(f) for f in data.val_set.files} == {"theo"} and data.sample_rate == RATE

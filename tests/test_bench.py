@@ -119,7 +119,7 @@ def test_data_bucketing(tmp_path):
         frames = int(rng.integers(400, 4000))
         sf.write(root / f"{i % 10}_{speaker}_{i}.wav", rng.uniform(-0.5, 0.5, frames).astype(np.float32), 8000)
     out = tmp_path / "d.json"
-    bench("data", "--quick", "--root", str(root), "--batch-size", "4", "--out", str(out))
+    bench("data", "--quick", "--part", "audio", "--root", str(root), "--batch-size", "4", "--out", str(out))
     report = json.loads(out.read_text())
     by_setting = {r["bucketing"]: r for r in report["results"]}
     assert set(by_setting) == {True, False}
@@ -127,6 +127,17 @@ def test_data_bucketing(tmp_path):
         assert record["clips"] == 12 and record["loader_clips_per_s"] > 0 and record["train_clips_per_s"] > 0
         assert 0 <= record["padding_fraction"] < 1
     assert by_setting[True]["padding_fraction"] <= by_setting[False]["padding_fraction"]
+
+
+@pytest.mark.slow
+def test_data_images_quick(tmp_path):
+    """Both image paths run and see the same batches (shapes at --quick)."""
+    out = tmp_path / "d.json"
+    stdout = bench("data", "--quick", "--part", "images", "--out", str(out))
+    report = json.loads(out.read_text())["images"]
+    assert [r["path"] for r in report["results"]] == ["loader", "on-device"] and report["same_batches"]
+    assert all(r["batches"] == 5 and r["batches_per_s"] > 0 for r in report["results"])
+    assert "same batches: True" in stdout
 
 
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -65,12 +65,13 @@ def fit(
     return trainer
 
 
-def shapes() -> ShapesDataModule:
-    return ShapesDataModule(image_size=IMAGE_SIZE, num_train=32, num_val=8, num_test=8, batch_size=8)
+def shapes(**options) -> ShapesDataModule:
+    return ShapesDataModule(image_size=IMAGE_SIZE, num_train=32, num_val=8, num_test=8, batch_size=8, **options)
 
 
-def test_image_grid_shows_fixed_originals_above_reconstructions(tmp_path: Path):
-    data = shapes()
+@pytest.mark.parametrize("on_device", [False, True], ids=["loader", "on-device"])
+def test_image_grid_shows_fixed_originals_above_reconstructions(on_device: bool, tmp_path: Path):
+    data = shapes(on_device=on_device)
     fit(tiny_model(), data, tmp_path, [ReconstructionLogger(num_items=4, log_every_n_val_epochs=2)], max_steps=6)
     files = sorted(p.name for p in (tmp_path / "reconstructions").iterdir())
     assert files == ["step0000002.png", "step0000006.png"], "every 2nd of 3 validations, none for the sanity check"

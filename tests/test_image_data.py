@@ -18,7 +18,7 @@ from vqtrain.data.images import (
     ImageFolderDataModule,
     MNISTDataModule,
     ShapesDataModule,
-    fit_image,
+    fit_images,
 )
 
 
@@ -219,9 +219,9 @@ def test_missing_cifar10_names_the_expected_folder(tmp_path: Path):
         module.setup()
 
 
-def test_fit_image_converts_channels_and_resizes():
-    rgb = torch.ones(3, 32, 32)
-    rgb[0] = -1  # cyan: no red, full green and blue
-    gray = fit_image(rgb, image_size=64, channels=1)
-    assert gray.shape == (1, 64, 64)
+def test_fit_images_converts_channels_and_resizes():
+    rgb = torch.ones(2, 3, 32, 32)
+    rgb[:, 0] = -1  # cyan: no red, full green and blue
+    gray = fit_images(rgb, image_size=64, channels=1)
+    assert gray.shape == (2, 1, 64, 64)
     assert torch.allclose(gray, torch.full_like(gray, 1 - 2 * 0.299)), "luminance of cyan, resized unchanged"

@@ -172,6 +172,23 @@ def assert_same_run(whole_dir: Path, resumed_dir: Path, stop: int, end: int) -> 
     assert validations(resumed_dir, stop) == validations(whole_dir, stop) != []
 
 
+def test_a_run_on_the_device_resumed_mid_epoch_trains_as_a_dataloader_run(tmp_path: Path):
+    """Batches cut on the device (data.on_device=true, the CPU standing in for it) give
+    Lightning the same batches as the DataLoader, in training and validation, and a run
+    stopped mid-epoch continues with the rest of that epoch."""
+    stop, end = STEPS_PER_EPOCH + 2, 3 * STEPS_PER_EPOCH
+    overrides = [*SHAPES, f"model.scheduler.total_steps={end}", f"trainer.val_check_interval={stop}"]
+    fit(tmp_path / "loader", end, *overrides, "data.on_device=false")
+    fit(tmp_path / "first", stop, *overrides, "data.on_device=true")
+    fit(tmp_path / "second", end, *overrides, "data.on_device=true", f"ckpt_path={tmp_path / 'first' / 'last.ckpt'}")
+    loader, resumed = (torch.load(tmp_path / run / "last.ckpt", weights_only=True) for run in ("loader", "second"))
+    assert loader["global_step"] == resumed["global_step"] == end
+    for key, value in loader["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    on_device = validations(tmp_path / "first", 0) + validations(tmp_path / "second", 0)
+    assert on_device == validations(tmp_path / "loader", 0) and len(on_device) == 2
+
+
 def rates(total_steps: int, steps: int, checkpoint: dict | None = None) -> tuple[list[float], dict]:
     """The rates of `steps` training steps under WarmupCosine (warmup 4, floor 0.1), continued
     from `checkpoint` (optimizer and scheduler states) as Lightning restores them; and the states after."""

@@ -208,6 +208,15 @@ def test_tokens_of_a_clip_do_not_depend_on_its_batch(audio_run: Path):
         assert torch.equal(alone, indices[i, : len(alone)])
 
 
+def test_eval_with_batches_cut_on_the_device_gives_the_same_figures(image_run):
+    """data.on_device=true, the CPU standing in for the device: Lightning's test loop over them."""
+    tokenizer = load_tokenizer(image_run("rvq") / "last.ckpt")
+    loaded, cut = (
+        evaluate(tokenizer, run_config(tokenizer.config, [f"data.on_device={on}"]), "test") for on in (False, True)
+    )
+    assert cut == loaded and math.isfinite(cut["psnr"])
+
+
 def test_eval_on_another_data_set(image_run, mnist_root: Path):
     tokenizer = load_tokenizer(image_run("rvq") / "last.ckpt")
     cfg = run_config(tokenizer.config, ["data=mnist", f"data.root={mnist_root}", "trainer.limit_test_batches=2"])

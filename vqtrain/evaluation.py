@@ -46,6 +46,7 @@ def evaluate(
     default the run's `callbacks.signal_quality.metrics` (or the modality's cheap
     ones). As in training's final test, `trainer.limit_test_batches` and `precision` apply."""
     datamodule = instantiate(cfg.data)
+    datamodule.standalone_device = tokenizer.device  # data.on_device: batches cut where the model is
     loader = datamodule.loader(split_dataset(datamodule, split), shuffle=False)
     if metrics is None:
         metrics = OmegaConf.select(cfg, "callbacks.signal_quality.metrics")

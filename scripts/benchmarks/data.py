@@ -1,6 +1,10 @@
-"""data: FSDD (or any folder tree of clips via --root): padding fraction of one
-training epoch and clips/s of the loader alone and of loader + audio model
-training steps, with and without length bucketing.
+"""data: audio, FSDD (or any folder tree of clips via --root): padding fraction
+of one training epoch and clips/s of the loader alone and of loader + audio model
+training steps, with and without length bucketing. Images, MNIST (or shapes):
+training batches/s of one epoch from the ordinary DataLoader (data.num_workers=auto,
+each batch moved to --device as Lightning moves it) against batches cut on the
+device from the split held there (data.on_device=true), and whether both gave
+the same batches.
 """
 
 from __future__ import annotations
@@ -17,6 +21,94 @@ from scripts.benchmarks.train import compose_train
 
 
 def run(args: argparse.Namespace) -> dict:
+    report = run_audio(args) if args.part in ("all", "audio") else {}
+    if args.part in ("all", "images"):
+        report["images"] = run_images(args)
+    return report
+
+
+def run_images(args: argparse.Namespace) -> dict:
+    from hydra.utils import instantiate
+    from lightning.pytorch.utilities import move_data_to_device
+
+    data = "shapes" if args.quick else args.image_data
+    root = Path(args.image_root or REPO.parent / "shared" / "data").resolve()
+    if data == "mnist" and not (root / "MNIST" / "raw").is_dir():
+        if args.part == "images":
+            raise SystemExit(f"no MNIST at {root / 'MNIST' / 'raw'} (give --image-root)")
+        print(f"\nimages: skipped, no MNIST at {root / 'MNIST' / 'raw'} (give --image-root)")
+        return {"skipped": f"no MNIST at {root / 'MNIST' / 'raw'}"}
+    device = torch.device(args.device)
+    load_start = load()
+    results, batches_seen = [], {}
+    with tempfile.TemporaryDirectory(prefix="vqtrain-bench-") as tmp:
+        for on_device in (False, True):
+            overrides = [f"data={data}", f"data.batch_size={args.image_batch_size}", f"data.on_device={on_device}"]
+            overrides += [f"data.root={root}"] if data == "mnist" else []
+            datamodule = instantiate(compose_train(overrides, Path(tmp) / "run").data)
+            datamodule.standalone_device = device  # no trainer here: this is where batches go
+            datamodule.setup("fit")
+            start = time.perf_counter()
+            loader = datamodule.train_dataloader()  # on the device: converts the split and copies it there
+            setup_s = time.perf_counter() - start
+            limit = args.image_batches or (5 if args.quick else len(loader))
+            before, indices, first = load(), [], None
+            start = time.perf_counter()
+            for batch in loader:
+                batch = move_data_to_device(batch, device)  # Lightning's transfer: a no-op on the device path
+                indices.append(batch.index)
+                first = batch.x if first is None else first
+                if len(indices) >= limit:
+                    break
+            sync(args.device)
+            seconds = time.perf_counter() - start
+            batches_seen[on_device] = (torch.cat(indices), first)
+            record = {
+                "path": "on-device" if on_device else "loader",
+                "num_workers": 0 if on_device else datamodule.num_workers,
+                "pin_memory": False if on_device else datamodule.pin_memory,
+                "setup_seconds": setup_s,
+                "batches": len(indices),
+                "seconds": seconds,
+                "batches_per_s": len(indices) / seconds,
+                "load_before": before,
+                "load_after": load(),
+            }
+            results.append(record)
+            print(
+                f"  images {record['path']}: {record['batches_per_s']:.0f} batches/s  load {before}->{load()}",
+                flush=True,
+            )
+    same = all(torch.equal(a, b) for a, b in zip(batches_seen[False], batches_seen[True]))
+    print(f"\n{data} training batches of {args.image_batch_size}, {args.device}; load {load_start} -> {load()}\n")
+    print_table(
+        ["path", "workers", "batches", "batches/s", "ms/batch", "setup s"],
+        [
+            [
+                r["path"],
+                r["num_workers"],
+                r["batches"],
+                f"{r['batches_per_s']:.0f}",
+                f"{1000 * r['seconds'] / r['batches']:.2f}",
+                f"{r['setup_seconds']:.2f}",
+            ]
+            for r in results
+        ],
+    )
+    print(f"speed-up {results[1]['batches_per_s'] / results[0]['batches_per_s']:.1f}x; same batches: {same}")
+    return {
+        "data": data,
+        "root": str(root) if data == "mnist" else None,
+        "batch_size": args.image_batch_size,
+        "results": results,
+        "speedup": results[1]["batches_per_s"] / results[0]["batches_per_s"],
+        "same_batches": same,
+        "load_start": load_start,
+        "load_end": load(),
+    }
+
+
+def run_audio(args: argparse.Namespace) -> dict:
     from hydra.utils import instantiate
     from lightning.pytorch.utilities import move_data_to_device
 
@@ -127,10 +219,19 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
-    d = sub.add_parser("data", parents=[common], help="audio clips/s and padding with and without bucketing")
+    d = sub.add_parser(
+        "data",
+        parents=[common],
+        help="audio clips/s and padding with and without bucketing; image batches/s from a loader and on the device",
+    )
+    d.add_argument("--part", choices=["all", "audio", "images"], default="all")
     d.add_argument("--root", help="audio folder (default <repo>/../shared/data/fsdd/recordings)")
     d.add_argument("--batch-size", type=int, default=32)
     d.add_argument(
         "--train-batches", type=int, help="batches through the model per setting (default 20; 0 = a whole epoch)"
     )
     d.add_argument("overrides", nargs="*", help="config overrides, as for train.py")
+    d.add_argument("--image-data", choices=["mnist", "shapes"], default="mnist", help="--quick takes shapes")
+    d.add_argument("--image-root", help="folder holding MNIST/raw (default <repo>/../shared/data)")
+    d.add_argument("--image-batch-size", type=int, default=128)
+    d.add_argument("--image-batches", type=int, help="batches timed per path (default: one epoch)")

@@ -19,12 +19,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.accelerators.cuda import is_cuda_available
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..config import Required
 from ..distributed import rank, world_size
 from ..utils import exists
 from .batch import Batch, empty_batch
+from .device import auto_workers, available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +111,29 @@ class DataModule(L.LightningDataModule):
     channels: int = 1
     use_distributed_sampler = False  # for Trainer(use_distributed_sampler=...)
 
-    def __init__(self, batch_size: int = 64, num_workers: int = 0, strict: bool = False, pin_memory: bool = False):
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int | str = "auto",
+        strict: bool = False,
+        pin_memory: bool | str = "auto",
+    ):
+        """num_workers: a count, or auto (`auto_workers`: by cores and device); pin_memory:
+        true/false, or auto (when batches go to a CUDA device)."""
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if num_workers != "auto" and (
+            not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0
+        ):
+            raise ValueError(f"data.num_workers must be a count >= 0 or auto, got {num_workers!r}")
+        if pin_memory != "auto" and not isinstance(pin_memory, bool):
+            raise ValueError(f"data.pin_memory must be true, false or auto, got {pin_memory!r}")
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.workers_setting = num_workers
+        self.pin_setting = pin_memory
+        self.standalone_device: torch.device | None = None  # where batches go without a trainer (benchmarks, tests)
         self.strict = strict
-        self.pin_memory = pin_memory
         self.order_seed = torch.initial_seed() % 2**63  # batch order: the run's seed (seed_everything)
         self.train_set = self.val_set = self.test_set = None
         self.resume_at: dict[str, int] = {}
@@ -127,6 +142,28 @@ class DataModule(L.LightningDataModule):
         """The folders and files this data reads, checked when a run starts, before
         the model or trainer exist (rather than in `setup`, inside `fit`)."""
         return []
+
+    @property
+    def device(self) -> torch.device:
+        """Where the batches are used: the trainer's device once Lightning attaches one, else
+        `standalone_device`, else CUDA if present (as accelerator=auto picks; asked without
+        creating a CUDA context, which would break a later ddp_fork)."""
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return self.standalone_device or torch.device("cuda" if is_cuda_available() else "cpu")
+
+    @property
+    def num_workers(self) -> int:
+        """data.num_workers, auto resolved for this host's cores shared by the node's training processes."""
+        if self.workers_setting != "auto":
+            return self.workers_setting
+        processes = self.trainer.num_devices if self.trainer is not None else 1
+        return auto_workers(self.device, available_cpus() // processes)
+
+    @property
+    def pin_memory(self) -> bool:
+        """Page-locked batches copy to a CUDA device asynchronously; elsewhere they bring nothing."""
+        return self.device.type == "cuda" if self.pin_setting == "auto" else self.pin_setting
 
     def state_dict(self) -> dict[str, int]:
         """Where training stands in its epoch; Lightning keeps this in checkpoints."""
@@ -145,14 +182,17 @@ class DataModule(L.LightningDataModule):
         """Batches of dataset indices; `.sampler.set_epoch` reorders them (Lightning calls it)."""
         return BatchSampler(EpochSampler(dataset, shuffle, self.order_seed), self.batch_size, drop_last)
 
-    def loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False, resume: bool = False) -> DataLoader:
-        """`resume`: continue a checkpoint's epoch where it stopped (training)."""
+    def batches(self, dataset: Dataset, shuffle: bool, drop_last: bool, resume: bool) -> Sampler[list[int]]:
+        """The batch sampler of a loader; `resume`: continue a checkpoint's epoch where it stopped (training)."""
         batches = self.batch_sampler(dataset, shuffle, drop_last)
         if resume and self.resume_at:
             batches = ResumingBatchSampler(batches, self.resume_at["epoch"], self.resume_at["batches"])
+        return batches
+
+    def loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False, resume: bool = False) -> DataLoader:
         return DataLoader(
             SkippingDataset(dataset, self.strict),
-            batch_sampler=batches,
+            batch_sampler=self.batches(dataset, shuffle, drop_last, resume),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,

@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision.transforms.v2 import functional as TF
 
 from ..config import Required, check_paths
 from .common import DataModule, UnreadableItem, hash_fraction
+from .device import DeviceBatches, decide_on_device
+from .shapes import draw_shapes
 
 IMAGE_LAYOUT = "a folder tree of images"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -35,32 +37,64 @@ def to_signed(image: Tensor) -> Tensor:
     return image.float() / 127.5 - 1
 
 
-def fit_image(x: Tensor, image_size: int, channels: int, pad: bool = False) -> Tensor:
-    """(C, h, w) in [-1, 1] -> (channels, image_size, image_size), padding with
-    background (-1, keeps the native resolution) or resizing a square image."""
-    if x.shape[0] != channels:
-        x = x.repeat(3, 1, 1) if channels == 3 else torch.einsum("chw,c->hw", x, LUMINANCE)[None]
+def fit_images(x: Tensor, image_size: int, channels: int, pad: bool = False) -> Tensor:
+    """(B, C, h, w) in [-1, 1] -> (B, channels, image_size, image_size), padding with
+    background (-1, keeps the native resolution) or resizing square images. Every
+    image's result is independent of the others in its batch, bit for bit (the
+    luminance is a fixed sum, not a reduction): per item or a whole split at once
+    give the same pixels."""
+    if x.shape[1] != channels:
+        if channels == 3:
+            x = x.repeat(1, 3, 1, 1)
+        else:
+            red, green, blue = LUMINANCE
+            x = x[:, 0:1] * red + x[:, 1:2] * green + x[:, 2:3] * blue
     height, width = x.shape[-2:]
     if pad:
         top, left = (image_size - height) // 2, (image_size - width) // 2
         return F.pad(x, (left, image_size - width - left, top, image_size - height - top), value=-1.0)
     if (height, width) != (image_size, image_size):
-        x = F.interpolate(x[None], size=(image_size, image_size), mode="bilinear", antialias=True)[0]
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
     return x
 
 
 class TensorImages(Dataset):
-    """In-memory uint8 (N, C, h, w) images, converted per item by `fit`."""
+    """In-memory uint8 (N, C, h, w) images, converted by `fit` (batched, as
+    `fit_images`) per item for a DataLoader, or all at once into rows on the
+    device (`rows_on`) for batches cut there."""
+
+    chunk = 4096  # images converted at a time for `rows_on`: bounds the host memory that takes
 
     def __init__(self, images: Tensor, fit: Callable[[Tensor], Tensor]):
         self.images = images
         self.fit = fit
+        self.rows: Tensor | None = None
+        self.rows_device: torch.device | None = None  # as asked for: "cuda" is not rows.device, "cuda:0"
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
-        return {"x": self.fit(to_signed(self.images[index])), "index": index}
+        return {"x": self.convert(self.images[index : index + 1])[0], "index": index}
+
+    def convert(self, images: Tensor) -> Tensor:
+        return self.fit(to_signed(images))
+
+    def converted_bytes(self) -> int:
+        """The size of `rows_on`'s tensor."""
+        first = self.convert(self.images[:1])
+        return len(self) * first.numel() * first.element_size()
+
+    def rows_on(self, device: torch.device) -> Tensor:
+        """Every image as `__getitem__` gives it, in one float32 tensor on `device`
+        (converted on the host, so that both paths give the same pixels; kept for later loaders)."""
+        if self.rows is None or self.rows_device != device:
+            first = self.convert(self.images[:1])
+            rows = torch.empty((len(self), *first.shape[1:]), dtype=first.dtype, device=device)
+            for start in range(0, len(self), self.chunk):
+                rows[start : start + self.chunk].copy_(self.convert(self.images[start : start + self.chunk]))
+            self.rows, self.rows_device = rows, device
+        return self.rows
 
 
 class ImageFiles(Dataset):
@@ -90,10 +124,21 @@ class ImageDataModule(DataModule):
 
     modality = "image"
     pad = False  # fit in-memory images to image_size by padding with background instead of resizing
+    in_memory = True  # the splits are TensorImages, which can live on the device
 
-    def __init__(self, image_size: int, channels: int, **loader_options: Any):
-        """loader_options: batch_size, num_workers, strict, pin_memory (see DataModule)."""
+    def __init__(self, image_size: int, channels: int, on_device: bool | str = "auto", **loader_options: Any):
+        """on_device: batches cut on the device from the whole split held there
+        (`decide_on_device`: auto is on for a CUDA device with room for it).
+        loader_options: batch_size, num_workers, strict, pin_memory (see DataModule)."""
         super().__init__(**loader_options)
+        if on_device != "auto" and not isinstance(on_device, bool):
+            raise ValueError(f"data.on_device must be true, false or auto, got {on_device!r}")
+        if on_device is True and not self.in_memory:
+            raise ValueError(
+                f"data.on_device=true: {type(self).__name__} decodes image files one by one; "
+                "only data held in memory (shapes, mnist, cifar10) can live on the device"
+            )
+        self.on_device = on_device
         if channels not in (1, 3):
             raise ValueError(f"data.channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         if image_size < 1:
@@ -108,42 +153,21 @@ class ImageDataModule(DataModule):
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         raise NotImplementedError
 
+    def loader(
+        self, dataset: Dataset, shuffle: bool, drop_last: bool = False, resume: bool = False
+    ) -> DataLoader | DeviceBatches:
+        """Batches cut on the device when data.on_device says so, else a DataLoader."""
+        if not (self.in_memory and decide_on_device(self.on_device, self.device, dataset.converted_bytes())):
+            return super().loader(dataset, shuffle, drop_last, resume)
+        batches = self.batches(dataset, shuffle, drop_last, resume)
+        return DeviceBatches(dataset.rows_on(self.device), batches, dataset, self.collate)
+
     def fit(self) -> Callable[[Tensor], Tensor]:
-        """Per-item conversion of in-memory images to `channels` x `image_size`^2."""
-        return partial(fit_image, image_size=self.image_size, channels=self.channels, pad=self.pad)
+        """The conversion of in-memory images (a batch of them) to `channels` x `image_size`^2."""
+        return partial(fit_images, image_size=self.image_size, channels=self.channels, pad=self.pad)
 
 
 # --- shapes: the embedded default, no files --------------------------------
-
-
-def draw_shapes(count: int, image_size: int, seed: int, max_shapes: int = 3, chunk: int = 1024) -> Tensor:
-    """uint8 (count, 1, S, S): 1..max_shapes filled circles, squares and upward
-    triangles on black, each with random position, size and brightness."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.cat(
-        [_draw_shapes(min(chunk, count - start), image_size, max_shapes, generator) for start in range(0, count, chunk)]
-    )
-
-
-def _draw_shapes(count: int, size: int, max_shapes: int, generator: torch.Generator) -> Tensor:
-    def uniform(low: float, high: float) -> Tensor:
-        return low + (high - low) * torch.rand(count, max_shapes, 1, 1, generator=generator)
-
-    radius = uniform(0.1, 0.25) * size
-    pixels = torch.arange(size) + 0.5
-    dx = pixels - (radius + uniform(0, 1) * (size - 2 * radius))  # (N, K, 1, S): shapes lie fully inside
-    dy = pixels[:, None] - (radius + uniform(0, 1) * (size - 2 * radius))  # (N, K, S, 1)
-    kind = torch.randint(3, (count, max_shapes, 1, 1), generator=generator)
-    brightness = uniform(0.35, 1.0)
-    shapes_per_image = torch.randint(1, max_shapes + 1, (count, 1, 1, 1), generator=generator)
-    present = torch.arange(max_shapes)[:, None, None] < shapes_per_image
-
-    circle = dx**2 + dy**2 <= radius**2
-    square = (dx.abs() <= 0.85 * radius) & (dy.abs() <= 0.85 * radius)
-    triangle = (dy.abs() <= radius) & (2 * dx.abs() <= dy + radius)  # apex up, base as wide as the diameter
-    mask = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle)) & present
-    image = (mask * brightness).amax(dim=1, keepdim=True)
-    return (image * 255).round().to(torch.uint8)
 
 
 class ShapesDataModule(ImageDataModule):
@@ -342,6 +366,8 @@ class ImageFolderDataModule(ImageDataModule):
     to `image_size`. With `train/` and `val/` subfolders those are the splits (and
     `test/` if present, else val); otherwise a deterministic `val_fraction` of the
     files, chosen by a hash of the relative path, is val (and test)."""
+
+    in_memory = False
 
     def __init__(
         self, root: str, image_size: int = 64, channels: int = 3, val_fraction: float = 0.05, **loader_options: Any
