@@ -114,16 +114,20 @@ EXAMPLES = [(where, args) for page in PAGES for where, args in train_examples(pa
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
 def test_links_and_images_exist(page: Path):
-    assert broken_links(page) == []
+    problems = broken_links(page)
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("where, arguments", EXAMPLES, ids=[where for where, _ in EXAMPLES])
 def test_train_example_composes(where: str, arguments: str, tmp_path: Path):
+    problem = None
     try:
         for overrides in override_sets(arguments):
             check_config(compose(overrides, tmp_path))
-    except Exception as error:
-        pytest.fail(f"{where}: python train.py {arguments.strip()}\n{type(error).__name__}: {error}", pytrace=False)
+    except Exception as error:  # any failure to compose or check is the finding
+        problem = f"{where}: python train.py {arguments.strip()}\n{type(error).__name__}: {error}"
+    if problem:
+        pytest.fail(problem, pytrace=False)
 
 
 def test_the_docs_have_examples_and_links():
