@@ -14,7 +14,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench]"
+	@# setuptools adds a note to every editable install of this layout (configs/ mapped into the package):
+	@# folders named like the package may shadow it on import. Here that folder is the package itself.
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -c constraints.txt -e ".[test,bench]"
 	$(PY) scripts/check_pins.py
 	touch $(STAMP)
 
