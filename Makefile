@@ -11,10 +11,12 @@ export WANDB_MODE ?= offline
 
 install: $(STAMP)
 
+# PYTHONWARNINGS: setuptools adds a note to every editable install of this layout (configs/
+# mapped into the package) that folders named like the package may shadow it; here that folder is the package.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench]"
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -c constraints.txt -e ".[test,bench]"
 	$(PY) scripts/check_pins.py
 	touch $(STAMP)
 

@@ -62,3 +62,18 @@ def test_cli_fails_with_one_clear_line_on_a_mismatched_lock(tmp_path: Path):
     assert (
         subprocess.run([sys.executable, str(REPO / "scripts" / "check_pins.py")], capture_output=True).returncode == 0
     )
+
+
+def test_every_config_folder_ships_as_a_listed_package():
+    """`pip install .` puts configs/ inside the package; setuptools expects each folder
+    with package data to be a listed package (else it warns once per folder, and a
+    folder left out would not ship)."""
+    import tomllib
+
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"vqtrain.configs": "configs"}
+    folders = [p for p in (REPO / "configs").rglob("*") if p.is_dir() and any(p.glob("*.yaml"))]
+    expected = {"vqtrain.configs"} | {
+        "vqtrain.configs." + ".".join(p.relative_to(REPO / "configs").parts) for p in folders
+    }
+    assert expected == {name for name in setuptools["packages"] if name.startswith("vqtrain.configs")}

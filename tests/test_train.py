@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,12 @@ def test_cli_run_writes_config_checkpoint_and_metrics(tmp_path: Path):
     assert (run_dir / "last.ckpt").is_file()
     assert column(read_metrics(run_dir), "train/loss")
     assert not (tmp_path / "outputs").exists()  # nothing escapes the run directory
+    # a quiet start (vqtrain.quiet): the resolved choices first, and no warning before the first progress bar
+    first_line = result.stdout.splitlines()[0]
+    assert "model=image quantizer=vq_tricks data=shapes" in first_line
+    assert f"run directory {run_dir}" in first_line
+    before_progress = result.stderr.split("Sanity Checking")[0]
+    assert not re.search(r"\.py:\d+: ", before_progress), before_progress  # a warning's "file.py:line: "
 
 
 def test_run_ids_differ_between_processes_started_together():

@@ -9,12 +9,14 @@ import logging
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vqtrain.checkpoints import resume_path
 from vqtrain.cli import one_line_errors
 from vqtrain.config import CONFIG_DIR, InvalidConfig, check_config, check_paths, register_resolvers
+from vqtrain.quiet import quiet_start
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +24,7 @@ register_resolvers()
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    quiet_start()
     check_config(cfg)
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -42,6 +45,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, use_distributed_sampler=distributed_sampler
     )
+    if trainer.is_global_zero:
+        log.info(start_line(cfg, model, trainer))
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         if cfg.test and not trainer.interrupted:
@@ -49,6 +54,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
     finally:
         finish_wandb()
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def start_line(cfg: DictConfig, model: L.LightningModule, trainer: L.Trainer) -> str:
+    """A run's first line: the configs chosen, its size, seed, device and run directory."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    groups = ["model", "quantizer", "data", "experiment", "debug"]
+    chosen = [f"{group}={choices[group]}" for group in groups if choices.get(group) not in (None, "null")]
+    params = sum(p.numel() for p in model.parameters())
+    codes = getattr(model.quantizer, "effective_codebook_size", None)
+    devices = f"{trainer.num_nodes * trainer.num_devices} x " if trainer.num_nodes * trainer.num_devices > 1 else ""
+    return (
+        " ".join(chosen)
+        + f" | {params / 1e6:.2f} M parameters"
+        + (f", {codes:,} codes" if codes else "")
+        + f" | seed {cfg.seed} | {devices}{trainer.strategy.root_device}"
+        + f" | run directory {trainer.default_root_dir}"
+    )
 
 
 def finish_wandb() -> None:

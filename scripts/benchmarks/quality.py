@@ -49,315 +49,26 @@ says otherwise.
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import math
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from scripts.benchmarks.common import sync
+from scripts.benchmarks.quality_data import FSDD, FSDD_RMS_DB, FSDD_STRIDE, MNIST
+from scripts.benchmarks.quality_methods import METHODS, build_ours, build_reference, forward
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
 REFERENCE = "vector-quantize-pytorch"
 OURS = "vqtrain"
-DIM = 64
 LR = 1e-3
-FSDD_TEST_SPEAKERS = ("theo",)
-FSDD_STRIDE = 16
-FSDD_RMS_DB = -20.0
 DEFAULT_BUDGETS = {"mnist": ([200, 600], [64, 128]), "fsdd": ([200, 600], [16, 16])}
-
-
-# --- the methods: our config beside the reference's counterpart -------------------
-
-
-@dataclass(frozen=True)
-class Method:
-    config: str  # configs/quantizer/<config>.yaml
-    codebook_size: int  # quantizer.codebook_size override (per level for residual)
-    reference: str | None  # the reference's constructor, as text (None: no counterpart)
-    build_reference: Callable[[Any], nn.Module] | None  # vector_quantize_pytorch -> module
-    reference_sizes: tuple[int, ...] = ()  # the reference's K per index column
-    reference_takes_mask: bool = False
-
-
-METHODS: dict[str, Method] = {
-    "vq": Method(
-        "vq",
-        1024,
-        "VectorQuantize(dim=64, codebook_size=1024)",
-        lambda vqp: vqp.VectorQuantize(dim=DIM, codebook_size=1024),
-        (1024,),
-        True,
-    ),
-    "vq_tricks": Method(
-        "vq_tricks",
-        1024,
-        "VectorQuantize(dim=64, codebook_size=1024, kmeans_init=True, threshold_ema_dead_code=2)",
-        lambda vqp: vqp.VectorQuantize(dim=DIM, codebook_size=1024, kmeans_init=True, threshold_ema_dead_code=2),
-        (1024,),
-        True,
-    ),
-    "simvq": Method(
-        "simvq", 1024, "SimVQ(dim=64, codebook_size=1024)", lambda vqp: vqp.SimVQ(dim=DIM, codebook_size=1024), (1024,)
-    ),
-    "fsq": Method(
-        "fsq", 1024, "FSQ(levels=[8, 5, 5, 5], dim=64)", lambda vqp: vqp.FSQ(levels=[8, 5, 5, 5], dim=DIM), (1000,)
-    ),
-    "rvq": Method(
-        "rvq",
-        256,
-        "ResidualVQ(dim=64, num_quantizers=4, codebook_size=256)",
-        lambda vqp: vqp.ResidualVQ(dim=DIM, num_quantizers=4, codebook_size=256),
-        (256,) * 4,
-        True,
-    ),
-    "rsimvq": Method(
-        "rsimvq",
-        256,
-        "ResidualSimVQ(dim=64, num_quantizers=4, codebook_size=256)",
-        lambda vqp: vqp.ResidualSimVQ(dim=DIM, num_quantizers=4, codebook_size=256),
-        (256,) * 4,
-    ),
-    "rfsq": Method(
-        "rfsq",
-        1024,
-        "ResidualFSQ(dim=64, levels=[8, 5, 5, 5], num_quantizers=4)",
-        lambda vqp: vqp.ResidualFSQ(dim=DIM, levels=[8, 5, 5, 5], num_quantizers=4),
-        (1000,) * 4,
-    ),
-    "lfq": Method(
-        "lfq", 1024, "LFQ(dim=64, codebook_size=1024)", lambda vqp: vqp.LFQ(dim=DIM, codebook_size=1024), (1024,), True
-    ),
-    "bsq": Method(
-        "bsq",
-        1024,
-        "LFQ(dim=64, codebook_size=1024, spherical=True)",
-        lambda vqp: vqp.LFQ(dim=DIM, codebook_size=1024, spherical=True),
-        (1024,),
-        True,
-    ),
-    "ibq": Method("ibq", 1024, None, None),
-    "rlfq": Method(
-        "rlfq",
-        1024,
-        "ResidualLFQ(dim=64, num_quantizers=4, codebook_size=1024)",
-        lambda vqp: vqp.ResidualLFQ(dim=DIM, num_quantizers=4, codebook_size=1024),
-        (1024,) * 4,
-        True,
-    ),
-}
-
-
-class Side:
-    """One quantizer behind one interface: channel-last latents (B, *S, D) and a
-    latent mask (B, *S) or None -> quantized (zero at padding), indices (B, *S, Q), loss."""
-
-    def __init__(
-        self, module: nn.Module, sizes: list[int], call: Callable, description: str, config: dict | None = None
-    ):
-        self.module, self.sizes, self.call, self.description, self.config = (
-            module,
-            list(sizes),
-            call,
-            description,
-            config,
-        )
-
-    def __call__(self, z: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        return self.call(self.module, z, mask)
-
-
-def build_ours(name: str, seed: int, overrides: list[str] = ()) -> Side:
-    """Our quantizer as the Hydra config composes it, plus `overrides` (e.g. `quantizer.commitment_weight=0`)."""
-    import hydra
-    from omegaconf import OmegaConf
-
-    from vqtrain.config import compose
-
-    method = METHODS[name]
-    with tempfile.TemporaryDirectory() as run_dir:
-        cfg = compose(
-            [
-                f"quantizer={method.config}",
-                f"quantizer.codebook_size={method.codebook_size}",
-                f"model.latent_dim={DIM}",
-                f"seed={seed}",
-                *overrides,
-            ],
-            run_dir,
-        )
-    module = hydra.utils.instantiate(cfg.quantizer)
-
-    def call(m, z, mask):
-        out = m(z, mask)
-        columns = len(m.codebook_sizes)
-        indices = out.indices if columns > 1 else out.indices.unsqueeze(-1)
-        return out.quantized, indices, out.loss
-
-    return Side(
-        module,
-        module.codebook_sizes,
-        call,
-        " ".join([f"configs/quantizer/{method.config}.yaml, codebook_size={method.codebook_size}", *overrides]),
-        OmegaConf.to_container(cfg.quantizer, resolve=True),
-    )
-
-
-def build_reference(name: str) -> Side:
-    import vector_quantize_pytorch as vqp
-
-    method = METHODS[name]
-    module = method.build_reference(vqp)
-    takes_mask = method.reference_takes_mask
-
-    def call(m, z, mask):
-        lead = z.shape[:-1]
-        tokens = z.reshape(lead[0], -1, z.shape[-1])  # the reference wants (B, N, D) channel-last
-        flat_mask = None if mask is None else mask.reshape(lead[0], -1)
-        out = m(tokens, mask=flat_mask) if takes_mask and flat_mask is not None else m(tokens)
-        quantized, indices = out[0], out[1].long()
-        loss = out[2].sum() if len(out) > 2 and torch.is_tensor(out[2]) else tokens.new_zeros(())
-        if (
-            flat_mask is not None
-        ):  # the unmasked ones quantized the padding too: the decoder gets zeros there, as from ours
-            quantized = quantized * flat_mask.unsqueeze(-1)
-        if indices.ndim == 2:
-            indices = indices.unsqueeze(-1)
-        return quantized.reshape(z.shape), indices.reshape(*lead, indices.shape[-1]), loss
-
-    return Side(module, list(method.reference_sizes), call, method.reference)
-
-
-# --- the data and the nets ------------------------------------------------------
-
-
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-class MNIST:
-    name = "mnist"
-    eval_batch = 500
-
-    def __init__(self, root: Path, train_limit: int | None, test_limit: int | None):
-        raw = root / "MNIST" / "raw"
-        self.train = (
-            torch.from_numpy(read_idx(raw / "train-images-idx3-ubyte.gz")[:train_limit].copy())
-            .float()
-            .div(255)
-            .unsqueeze(1)
-        )
-        self.test = (
-            torch.from_numpy(read_idx(raw / "t10k-images-idx3-ubyte.gz")[:test_limit].copy())
-            .float()
-            .div(255)
-            .unsqueeze(1)
-        )
-        self.train_size, self.test_size = len(self.train), len(self.test)
-        self.test_var = float(self.test.var())
-
-    def net(self) -> nn.Module:
-        return ConvAE(nn.Conv2d, nn.ConvTranspose2d, kernel=4, stride=2, padding=1)
-
-    def train_batch(self, indices: Tensor) -> tuple[Tensor, Tensor | None]:
-        return self.train[indices], None
-
-    def test_batches(self) -> Iterator[tuple[Tensor, Tensor | None]]:
-        for start in range(0, self.test_size, self.eval_batch):
-            yield self.test[start : start + self.eval_batch], None
-
-
-class FSDD:
-    name = "fsdd"
-    eval_batch = 32
-
-    def __init__(self, root: Path, train_limit: int | None, test_limit: int | None):
-        import soundfile as sf
-
-        from vqtrain.data.audio import normalize_loudness
-
-        files = sorted((root / "fsdd" / "recordings").glob("*.wav"))
-        if not files:
-            raise FileNotFoundError(f"no WAV files under {root / 'fsdd' / 'recordings'}")
-        split: dict[str, list[Tensor]] = {"train": [], "test": []}
-        for path in files:
-            part = "test" if path.stem.split("_")[1] in FSDD_TEST_SPEAKERS else "train"
-            limit = {"train": train_limit, "test": test_limit}[part]
-            if limit is not None and len(split[part]) >= limit:
-                continue
-            audio, rate = sf.read(path, dtype="float32", always_2d=True)
-            if rate != 8000:
-                raise ValueError(f"{path}: {rate} Hz, expected 8000")
-            split[part].append(normalize_loudness(torch.from_numpy(audio.mean(1)), FSDD_RMS_DB))
-        self.train = split["train"]
-        self.test = sorted(split["test"], key=len)  # evaluation batches of similar lengths: little padding
-        self.train_size, self.test_size = len(self.train), len(self.test)
-        self.test_var = float(torch.cat(self.test).var())
-
-    def net(self) -> nn.Module:
-        return ConvAE(nn.Conv1d, nn.ConvTranspose1d, kernel=8, stride=4, padding=2)
-
-    @staticmethod
-    def pad(clips: list[Tensor]) -> tuple[Tensor, Tensor]:
-        length = -(-max(len(c) for c in clips) // FSDD_STRIDE) * FSDD_STRIDE
-        x = torch.zeros(len(clips), 1, length)
-        mask = torch.zeros(len(clips), length, dtype=torch.bool)
-        for i, clip in enumerate(clips):
-            x[i, 0, : len(clip)] = clip
-            mask[i, : len(clip)] = True
-        return x, mask
-
-    def train_batch(self, indices: Tensor) -> tuple[Tensor, Tensor | None]:
-        return self.pad([self.train[i] for i in indices.tolist()])
-
-    def test_batches(self) -> Iterator[tuple[Tensor, Tensor | None]]:
-        for start in range(0, self.test_size, self.eval_batch):
-            yield self.pad(self.test[start : start + self.eval_batch])
-
-
-class ConvAE(nn.Module):
-    """Two strided convs down to DIM channels, the mirror up; images (B, 1, H, W) or audio (B, 1, T)."""
-
-    def __init__(self, conv, deconv, kernel: int, stride: int, padding: int):
-        super().__init__()
-        self.stride = stride * stride
-        self.encoder = nn.Sequential(
-            conv(1, 32, kernel, stride, padding), nn.ReLU(), conv(32, DIM, kernel, stride, padding)
-        )
-        self.decoder = nn.Sequential(
-            deconv(DIM, 32, kernel, stride, padding), nn.ReLU(), deconv(32, 1, kernel, stride, padding)
-        )
-
-    def latent_mask(self, mask: Tensor | None) -> Tensor | None:
-        """Sample mask (B, T) -> latent mask (B, T / stride): a latent is real where its first sample is."""
-        return None if mask is None else mask[:, :: self.stride]
-
-
-def forward(net: ConvAE, side: Side, x: Tensor, mask: Tensor | None):
-    z = net.encoder(x).movedim(1, -1)  # channel-last (B, *S, D)
-    latent_mask = net.latent_mask(mask)
-    quantized, indices, aux = side(z, latent_mask)
-    x_hat = net.decoder(quantized.movedim(-1, 1))
-    if mask is None:
-        recon = F.mse_loss(x_hat, x)
-    else:
-        m = mask.unsqueeze(1).to(x.dtype)
-        recon = ((x_hat - x).pow(2) * m).sum() / m.sum().clamp_min(1)
-    return recon, aux, indices, latent_mask, x_hat
 
 
 # --- one run ----------------------------------------------------------------------
@@ -369,11 +80,6 @@ def tensor_hash(*tensors: Tensor | None) -> bytes:
         if t is not None:
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.digest()
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def code_stats(indices: Tensor, sizes: list[int]) -> dict:
