@@ -71,7 +71,7 @@ def watched_syncs(model: str, quantizer: str, tmp_path: Path, *overrides: str) -
 
 
 def assert_no_syncs(record: dict) -> None:
-    assert record["batches"] == 2
+    assert record["batches"] >= 2
     found = "\n".join(f"{s['count']} x {s['op']} at {s['where']}" for s in record["syncs"])
     assert not record["syncs"], f"host-device syncs in ordinary training steps:\n{found}"
 
@@ -85,6 +85,19 @@ def test_image_training_steps_never_sync(quantizer: str, tmp_path: Path):
 def test_audio_training_steps_never_sync(quantizer: str, tmp_path: Path):
     """Padded, masked audio: rows weighted instead of dropped, so shapes never depend on the data."""
     assert_no_syncs(watched_syncs("audio", quantizer, tmp_path))
+
+
+def test_lightning_bookkeeping_never_syncs_after_a_logging_step(tmp_path: Path):
+    """The progress bar and the logger connector read logged figures back at every batch
+    (a sync each); after the logging step at batch 3, batches 4-6 must not."""
+    quiet_bar = ["trainer.enable_progress_bar=true", "logger=csv", "trainer.log_every_n_steps=4"]
+    window = ["callbacks.syncs.first=4", "callbacks.syncs.count=3", "trainer.max_steps=8"]
+    assert_no_syncs(watched_syncs("image", "fsq", tmp_path, *quiet_bar, *window))
+
+
+def test_batches_cut_on_the_device_never_sync(tmp_path: Path):
+    """data.on_device=true (the CPU standing in for the GPU): batching is part of the step."""
+    assert_no_syncs(watched_syncs("image", "fsq", tmp_path, "data.on_device=true"))
 
 
 @pytest.mark.parametrize("model", ["vqgan", "codec"])

@@ -17,6 +17,7 @@ import numpy as np
 import soundfile as sf
 import torch
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -33,6 +34,32 @@ log = logging.getLogger(__name__)
 MAX_HISTOGRAM_BINS = 512  # wandb.Histogram's limit
 SPECTROGRAM_FFT = 256
 SPECTROGRAM_FLOOR_DB = -100.0
+
+
+# --- showing progress --------------------------------------------------------------
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, with the training loss read on logging steps only.
+    Lightning reads every progress-bar figure back at every batch, a host-device
+    sync each on a GPU (a figure logged at step 10 is read again at every batch
+    after it), so the model logs `train/loss` for the loggers alone and this bar
+    takes it from there when it is new."""
+
+    def __init__(self):
+        super().__init__()
+        self.loss: dict[str, float] = {}
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        if trainer.training and trainer._logger_connector.should_update_logs:  # as model.logging_step
+            logged = trainer.callback_metrics.get("train/loss")
+            self.loss = {} if logged is None else {"train/loss": float(logged)}
+        return super().get_metrics(trainer, pl_module) | self.loss
+
+
+def progress_bar(trainer_config) -> list[L.Callback]:
+    """The progress bar to add to a trainer built from `trainer_config` (none when it is off)."""
+    return [ProgressBar()] if trainer_config.get("enable_progress_bar", True) else []
 
 
 # --- keeping a run ---------------------------------------------------------------

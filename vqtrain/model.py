@@ -299,7 +299,8 @@ class DiscreteAutoencoder(L.LightningModule):
                 error = self.blame(batch, failure)
                 if self.nonfinite == "raise":
                     raise FloatingPointError(f"{error} (model.nonfinite=skip skips such steps instead)") from error
-                log.warning("%s: step skipped", error)
+                self.skipped_steps += 1
+                log.warning("%s: step skipped (%d so far)", error, int(self.skipped_steps))
                 return None
             finite = torch.ones((), dtype=torch.bool, device=loss.device)
 
@@ -311,7 +312,9 @@ class DiscreteAutoencoder(L.LightningModule):
             training = stage == "train"
             options = dict(on_step=training, on_epoch=not training, sync_dist=not training, batch_size=len(batch))
             self.log_dict({f"{stage}/{name}": value.detach() for name, value in terms.items()}, **options)
-            self.log(f"{stage}/loss", loss.detach(), prog_bar=True, **options)
+            # not Lightning's progress-bar figure in training: Lightning reads those back at every
+            # batch (a sync each); callbacks.ProgressBar shows it, read on logging steps only
+            self.log(f"{stage}/loss", loss.detach(), prog_bar=not training, **options)
         return StepResult(loss, output, finite)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:

@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from vqtrain.callbacks import progress_bar
 from vqtrain.checkpoints import resume_path
 from vqtrain.cli import one_line_errors
 from vqtrain.config import CONFIG_DIR, InvalidConfig, check_config, check_paths, register_resolvers
@@ -38,7 +39,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             f"({type(model.encoder).__name__}) takes {model.modality}: choose the matching model"
         )
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None] + progress_bar(cfg.trainer)
     loggers = [instantiate(logger) for logger in (cfg.logger or {}).values() if logger is not None]
     # data modules that shard batches across ranks themselves (audio bucketing) opt out of Lightning's sampler
     distributed_sampler = getattr(datamodule, "use_distributed_sampler", True)

@@ -66,6 +66,8 @@ def lightning_run(
     import lightning as L
     from hydra.utils import instantiate
 
+    from vqtrain.callbacks import progress_bar
+
     class Timer(L.Callback):
         def __init__(self):
             self.clock = StepTimes(device, warmup, steps)
@@ -89,7 +91,7 @@ def lightning_run(
     timer = Timer()
     trainer = instantiate(
         cfg.trainer,
-        callbacks=callbacks + [timer, *extra],
+        callbacks=callbacks + progress_bar(cfg.trainer) + [timer, *extra],
         logger=loggers or False,
         max_steps=steps,
         enable_checkpointing=False,
