@@ -24,6 +24,7 @@ FSDD = SHARED_DATA / "fsdd" / "recordings"
 QUIET = [
     "trainer.log_every_n_steps=1000",  # no logging step among the iterations watched
     "trainer.val_check_interval=1000",
+    "trainer.num_sanity_val_steps=0",
     "model.usage_window=1000",
     "test=false",
     "logger=none",

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from quantizer_cases import CODES, CONTRACT, DIM, select, vq
 from vqtrain.quantizers import FSQ, ResidualFSQ, ResidualQuantizer, SimVQ, VectorQuantizer
 from vqtrain.quantizers.fsq import fsq_levels
-from vqtrain.quantizers.search import kmeans, nearest_codes
+from vqtrain.quantizers.search import chunk_elements_for, kmeans, nearest_codes
 from vqtrain.utils import lengths_to_mask
 
 QUANTIZER_FACTORIES = select(CONTRACT)
@@ -113,6 +113,19 @@ def test_nearest_codes_equals_brute_force(cosine, chunk_elements):
     found = nearest_codes(x, codebook, cosine=cosine, chunk_elements=chunk_elements)
     assert found.dtype == torch.long
     assert torch.equal(found, brute_force_nearest(x, codebook))
+
+
+def test_search_chunks_are_sized_for_the_device(monkeypatch: pytest.MonkeyPatch):
+    """Cache-sized on a CPU; on a GPU a sixteenth of its free memory, within [16 MiB, 1 GiB]:
+    16,384 rows x 65,536 codes in four launches on a large GPU, not hundreds."""
+    chunk_elements_for.cache_clear()
+    assert chunk_elements_for(torch.device("cpu")) == 2**22
+    for free, expected in [(140 * 2**30, 2**28), (8 * 2**30, 2**27), (2**20, 2**22)]:
+        chunk_elements_for.cache_clear()
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 2 * free))
+        assert chunk_elements_for(torch.device("cuda")) == expected
+    assert -(-16384 // (2**28 // 65536)) == 4
+    chunk_elements_for.cache_clear()
 
 
 def test_nearest_codes_of_no_rows():
