@@ -376,7 +376,7 @@ def test_all_padding_batch_gives_zero_losses_and_leaves_the_codebook_alone(tmp_p
         mask=torch.zeros(2, 400, dtype=torch.bool),
         lengths=torch.zeros(2, dtype=torch.long),
     )
-    loss = model.training_step(batch, 0)
+    loss = model.shared_step(batch, "train").loss
     assert loss.item() == 0.0
     loss.backward()
     assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
@@ -403,7 +403,7 @@ def test_kmeans_init_with_fewer_real_vectors_than_codes(tmp_path: Path):
     real = z[latent_mask]
     assert len(real) == 5
     start = model.quantizer.embed[0].clone()
-    loss = model.training_step(batch, 0)
+    loss = model.shared_step(batch, "train").loss
     codes = model.quantizer.embed[0]
     assert bool(model.quantizer.initted) and torch.isfinite(loss)
     on_real = (codes[:, None] - real[None]).norm(dim=-1) < 1e-4  # EMA smoothing may shift a code by rounding
