@@ -17,8 +17,8 @@ import base64
 import html
 import math
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from vqtrain.files import CSV_REMEDY, read_csv_log, unreadable
+from vqtrain.search import Search, plot_search, summary
 
 # table columns beside method, data and size: (header, metric whose last value is shown, format)
 COLUMNS = [
@@ -108,14 +109,19 @@ class Run:
 
     @property
     def steps(self) -> int | None:
-        """Training steps up to the last logged one: training rows count from 0,
-        validation and test rows carry the number of steps they followed."""
-        steps = [
-            row["step"] + any(key.startswith("train/") for key in row)
-            for row in self.rows
-            if any(key.startswith(("train/", "val/", "test/")) for key in row)
-        ]
+        """Training steps up to the last logged one."""
+        steps = [after(row) for row in self.rows if any(key.startswith(("train/", "val/", "test/")) for key in row)]
         return int(max(steps)) if steps else None
+
+    def until(self, step: int) -> Run:
+        """The run as it was after `step` training steps: what it logged up to then."""
+        return replace(self, rows=[row for row in self.rows if after(row) <= step])
+
+
+def after(row: dict[str, float]) -> float:
+    """The training steps a row follows: training rows count from 0, validation
+    and test rows carry the number of steps they followed."""
+    return row["step"] + any(key.startswith("train/") for key in row)
 
 
 # -- reading runs -------------------------------------------------------------
@@ -191,7 +197,11 @@ def load_run(folder: Path) -> Run:
     overrides = (
         yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) if (hydra_dir / "overrides.yaml").is_file() else []
     )
-    method, size, dataset = describe(plain, choices, overrides or [])
+    sweeper = (hydra or {}).get("hydra", {}).get("sweeper") or {}
+    searched = set(sweeper.get("params") or {}) if "optuna" in str(sweeper.get("_target_")) else set()
+    method, size, dataset = describe(plain, choices, [o for o in overrides or [] if o.split("=")[0] not in searched])
+    if searched:  # a trial of a search: named by its number, its values in the search's figure
+        method += f" trial {hydra['hydra']['job']['num']}"
     settings = {key: select(config, key) for key in SCHEDULE}
     return Run(str(folder), method, size, dataset, read_metrics(folder / "metrics.csv"), settings)
 
@@ -316,11 +326,13 @@ FIGURES = [  # file, title, the stages it can show in order of preference, how i
 
 @dataclass(frozen=True)
 class Shown:
-    """A figure of the report: its title, one line on what it shows or why it is not drawn, its image."""
+    """A figure of the report: its title, one line on what it shows or why it is not drawn, its image,
+    and lines set below it as code (command lines)."""
 
     title: str
     caption: str
     image: Path | None
+    code: tuple[str, ...] = ()
 
 
 def schedule(runs: list[Run]) -> dict[str, str]:
@@ -338,10 +350,11 @@ def schedule(runs: list[Run]) -> dict[str, str]:
     }
 
 
-def draw(runs: list[Run], out: Path) -> list[Shown]:
+def draw(runs: list[Run], out: Path, at_step: int | None = None) -> list[Shown]:
     """Each figure from the first of its stages that runs logged, saying which and
-    why the ones before are missing; where none was logged the figure is not
-    drawn (an earlier report's image is removed) and the caption says why."""
+    why the ones before are missing, and whether its runs ended at different
+    steps; where none was logged the figure is not drawn (an earlier report's
+    image is removed) and the caption says why."""
     lines, context = Lines(runs), schedule(runs)
     shown = []
     for file, title, stages, plot in FIGURES:
@@ -361,8 +374,22 @@ def draw(runs: list[Run], out: Path) -> list[Shown]:
         caption = f"{stage.name.capitalize()} utilization: the fraction of the codebook used {stage.counts.format(**context)}."
         if skipped:
             caption += f" Shown since no run logged {missing}."
+        caption += " " + ended(plotted(runs, stage), at_step)
         shown.append(Shown(f"{stage.name.capitalize()} {title}", caption, out / file))
     return shown
+
+
+def ended(runs: list[Run], at_step: int | None) -> str:
+    """When the figure's runs ended: one step, or several (final values then compare different points of training)."""
+    if at_step is not None:
+        return f"Every run as it was after {at_step:,} steps (--at-step): its last values logged by then."
+    steps = sorted({run.steps for run in runs if run.steps is not None})
+    if len(steps) <= 1:
+        return f"All runs ended at step {steps[0]:,}." if steps else ""
+    return (
+        f"The runs ended at different steps ({', '.join(f'{step:,}' for step in steps)}): their final values "
+        "compare different points of training; --at-step N draws every run at step N."
+    )
 
 
 def table(runs: list[Run], root: Path | None = None) -> tuple[list[str], list[list[str]]]:
@@ -404,10 +431,9 @@ def markdown(header: list[str], rows: list[list[str]], found: list[str], figures
         "## Figures",
         "",
     ]
-    text += [
-        f"- {figure.title}" + (f" ({figure.image.name})" if figure.image else "") + f": {figure.caption}"
-        for figure in figures
-    ]
+    for figure in figures:
+        text.append(f"- {figure.title}" + (f" ({figure.image.name})" if figure.image else "") + f": {figure.caption}")
+        text += ["", *(f"      {line}" for line in figure.code), ""] if figure.code else []
     text += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     text += ["| " + " | ".join(row) + " |" for row in rows]
     if found:
@@ -425,6 +451,7 @@ def html_page(header: list[str], rows: list[list[str]], found: list[str], figure
 
     figures_html = "".join(
         f"<h2>{html.escape(figure.title)}</h2><p>{html.escape(figure.caption)}</p>{image(figure) if figure.image else ''}"
+        + (f"<pre>{html.escape(chr(10).join(figure.code))}</pre>" if figure.code else "")
         for figure in figures
     )
     notes_html = "<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in found) + "</ul>" if found else ""
@@ -437,12 +464,42 @@ def html_page(header: list[str], rows: list[list[str]], found: list[str], figure
     )
 
 
-def write_report(runs: list[Run], out: Path, root: Path | None = None) -> Path:
-    """summary.md, report.html and the figures the runs have into `out`; run names in the table relative to `root`. Returns report.html."""
+def search_figures(searches: Sequence[Search], out: Path, root: Path | None) -> list[Shown]:
+    """A figure per hyperparameter search (search<N>.png), with its best trials as command lines."""
+    shown = []
+    for number, search in enumerate(searches):
+        title, caption, code = summary(search, root)
+        image = out / f"search{number}.png"
+        if any(trial.values for trial in search.trials):
+            plot_search(search, image)
+        else:
+            image.unlink(missing_ok=True)
+            image, caption = None, "Not drawn: no trial ended with finite values. " + caption
+        shown.append(Shown(title, caption, image, tuple(code)))
+    return shown
+
+
+def write_report(
+    runs: list[Run],
+    out: Path,
+    root: Path | None = None,
+    at_step: int | None = None,
+    searches: Sequence[Search] = (),
+) -> Path:
+    """summary.md, report.html and the figures the runs have into `out`; run names in the table relative
+    to `root`; with `at_step`, every run as it was after that many steps (runs that ended before are
+    left out, and named); a figure per search. Returns report.html."""
     out.mkdir(parents=True, exist_ok=True)
-    figures = draw(runs, out)
+    found = []
+    if at_step is not None:
+        short = [run for run in runs if (run.steps or 0) < at_step]
+        found = [
+            f"{run.name}: ended at step {run.steps or 0:,}, before --at-step {at_step:,}; left out" for run in short
+        ]
+        runs = [run.until(at_step) for run in runs if run not in short]
+    figures = draw(runs, out, at_step) + search_figures(searches, out, root)
     header, rows = table(runs, root)
-    found = notes(runs)
+    found += notes(runs)
     (out / "summary.md").write_text(markdown(header, rows, found, figures))
     page = out / "report.html"
     page.write_text(html_page(header, rows, found, figures))
