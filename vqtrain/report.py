@@ -458,7 +458,7 @@ def html_page(header: list[str], rows: list[list[str]], found: list[str], figure
     return (
         '<!doctype html><html><head><meta charset="utf-8"><title>Codebook collapse report</title>'
         "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px}td{text-align:right}</style></head><body>"
+        "td,th{border:1px solid #ccc;padding:3px 8px}td{text-align:right}pre{white-space:pre-wrap;word-break:break-all}</style></head><body>"
         f"<h1>Codebook collapse report</h1>{figures_html}<h2>Final figures</h2><p>{html.escape(DEFINITION)}</p>"
         f"<table>{tag('th', header)}{''.join(tag('td', row) for row in rows)}</table>{notes_html}</body></html>\n"
     )
