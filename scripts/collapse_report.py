@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 
 from vqtrain.cli import run_script
-from vqtrain.report import find_run_dirs, load_run, load_wandb_runs, write_report
+from vqtrain.report import write_report
+from vqtrain.runs import find_run_dirs, load_run, load_wandb_runs
 from vqtrain.search import find_searches, load_search
 
 

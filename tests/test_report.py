@@ -17,7 +17,8 @@ import pytest
 import yaml
 from matplotlib.figure import Figure
 
-from vqtrain.report import describe, find_run_dirs, load_run, write_report
+from vqtrain.report import write_report
+from vqtrain.runs import describe, find_run_dirs, load_run
 
 REPO = Path(__file__).resolve().parents[1]
 # Usage windows of 2 steps, logged every 2 steps: one row per window (steps 1, 3, 5), as Lightning
