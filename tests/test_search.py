@@ -73,12 +73,13 @@ def test_the_same_seed_searches_the_same_trials(preset: str, tmp_path: Path):
     assert searched_trials(preset, 1, tmp_path / "c") != first
 
 
-def test_objective_is_the_named_metrics_and_nan_where_not_finite():
-    metrics = {"val/recon_loss": 0.5, "val/utilization": 0.25, "test/recon_loss": math.inf}
+def test_objective_is_the_named_metrics_and_an_error_where_not_finite():
+    metrics = {"val/recon_loss": 0.5, "val/utilization": 0.25, "test/recon_loss": math.nan}
     assert objective(metrics, "val/recon_loss") == 0.5
     assert objective(metrics, OBJECTIVES) == [0.5, 0.25]
-    assert math.isnan(objective(metrics, "test/recon_loss"))  # Optuna counts a NaN as a failed trial
-    assert objective(metrics, None) is None
+    # an error, which the sweeper counts as a failed trial (a NaN value would stop the sweep)
+    with pytest.raises(FloatingPointError, match="optimized_metric: test/recon_loss = nan: a failed trial"):
+        objective(metrics, ["val/recon_loss", "test/recon_loss"])
     with pytest.raises(InvalidConfig, match=r"optimized_metric: val/psnr not among the run's metrics \(test/recon"):
         objective(metrics, "val/psnr")
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import hydra
 import lightning as L
@@ -87,18 +86,20 @@ def finish_wandb() -> None:
         wandb.finish()
 
 
-def objective(metrics: dict[str, float], optimized_metric: str | Sequence[str] | None) -> float | list[float] | None:
+def objective(metrics: dict[str, float], optimized_metric: str | Sequence[str]) -> float | list[float]:
     """The value(s) a sweeper optimises: `optimized_metric`'s names looked up in
-    the run's final metrics; a non-finite one is NaN, which Optuna counts as a
-    failed trial (a diverged run must not win a minimisation)."""
-    if optimized_metric is None:
-        return None
+    the run's final metrics. A non-finite one is an error, so that the sweeper
+    counts a failed trial (a diverged run must not win a minimisation; and
+    hydra-optuna-sweeper 1.3 with optuna 2.x stops the whole sweep on a NaN
+    value, while it counts an error as a failed trial)."""
     names = [optimized_metric] if isinstance(optimized_metric, str) else list(optimized_metric)
     if missing := [name for name in names if name not in metrics]:
         raise InvalidConfig(
             f"optimized_metric: {', '.join(missing)} not among the run's metrics ({', '.join(sorted(metrics))})"
         )
-    values = [metrics[name] if math.isfinite(metrics[name]) else math.nan for name in names]
+    if bad := [f"{name} = {metrics[name]}" for name in names if not math.isfinite(metrics[name])]:
+        raise FloatingPointError(f"optimized_metric: {', '.join(bad)}: a failed trial")
+    values = [metrics[name] for name in names]
     return values[0] if isinstance(optimized_metric, str) else values
 
 
@@ -115,10 +116,14 @@ def searching(cfg: DictConfig) -> bool:
 def main(cfg: DictConfig) -> float | list[float] | None:
     """A start-up error (a setting, a path, a damaged file) is one line, not a
     traceback, unless HYDRA_FULL_ERROR=1 (as for Hydra's own errors). In a
-    search, a trial's error goes to the sweeper as it is, which counts a failed
-    trial and goes on (the hparams_search presets' max_failure_rate)."""
-    with nullcontext() if searching(cfg) else one_line_errors():
-        return objective(train(cfg), cfg.get("optimized_metric"))
+    sweep with `optimized_metric` (a search), the run returns its value(s) to
+    the sweeper, and a trial's error goes to the sweeper as it is, which counts
+    a failed trial and goes on (the hparams_search presets' max_failure_rate)."""
+    if not searching(cfg):
+        with one_line_errors():
+            train(cfg)
+        return None
+    return objective(train(cfg), cfg.optimized_metric)
 
 
 if __name__ == "__main__":
