@@ -225,7 +225,7 @@ def test_a_resumed_run_mends_its_csv_log_or_starts_a_new_one(
 
 
 def test_the_run_report_names_a_damaged_log(tmp_path: Path):
-    from vqtrain.report import read_metrics as report_metrics
+    from vqtrain.runs import read_metrics as report_metrics
 
     path = tmp_path / "metrics.csv"
     path.write_text("epoch,step,train/loss\n0,0,0.5\n0,1,0.4,0.3\n")

@@ -33,6 +33,26 @@ def test_local_launcher_runs_each_sweep_point_in_its_own_run_directory(tmp_path:
     assert (sweep / ".submitit").is_dir()  # it really went through submitit
 
 
+@pytest.mark.slow  # ~30 s: each of the 2 worker processes imports torch and Lightning
+def test_a_parallel_sweep_capped_at_2_jobs_logs_the_serial_sweeps_metrics_bitwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """At one thread per job in both: joblib's workers get cores / n_jobs threads, and CPU
+    kernels sum in another order at another thread count."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="hydra-joblib-launcher (make install)")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    sweep = ["-m", "quantizer=vq,fsq", "seed=0,1", *TINY, "test=false"]
+    serial = run_cli(*sweep, f"hydra.sweep.dir={tmp_path / 'serial'}", cwd=tmp_path)
+    assert serial.returncode == 0, serial.stderr[-3000:]
+    parallel = run_cli(*sweep, "hydra/launcher=parallel", f"hydra.sweep.dir={tmp_path / 'parallel'}", cwd=tmp_path)
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2," in parallel.stdout + parallel.stderr
+    for job in ["0", "1", "2", "3"]:
+        metrics = (tmp_path / "serial" / job / "metrics.csv").read_bytes()
+        assert metrics.count(b"\n") == 1 + 3 + 1  # header, 3 training steps, a validation
+        assert (tmp_path / "parallel" / job / "metrics.csv").read_bytes() == metrics
+
+
 class Submitted(Exception):
     """Raised instead of calling sbatch: carries the script."""
 

@@ -17,7 +17,8 @@ import pytest
 import yaml
 from matplotlib.figure import Figure
 
-from vqtrain.report import describe, find_run_dirs, load_run, write_report
+from vqtrain.report import write_report
+from vqtrain.runs import describe, find_run_dirs, load_run
 
 REPO = Path(__file__).resolve().parents[1]
 # Usage windows of 2 steps, logged every 2 steps: one row per window (steps 1, 3, 5), as Lightning
@@ -207,7 +208,7 @@ SHORT = {  # 15-step runs: test figures only (validation every 200 steps), or va
             "Validation utilization over steps (utilization.png): Validation utilization: the fraction of the "
             "codebook used over a whole validation pass. Shown since no run logged a training window",
             "Validation utilization and reconstruction against codebook size (tradeoff.png): Validation "
-            "utilization: the fraction of the codebook used over a whole validation pass.\n",
+            "utilization: the fraction of the codebook used over a whole validation pass. All runs ended at step 15.\n",
         ],
     ),  # no "Shown since"
 }
@@ -242,3 +243,36 @@ def test_short_runs_report_the_figures_they_have_and_never_empty_axes(
     rows = {row["method"]: row for row in read_table(tmp_path / "out" / "summary.md")}
     assert {method: float(row["test utilization"]) for method, row in rows.items()} == utilization
     assert all(row["steps"] == "15" for row in rows.values())
+
+
+def unequal_runs(root: Path) -> Path:
+    """vq validated at steps 500, 1000 and 1500; fsq ended after its validation at step 500."""
+    fake_run(root / "0", "vq", 1024, 500, [evaluation("val", step, step / 10_000) for step in (500, 1000, 1500)])
+    fake_run(root / "1", "fsq", 1024, 500, [evaluation("val", 500, 0.5)])
+    return root
+
+
+def test_figures_say_when_their_runs_ended_at_different_steps(tmp_path: Path):
+    runs = unequal_runs(tmp_path / "multirun")
+    write_report([load_run(path) for path in find_run_dirs([runs])], tmp_path / "out")
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    note = "The runs ended at different steps (500, 1,500): their final values compare different points of training"
+    assert summary.count(note) == 2  # beside each figure
+    rows = {row["method"]: row for row in read_table(tmp_path / "out" / "summary.md")}
+    assert (rows["vq"]["val utilization"], rows["vq"]["steps"]) == ("0.15", "1500")
+
+
+def test_at_step_draws_every_run_as_it_was_after_that_step(tmp_path: Path):
+    runs = unequal_runs(tmp_path / "multirun")
+    report(runs, "--at-step", 500, "--out", tmp_path / "at500", root=tmp_path)
+    summary = (tmp_path / "at500" / "summary.md").read_text()
+    assert "different steps" not in summary and summary.count("as it was after 500 steps (--at-step)") == 2
+    rows = {row["method"]: row for row in read_table(tmp_path / "at500" / "summary.md")}
+    assert {method: (row["val utilization"], row["steps"]) for method, row in rows.items()} == {
+        "vq": ("0.05", "500"),
+        "fsq": ("0.5", "500"),
+    }
+    report(runs, "--at-step", 1000, "--out", tmp_path / "at1000", root=tmp_path)
+    summary = (tmp_path / "at1000" / "summary.md").read_text()
+    assert [row["method"] for row in read_table(tmp_path / "at1000" / "summary.md")] == ["vq"]
+    assert f"{runs / '1'}: ended at step 500, before --at-step 1,000; left out" in summary

@@ -1,7 +1,6 @@
 """Codebook collapse report: compare quantizers and codebook sizes across runs.
 
-Reads run directories (a `metrics.csv` from the CSV logger beside Hydra's
-`.hydra/`) or wandb runs, and writes utilization.png (utilization over steps,
+Reads runs (vqtrain/runs.py) and writes utilization.png (utilization over steps,
 a panel per codebook size: training windows, else validations), tradeoff.png
 (final utilization and reconstruction loss against codebook size: validation,
 else test, else training), summary.md and a self-contained report.html. Short
@@ -15,19 +14,15 @@ from __future__ import annotations
 
 import base64
 import html
-import math
-import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
 
-from vqtrain.files import CSV_REMEDY, read_csv_log, unreadable
+from vqtrain.runs import Run
+from vqtrain.search import Search, plot_search, summary
 
 # table columns beside method, data and size: (header, metric whose last value is shown, format)
 COLUMNS = [
@@ -41,9 +36,6 @@ COLUMNS = [
 ]
 # a run lacking one of these is named in the notes (test metrics are optional: test=false)
 EXPECTED = ["train/utilization", "val/utilization", "val/recon_loss"]
-SIZE_KEYS = ("codebook_size", "levels")
-# when runs log training windows and validations: named where a figure lacks them
-SCHEDULE = ("model.usage_window", "trainer.val_check_interval")
 DEFINITION = (
     "Utilization is the fraction of the codebook's codes used: val and test count them over a whole "
     "evaluation pass, train over a window of the last model.usage_window training steps. Effective rank "
@@ -85,144 +77,6 @@ VAL = Stage(
     "a validation (one every trainer.val_check_interval = {val_check_interval} steps)",
 )
 TEST = Stage("test", "test", "over the whole test pass", "a test (none with test=false)")
-
-
-@dataclass
-class Run:
-    """One training run: what it was (method, codebook size, data) and its metric rows."""
-
-    name: str
-    method: str
-    codebook_size: int | None
-    dataset: str
-    rows: list[dict[str, float]] = field(default_factory=list)  # sparse, each with "step"
-    settings: dict[str, Any] = field(default_factory=dict)  # SCHEDULE's keys
-
-    def series(self, key: str) -> tuple[list[int], list[float]]:
-        points = [(int(row["step"]), row[key]) for row in self.rows if key in row]
-        return [step for step, _ in points], [value for _, value in points]
-
-    def final(self, key: str) -> float | None:
-        values = self.series(key)[1]
-        return values[-1] if values else None
-
-    @property
-    def steps(self) -> int | None:
-        """Training steps up to the last logged one: training rows count from 0,
-        validation and test rows carry the number of steps they followed."""
-        steps = [
-            row["step"] + any(key.startswith("train/") for key in row)
-            for row in self.rows
-            if any(key.startswith(("train/", "val/", "test/")) for key in row)
-        ]
-        return int(max(steps)) if steps else None
-
-
-# -- reading runs -------------------------------------------------------------
-
-
-def find_run_dirs(roots: Iterable[str | Path]) -> list[Path]:
-    """Every folder below `roots` (or a root itself) holding metrics.csv and .hydra/config.yaml."""
-    found = {
-        metrics.parent
-        for root in roots
-        for metrics in Path(root).rglob("metrics.csv")
-        if (metrics.parent / ".hydra" / "config.yaml").is_file()
-    }
-    return sorted(
-        found, key=lambda path: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
-    )
-
-
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    """Lightning's CSV log: a row per logging step, filled only where something
-    was logged; a damaged one is an UnreadableFile naming it."""
-    if not path.is_file():
-        return []
-    rows = read_csv_log(path)[1]
-    try:
-        return [{key: float(value) for key, value in row.items() if key and value} for row in rows if row.get("step")]
-    except ValueError as error:
-        raise unreadable(path, f"damaged: {error}", "a CSV log of numbers", CSV_REMEDY) from error
-
-
-def describe(
-    config: Mapping[str, Any], choices: Mapping[str, Any], overrides: Iterable[str]
-) -> tuple[str, int | None, str]:
-    """(method, codebook size, dataset) of a run. The method is the quantizer
-    config's name plus any `quantizer.*` overrides besides the size, so that
-    sweeps over a quantizer setting stay apart."""
-    quantizer = config.get("quantizer") or {}
-    overrides = list(overrides)
-    method = (
-        choices.get("quantizer")
-        or next((o.split("=", 1)[1] for o in overrides if o.startswith("quantizer=")), None)
-        or str(quantizer.get("_target_", "unknown")).rsplit(".", 1)[-1]
-    )
-    settings = [
-        f"{match[1]}={match[2]}"
-        for o in overrides
-        if (match := re.fullmatch(r"[+~]*quantizer\.([^=]+)=(.*)", o)) and match[1] not in SIZE_KEYS
-    ]
-    if settings:
-        method = f"{method} {' '.join(sorted(settings))}"
-    size = quantizer.get("codebook_size")
-    if size is None and quantizer.get("levels"):
-        size = math.prod(quantizer["levels"])
-    dataset = choices.get("data") or str((config.get("data") or {}).get("_target_", "unknown")).rsplit(".", 1)[-1]
-    return method, None if size is None else int(size), dataset
-
-
-def select(config: Any, key: str) -> Any:
-    value = OmegaConf.select(config, key)
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
-def load_run(folder: Path) -> Run:
-    hydra_dir = folder / ".hydra"
-    config = OmegaConf.load(hydra_dir / "config.yaml")
-    # only these keys are resolved: others (paths) may need Hydra's own resolvers
-    plain = {
-        "quantizer": {key: select(config, f"quantizer.{key}") for key in ("_target_", *SIZE_KEYS)},
-        "data": {"_target_": select(config, "data._target_")},
-    }
-    hydra = yaml.safe_load((hydra_dir / "hydra.yaml").read_text()) if (hydra_dir / "hydra.yaml").is_file() else {}
-    choices = ((hydra or {}).get("hydra", {}).get("runtime") or {}).get("choices") or {}
-    overrides = (
-        yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) if (hydra_dir / "overrides.yaml").is_file() else []
-    )
-    method, size, dataset = describe(plain, choices, overrides or [])
-    settings = {key: select(config, key) for key in SCHEDULE}
-    return Run(str(folder), method, size, dataset, read_metrics(folder / "metrics.csv"), settings)
-
-
-def load_wandb_runs(path: str) -> list[Run]:
-    """Runs of a wandb ENTITY/PROJECT: the config is the resolved run config
-    (WandbConfigLogger), whose `tags` start with the quantizer and data names."""
-    import wandb
-
-    runs = []
-    for remote in wandb.Api().runs(path):
-        config = dict(remote.config)
-        tags = config.get("tags") or []
-        choices = dict(zip(("quantizer", "data"), tags))
-        rows = [
-            {"step": row["trainer/global_step"]}
-            | {
-                key: value
-                for key, value in row.items()
-                if isinstance(value, (int, float)) and not isinstance(value, bool)
-            }
-            for row in remote.scan_history()
-            if row.get("trainer/global_step") is not None
-        ]
-        method, size, dataset = describe(config, choices, [])
-        settings = {key: select(OmegaConf.create(config), key) for key in SCHEDULE}
-        runs.append(Run(f"{path}/{remote.id}", method, size, dataset, rows, settings))
-    return runs
-
-
-# -- the report ---------------------------------------------------------------
 
 
 class Lines:
@@ -316,11 +170,13 @@ FIGURES = [  # file, title, the stages it can show in order of preference, how i
 
 @dataclass(frozen=True)
 class Shown:
-    """A figure of the report: its title, one line on what it shows or why it is not drawn, its image."""
+    """A figure of the report: its title, one line on what it shows or why it is not drawn, its image,
+    and lines set below it as code (command lines)."""
 
     title: str
     caption: str
     image: Path | None
+    code: tuple[str, ...] = ()
 
 
 def schedule(runs: list[Run]) -> dict[str, str]:
@@ -338,10 +194,11 @@ def schedule(runs: list[Run]) -> dict[str, str]:
     }
 
 
-def draw(runs: list[Run], out: Path) -> list[Shown]:
+def draw(runs: list[Run], out: Path, at_step: int | None = None) -> list[Shown]:
     """Each figure from the first of its stages that runs logged, saying which and
-    why the ones before are missing; where none was logged the figure is not
-    drawn (an earlier report's image is removed) and the caption says why."""
+    why the ones before are missing, and whether its runs ended at different
+    steps; where none was logged the figure is not drawn (an earlier report's
+    image is removed) and the caption says why."""
     lines, context = Lines(runs), schedule(runs)
     shown = []
     for file, title, stages, plot in FIGURES:
@@ -361,8 +218,22 @@ def draw(runs: list[Run], out: Path) -> list[Shown]:
         caption = f"{stage.name.capitalize()} utilization: the fraction of the codebook used {stage.counts.format(**context)}."
         if skipped:
             caption += f" Shown since no run logged {missing}."
+        caption += " " + ended(plotted(runs, stage), at_step)
         shown.append(Shown(f"{stage.name.capitalize()} {title}", caption, out / file))
     return shown
+
+
+def ended(runs: list[Run], at_step: int | None) -> str:
+    """When the figure's runs ended: one step, or several (final values then compare different points of training)."""
+    if at_step is not None:
+        return f"Every run as it was after {at_step:,} steps (--at-step): its last values logged by then."
+    steps = sorted({run.steps for run in runs if run.steps is not None})
+    if len(steps) <= 1:
+        return f"All runs ended at step {steps[0]:,}." if steps else ""
+    return (
+        f"The runs ended at different steps ({', '.join(f'{step:,}' for step in steps)}): their final values "
+        "compare different points of training; --at-step N draws every run at step N."
+    )
 
 
 def table(runs: list[Run], root: Path | None = None) -> tuple[list[str], list[list[str]]]:
@@ -404,10 +275,9 @@ def markdown(header: list[str], rows: list[list[str]], found: list[str], figures
         "## Figures",
         "",
     ]
-    text += [
-        f"- {figure.title}" + (f" ({figure.image.name})" if figure.image else "") + f": {figure.caption}"
-        for figure in figures
-    ]
+    for figure in figures:
+        text.append(f"- {figure.title}" + (f" ({figure.image.name})" if figure.image else "") + f": {figure.caption}")
+        text += ["", *(f"      {line}" for line in figure.code), ""] if figure.code else []
     text += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     text += ["| " + " | ".join(row) + " |" for row in rows]
     if found:
@@ -425,24 +295,55 @@ def html_page(header: list[str], rows: list[list[str]], found: list[str], figure
 
     figures_html = "".join(
         f"<h2>{html.escape(figure.title)}</h2><p>{html.escape(figure.caption)}</p>{image(figure) if figure.image else ''}"
+        + (f"<pre>{html.escape(chr(10).join(figure.code))}</pre>" if figure.code else "")
         for figure in figures
     )
     notes_html = "<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in found) + "</ul>" if found else ""
     return (
         '<!doctype html><html><head><meta charset="utf-8"><title>Codebook collapse report</title>'
         "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px}td{text-align:right}</style></head><body>"
+        "td,th{border:1px solid #ccc;padding:3px 8px}td{text-align:right}pre{white-space:pre-wrap;word-break:break-all}</style></head><body>"
         f"<h1>Codebook collapse report</h1>{figures_html}<h2>Final figures</h2><p>{html.escape(DEFINITION)}</p>"
         f"<table>{tag('th', header)}{''.join(tag('td', row) for row in rows)}</table>{notes_html}</body></html>\n"
     )
 
 
-def write_report(runs: list[Run], out: Path, root: Path | None = None) -> Path:
-    """summary.md, report.html and the figures the runs have into `out`; run names in the table relative to `root`. Returns report.html."""
+def search_figures(searches: Sequence[Search], out: Path, root: Path | None) -> list[Shown]:
+    """A figure per hyperparameter search (search<N>.png), with its best trials as command lines."""
+    shown = []
+    for number, search in enumerate(searches):
+        title, caption, code = summary(search, root)
+        image = out / f"search{number}.png"
+        if any(trial.values for trial in search.trials):
+            plot_search(search, image)
+        else:
+            image.unlink(missing_ok=True)
+            image, caption = None, "Not drawn: no trial ended with finite values. " + caption
+        shown.append(Shown(title, caption, image, tuple(code)))
+    return shown
+
+
+def write_report(
+    runs: list[Run],
+    out: Path,
+    root: Path | None = None,
+    at_step: int | None = None,
+    searches: Sequence[Search] = (),
+) -> Path:
+    """summary.md, report.html and the figures the runs have into `out`; run names in the table relative
+    to `root`; with `at_step`, every run as it was after that many steps (runs that ended before are
+    left out, and named); a figure per search. Returns report.html."""
     out.mkdir(parents=True, exist_ok=True)
-    figures = draw(runs, out)
+    found = []
+    if at_step is not None:
+        short = [run for run in runs if (run.steps or 0) < at_step]
+        found = [
+            f"{run.name}: ended at step {run.steps or 0:,}, before --at-step {at_step:,}; left out" for run in short
+        ]
+        runs = [run.until(at_step) for run in runs if run not in short]
+    figures = draw(runs, out, at_step) + search_figures(searches, out, root)
     header, rows = table(runs, root)
-    found = notes(runs)
+    found += notes(runs)
     (out / "summary.md").write_text(markdown(header, rows, found, figures))
     page = out / "report.html"
     page.write_text(html_page(header, rows, found, figures))

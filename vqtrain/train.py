@@ -6,10 +6,13 @@ python train.py quantizer=fsq data=mnist trainer.max_steps=200
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -50,11 +53,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info(start_line(cfg, model, trainer))
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.test and not trainer.interrupted:
             trainer.test(model, datamodule=datamodule)
+            metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
     finally:
         finish_wandb()
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return metrics  # the last training and validation figures, and the test's
 
 
 def start_line(cfg: DictConfig, model: L.LightningModule, trainer: L.Trainer) -> str:
@@ -82,12 +87,44 @@ def finish_wandb() -> None:
         wandb.finish()
 
 
+def objective(metrics: dict[str, float], optimized_metric: str | Sequence[str]) -> float | list[float]:
+    """The value(s) a sweeper optimises: `optimized_metric`'s names looked up in
+    the run's final metrics. A non-finite one is an error, so that the sweeper
+    counts a failed trial (a diverged run must not win a minimisation; and
+    hydra-optuna-sweeper 1.3 with optuna 2.x stops the whole sweep on a NaN
+    value, while it counts an error as a failed trial)."""
+    names = [optimized_metric] if isinstance(optimized_metric, str) else list(optimized_metric)
+    if missing := [name for name in names if name not in metrics]:
+        raise InvalidConfig(
+            f"optimized_metric: {', '.join(missing)} not among the run's metrics ({', '.join(sorted(metrics))})"
+        )
+    if bad := [f"{name} = {metrics[name]}" for name in names if not math.isfinite(metrics[name])]:
+        raise FloatingPointError(f"optimized_metric: {', '.join(bad)}: a failed trial")
+    values = [metrics[name] for name in names]
+    return values[0] if isinstance(optimized_metric, str) else values
+
+
+def searching(cfg: DictConfig) -> bool:
+    """A job of a sweep that optimises a metric (hparams_search=...)."""
+    return (
+        cfg.get("optimized_metric") is not None
+        and HydraConfig.initialized()
+        and HydraConfig.get().mode == RunMode.MULTIRUN
+    )
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | list[float] | None:
     """A start-up error (a setting, a path, a damaged file) is one line, not a
-    traceback, unless HYDRA_FULL_ERROR=1 (as for Hydra's own errors)."""
-    with one_line_errors():
-        train(cfg)
+    traceback, unless HYDRA_FULL_ERROR=1 (as for Hydra's own errors). In a
+    sweep with `optimized_metric` (a search), the run returns its value(s) to
+    the sweeper, and a trial's error goes to the sweeper as it is, which counts
+    a failed trial and goes on (the hparams_search presets' max_failure_rate)."""
+    if not searching(cfg):
+        with one_line_errors():
+            train(cfg)
+        return None
+    return objective(train(cfg), cfg.optimized_metric)
 
 
 if __name__ == "__main__":
