@@ -701,6 +701,21 @@ def test_simvq_basis_is_the_papers_gaussian():
     assert kurtosis.item() == pytest.approx(3.0, abs=0.05)
 
 
+@pytest.mark.parametrize("scale", [0.01, 1.0])
+def test_fresh_simvq_assigns_quiet_and_loud_latents_by_direction(scale):
+    """Fresh codes lie near the origin (W uniform in +-1/K: code entries of VQ's init scale),
+    so the nearest code is the best-aligned one at any latent scale: 2,048 latents of norm
+    ~0.08 (FSDD's quiet ones) or ~8 land on more than 1,000 distinct codes, and do not all
+    pick the few shortest codes (nn.Linear's init, codes of norm ~0.6: 3 codes for the quiet ones)."""
+    torch.manual_seed(0)
+    module = SimVQ(64, 4096).eval()
+    codes = (module.basis @ module.transform.transpose(1, 2))[0]
+    assert codes.std().item() == pytest.approx(1 / (4096 * 3**0.5), rel=0.05)
+    latents = randn(1, 2048, 64, seed=3, scale=scale)
+    used = module(latents).indices.unique().numel()
+    assert used > 1000, used
+
+
 @pytest.mark.parametrize("learning", ["ema", "gradient"])
 def test_dead_codes_are_restarted_onto_data(learning):
     codes, dim = 8, 4

@@ -49,6 +49,14 @@ METHODS: dict[str, Method] = {
     "fsq": Method(
         "fsq", 1024, "FSQ(levels=[8, 5, 5, 5], dim=64)", lambda vqp: vqp.FSQ(levels=[8, 5, 5, 5], dim=DIM), (1000,)
     ),
+    # the paper's levels for 4,096 codes (4,375 of them): where FSQ's utilization falls short (docs/quantizers.md, FSQ)
+    "fsq4096": Method(
+        "fsq",
+        4096,
+        "FSQ(levels=[7, 5, 5, 5, 5], dim=64)",
+        lambda vqp: vqp.FSQ(levels=[7, 5, 5, 5, 5], dim=DIM),
+        (4375,),
+    ),
     "rvq": Method(
         "rvq",
         256,
