@@ -11,8 +11,9 @@ codebook itself gets the gradient of the chosen code only, as in the paper's
 code. Losses (the paper's "double quantization loss"):
 codebook = ||q - sg(h)||^2 (through the one-hot, so it also moves all logits),
 commitment = ||h - sg(e_argmax)||^2; loss = codebook_weight * codebook +
-commitment_weight * commitment (+ entropy_weight * entropy, off by default as in
-the paper's code: `use_entropy_loss=False`), the entropy being LFQ's over
+commitment_weight * commitment (+ entropy_weight * entropy, off by default as the
+paper's class default `use_entropy_loss=False`; its published configs turn it on
+at 0.05: docs/quantizers.md, IBQ), the entropy being LFQ's over
 softmax(inv_temperature * l).
 
 Memory: the softmax is never built for all codes at once. Each pass visits the

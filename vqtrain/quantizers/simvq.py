@@ -43,7 +43,7 @@ class SimVQ(VectorQuantizer):
         # W uniform in [-1/K, 1/K], one per group: codes = C @ W^T then have entries of std 1/(K sqrt 3),
         # those of VQ's near-origin init, so first assignments go by direction at any latent scale.
         # nn.Linear's default (1/sqrt(d)) puts codes at norm ~0.6: above FSDD's latents (0.06-0.17),
-        # which then all took the few smallest codes (6% of 4,096 used after 100 steps; README, SimVQ)
+        # which then all took the few smallest codes (6% of 4,096 used after 100 steps; docs/quantizers.md, SimVQ)
         bound = 1 / codebook_size
         self.transform = nn.Parameter(torch.empty(groups, self.code_dim, self.code_dim).uniform_(-bound, bound))
 
