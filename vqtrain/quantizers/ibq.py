@@ -126,7 +126,7 @@ class IBQ(Quantizer):
     def quantize_rows(self, x: Tensor, weight: Tensor, sample_ids: Tensor):
         h = self.project_in(x)
         indices = self.nearest(h.detach())
-        hard = self.embed[indices]
+        hard = self.embed.index_select(0, indices)  # backward: index_add_, in row order (indexing's is not, threaded)
         q = hard
         if torch.is_grad_enabled():
             # value exactly `hard`: soft - sg(soft) is exactly zero; gradient through the softmax of every code
