@@ -229,9 +229,8 @@ class DiscreteAutoencoder(L.LightningModule):
         went non-finite (`NONFINITE[what]`, or the input if that is what is) for `report_nonfinite`.
         `known`: False when this batch was already counted as skipped (the GAN's second loss)."""
         finite = all_reduce_min(torch.isfinite(loss).to(torch.int32)).bool()
-        if exists(known):
-            finite = finite & known
         new = ~finite if known is None else ~finite & known
+        finite = finite if known is None else finite & known
         first = new & (self.nonfinite_step < 0)
         self.nonfinite_step.copy_(torch.where(first, self.global_step, self.nonfinite_step))
         blamed = torch.where(self.input_finite(batch), what, NONFINITE.index("input batch.x"))
@@ -250,11 +249,11 @@ class DiscreteAutoencoder(L.LightningModule):
                     f"non-finite {what} at step {step} (model.nonfinite=skip skips such steps instead)"
                 )
             return
-        skipped = int(self.skipped_steps)
-        if skipped > self.reported_skips:
-            what, step = NONFINITE[int(self.nonfinite_what)], int(self.nonfinite_step)
+        skipped, step = int(self.skipped_steps), int(self.nonfinite_step)
+        if skipped > self.reported_skips and step >= 0:  # (validation's skips warn when they happen)
+            what = NONFINITE[int(self.nonfinite_what)]
             log.warning("non-finite %s at step %d: step skipped (%d so far)", what, step, skipped)
-            self.reported_skips = skipped
+        self.reported_skips = skipped
         self.nonfinite_step.fill_(-1)
 
     def mask_update(self, optimizer: Any, finite: Tensor) -> bool:
@@ -273,9 +272,9 @@ class DiscreteAutoencoder(L.LightningModule):
 
         Lightning's own decision is private (`_logger_connector.should_update_logs`, as its
         own callbacks read it): it counts batches, and no public counter does. A rule on
-        `global_step` agrees under automatic optimisation, but not in `gan.py`: a skipped
-        batch steps neither optimiser, and the discriminator's figures are logged after the
-        generator's step has moved `global_step` on. test_train.py and test_gan.py check
+        `global_step` agrees under automatic optimisation, but not in `gan.py`: a batch
+        without a readable item steps neither optimiser, and the discriminator's figures are
+        logged after the generator's step has moved `global_step` on. test_train.py and test_gan.py check
         this against what Lightning writes, so that an upgrade that changes it fails there."""
         if stage != "train":
             return True
