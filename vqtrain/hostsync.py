@@ -90,17 +90,16 @@ class SyncRecorder(TorchDispatchMode):
     synchronise on CUDA (`syncs`: (op name, source line) -> count).
 
     Enter and leave it around a block (`with SyncRecorder() as r:`), or across
-    hooks with `start()` / `stop()`. `paused` lets a caller leave parts out."""
+    hooks with `start()` / `stop()`."""
 
     def __init__(self):
         super().__init__()
         self.ops = 0
         self.syncs: Counter[tuple[str, str]] = Counter()
-        self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not self.paused and not loading_data():
+        if not loading_data():
             self.ops += 1
             if synchronises(func, args, kwargs):
                 self.syncs[(str(func.overloadpacket.__name__), caller())] += 1
@@ -112,10 +111,6 @@ class SyncRecorder(TorchDispatchMode):
 
     def stop(self) -> None:
         self.__exit__(None, None, None)
-
-    def report(self) -> str:
-        """One line per syncing op and source line, most frequent first."""
-        return "\n".join(f"{count:5d} x {op} at {where}" for (op, where), count in self.syncs.most_common())
 
 
 class SyncWatch(Callback):
