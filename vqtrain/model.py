@@ -285,23 +285,21 @@ class DiscreteAutoencoder(L.LightningModule):
         self.skipped_items += batch.skipped
         if batch.x is None:  # every item unreadable
             return None
-        if stage == "train":  # decided on the device: see the module's docstring
+        try:
             output = self(batch.x, batch.mask, batch.lengths)
             loss, terms = self.objective(batch, output)
-            finite = self.finite_on_all_ranks(loss, batch)
-        else:
-            try:
-                output = self(batch.x, batch.mask, batch.lengths)
-                loss, terms = self.objective(batch, output)
-                self.check_finite(f"{stage} loss", loss)  # the step's one check: NaN input or latents end here too
-            except FloatingPointError as failure:
-                error = self.blame(batch, failure)
-                if self.nonfinite == "raise":
-                    raise FloatingPointError(f"{error} (model.nonfinite=skip skips such steps instead)") from error
-                self.skipped_steps += 1
-                log.warning("%s: step skipped (%d so far)", error, int(self.skipped_steps))
-                return None
-            finite = torch.ones((), dtype=torch.bool, device=loss.device)
+            if stage == "train":  # decided on the device: see the module's docstring
+                finite = self.finite_on_all_ranks(loss, batch)
+            else:  # validation and test may read the device: the step's one check, NaN input or latents too
+                self.check_finite(f"{stage} loss", loss)
+                finite = torch.ones((), dtype=torch.bool, device=loss.device)
+        except FloatingPointError as failure:  # raised outside training only (quantizers, check_finite)
+            error = self.blame(batch, failure)
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"{error} (model.nonfinite=skip skips such steps instead)") from error
+            self.skipped_steps += 1
+            log.warning("%s: step skipped (%d so far)", error, int(self.skipped_steps))
+            return None
 
         counts = count_codes(output.quantizer.indices, self.quantizer.codebook_sizes) * finite
         self.usage(stage).update(counts)
