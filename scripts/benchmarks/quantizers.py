@@ -144,6 +144,7 @@ def is_oom(error: BaseException) -> bool:
         or "out of memory" in text
         or "can't allocate memory" in text
         or "cannot allocate memory" in text
+        or "bad_alloc" in text  # C++ allocations inside an aten kernel (index_add_, say)
     )
 
 
