@@ -156,7 +156,9 @@ class SyncWatch(Callback):
         if self.cuda_warnings is not None:
             torch.cuda.set_sync_debug_mode("default")
             self.cuda_warnings.__exit__(None, None, None)
-            messages = [str(w.message) for w in self.caught if "synchroniz" in str(w.message)]
+            messages = [
+                f"{Path(w.filename).name}:{w.lineno}: {w.message}" for w in self.caught if "synchroniz" in str(w.message)
+            ]
             record.update(cuda_syncs=len(messages), cuda_sync_messages=sorted(set(messages))[:20])
             self.cuda_warnings = None
         run_dir = Path(trainer.default_root_dir)
