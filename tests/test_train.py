@@ -110,6 +110,13 @@ def test_slurm_run_id_is_stable_across_requeues():
     assert ids == {"slurm-4242"}
 
 
+def test_a_run_without_wandb_installed_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Only logger=wandb needs wandb (a GPU image may lack it): importing it fails here."""
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    metrics = train(compose(["debug=tiny_image", "trainer.max_steps=2"], tmp_path))
+    assert "test/recon_loss" in metrics
+
+
 def test_seed_zero_is_honoured(tmp_path: Path):
     def losses(seed: int, run_dir: Path) -> list[float]:
         overrides = [

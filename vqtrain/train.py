@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Sequence
 
 import hydra
@@ -80,10 +81,10 @@ def start_line(cfg: DictConfig, model: L.LightningModule, trainer: L.Trainer) ->
 
 
 def finish_wandb() -> None:
-    """One wandb run per job, also in multirun sweeps."""
-    import wandb
-
-    if wandb.run is not None:
+    """One wandb run per job, also in multirun sweeps. Only the wandb logger imports
+    wandb: a run without it has nothing to finish (and may not have wandb installed)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
         wandb.finish()
 
 
