@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,21 +41,32 @@ SPECTROGRAM_FLOOR_DB = -100.0
 
 
 class ProgressBar(TQDMProgressBar):
-    """Lightning's progress bar, with the training loss read on logging steps only.
-    Lightning reads every progress-bar figure back at every batch, a host-device
-    sync each on a GPU (a figure logged at step 10 is read again at every batch
-    after it), so the model logs `train/loss` for the loggers alone and this bar
-    takes it from there when it is new."""
+    """Lightning's progress bar, redrawn at most every `interval` seconds, with the
+    training loss read on logging steps only. Lightning redraws at every batch and
+    reads every progress-bar figure back each time (a host-device sync each on a
+    GPU): a fraction of a millisecond a step that a fast step feels. So the model
+    logs `train/loss` for the loggers alone and this bar takes it when it is new."""
 
-    def __init__(self):
+    def __init__(self, interval: float = 0.25):
         super().__init__()
+        self.interval, self.drawn = interval, 0.0
         self.loss: dict[str, float] = {}
 
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        if trainer.training and trainer._logger_connector.should_update_logs:  # as model.logging_step
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer._logger_connector.should_update_logs:  # as model.logging_step
             logged = trainer.callback_metrics.get("train/loss")
             self.loss = {} if logged is None else {"train/loss": float(logged)}
+        super().on_train_batch_end(trainer, pl_module, *args)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         return super().get_metrics(trainer, pl_module) | self.loss
+
+    def _should_update(self, current: int, total: int) -> bool:  # Lightning's: every refresh_rate batches
+        now = time.monotonic()
+        if self.is_enabled and (current == total or now - self.drawn >= self.interval):
+            self.drawn = now
+            return True
+        return False
 
 
 def progress_bar(trainer_config) -> list[L.Callback]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +29,16 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         """What a DataLoader with pin_memory=True calls on a custom batch type."""
+        return self.map_tensors(Tensor.pin_memory)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return self.map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking))
+
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> Batch:
         return dataclasses.replace(
             self,
             **{
-                field.name: value.pin_memory()
+                field.name: fn(value)
                 for field in dataclasses.fields(self)
                 if isinstance(value := getattr(self, field.name), Tensor)
             },

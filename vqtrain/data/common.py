@@ -175,6 +175,13 @@ class DataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.resume_at = dict(state)
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """A Batch moves field by field: Lightning's generic walk over collections costs
+        about what a small model's step spends on a dozen kernels."""
+        if isinstance(batch, Batch):
+            return batch.to(device, non_blocking=device.type == "cuda")
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def collate(self, items: list) -> Batch:
         return collate_skipping(items)
 
