@@ -26,6 +26,8 @@ import torch
 from lightning.pytorch import Callback
 from torch.utils._python_dispatch import TorchDispatchMode
 
+CUDA_SYNC_WARNING = "called a synchronizing CUDA operation"  # torch.cuda.set_sync_debug_mode("warn")
+
 aten = torch.ops.aten
 
 # ops that sync on CUDA whatever their arguments
@@ -156,8 +158,10 @@ class SyncWatch(Callback):
         if self.cuda_warnings is not None:
             torch.cuda.set_sync_debug_mode("default")
             self.cuda_warnings.__exit__(None, None, None)
-            messages = [
-                f"{Path(w.filename).name}:{w.lineno}: {w.message}" for w in self.caught if "synchroniz" in str(w.message)
+            messages = [  # one per sync; not the notice that the debug mode is a prototype
+                f"{Path(w.filename).name}:{w.lineno}: {w.message}"
+                for w in self.caught
+                if CUDA_SYNC_WARNING in str(w.message)
             ]
             record.update(cuda_syncs=len(messages), cuda_sync_messages=sorted(set(messages))[:20])
             self.cuda_warnings = None
