@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_host_syncs import watched_syncs
 
 from quantizer_cases import CONTRACT, select
-from test_host_syncs import watched_syncs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
