@@ -10,6 +10,7 @@ and the source line: every quantizer config in each of the four models, in
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 
 from helpers import QUANTIZERS, SHARED_DATA
 from vqtrain.config import compose
-from vqtrain.hostsync import SyncRecorder, synchronises
+from vqtrain.hostsync import SyncRecorder, cuda_syncs, synchronises
 from vqtrain.train import train
 
 FSDD = SHARED_DATA / "fsdd" / "recordings"
@@ -156,3 +157,16 @@ def test_synchronises_judges_index_ops_by_their_index_dtype():
     assert synchronises(aten.index.Tensor, (torch.zeros(1), [bool_index]), {})
     assert not synchronises(aten.index.Tensor, (torch.zeros(1), [long_index]), {})
     assert not synchronises(aten.index.Tensor, (torch.zeros(1), [None, long_index]), {})
+
+
+def test_cuda_syncs_are_the_debug_modes_sync_warnings_with_their_lines():
+    """What tests/test_cuda.py counts: the mode's prototype notice (first use) is no sync."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn(
+            "Synchronization debug mode is a prototype feature and does not yet detect all synchronizing operations",
+            stacklevel=1,
+        )
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+    _, sync = caught
+    assert cuda_syncs(caught) == [f"test_host_syncs.py:{sync.lineno}: called a synchronizing CUDA operation"]

@@ -115,6 +115,12 @@ class SyncRecorder(TorchDispatchMode):
         self.__exit__(None, None, None)
 
 
+def cuda_syncs(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The syncs `torch.cuda.set_sync_debug_mode("warn")` reported, one each, with the
+    line that made it; not the mode's own notice that it is a prototype."""
+    return [f"{Path(w.filename).name}:{w.lineno}: {w.message}" for w in caught if CUDA_SYNC_WARNING in str(w.message)]
+
+
 class SyncWatch(Callback):
     """Records `count` whole training iterations from batch number `first` on (the
     step, backward, optimizer, Lightning's own bookkeeping; not the DataLoader) and
@@ -158,11 +164,7 @@ class SyncWatch(Callback):
         if self.cuda_warnings is not None:
             torch.cuda.set_sync_debug_mode("default")
             self.cuda_warnings.__exit__(None, None, None)
-            messages = [  # one per sync; not the notice that the debug mode is a prototype
-                f"{Path(w.filename).name}:{w.lineno}: {w.message}"
-                for w in self.caught
-                if CUDA_SYNC_WARNING in str(w.message)
-            ]
+            messages = cuda_syncs(self.caught)
             record.update(cuda_syncs=len(messages), cuda_sync_messages=sorted(set(messages))[:20])
             self.cuda_warnings = None
         run_dir = Path(trainer.default_root_dir)
