@@ -12,6 +12,10 @@ import pytest
 from helpers import SHARED_DATA, TINY_RUN
 
 os.environ["WANDB_MODE"] = "offline"
+# Runs train on the CPU on every machine (configs/trainer/default.yaml): the bitwise checks
+# (resume, seeds, ranks) rest on the CPU's reproducible sums, which CUDA's atomic adds and
+# cuDNN's backward algorithms do not promise. tests/test_cuda.py asks for the GPU itself.
+os.environ.setdefault("VQTRAIN_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 FSDD = SHARED_DATA / "fsdd" / "recordings"
