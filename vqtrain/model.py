@@ -385,18 +385,27 @@ class DiscreteAutoencoder(L.LightningModule):
     def optimizer_config(self, factory: Callable[..., torch.optim.Optimizer], params: list[nn.Parameter]) -> Any:
         """The optimizer over `params`, with the run's schedule (`model.scheduler`) if any."""
         quantizer_params = {id(p) for p in self.quantizer.parameters()}
-        groups = [
-            {"params": [p for p in params if id(p) not in quantizer_params]},
-            # codebooks must not decay: frozen codes stay put, unused codes keep their place
-            {"params": [p for p in params if id(p) in quantizer_params], "weight_decay": 0.0},
-        ]
+        # a quantizer module may scale the rate of its own parameters (`lr_scales`: name -> factor)
+        scales = {
+            id(getattr(m, name)): scale
+            for m in self.quantizer.modules()
+            for name, scale in getattr(m, "lr_scales", {}).items()
+        }
+        groups = [{"params": [p for p in params if id(p) not in quantizer_params]}]
+        # codebooks must not decay: frozen codes stay put, unused codes keep their place
+        for scale in sorted({scales.get(id(p), 1.0) for p in params if id(p) in quantizer_params}):
+            members = [p for p in params if id(p) in quantizer_params and scales.get(id(p), 1.0) == scale]
+            groups.append({"params": members, "weight_decay": 0.0, "lr_scale": scale})
         optimizer = factory([g for g in groups if g["params"]])
+        for group in optimizer.param_groups:  # before the scheduler reads the base rates
+            group["lr"] *= group.pop("lr_scale", 1.0)
         if not self.scheduler:
             return optimizer
+        total_steps = self.scheduler.get("total_steps")
         scheduler = WarmupCosine(
             optimizer,
             warmup_steps=self.scheduler.get("warmup_steps", 0),
-            total_steps=default(self.scheduler.get("total_steps"), self.trainer.estimated_stepping_batches),
+            total_steps=self.trainer.estimated_stepping_batches if total_steps is None else total_steps,
             min_lr_ratio=self.scheduler.get("min_lr_ratio", 0.1),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
