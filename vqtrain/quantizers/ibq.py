@@ -11,10 +11,12 @@ codebook itself gets the gradient of the chosen code only, as in the paper's
 code. Losses (the paper's "double quantization loss"):
 codebook = ||q - sg(h)||^2 (through the one-hot, so it also moves all logits),
 commitment = ||h - sg(e_argmax)||^2; loss = codebook_weight * codebook +
-commitment_weight * commitment (+ entropy_weight * entropy, off by default as the
-paper's class default `use_entropy_loss=False`; its published configs turn it on
-at 0.05: docs/quantizers.md, IBQ), the entropy being LFQ's over
-softmax(inv_temperature * l).
+commitment_weight * commitment + entropy_weight * entropy, the entropy being LFQ's
+over softmax(inv_temperature * l). The class default leaves the entropy off, as
+the paper's class does (`use_entropy_loss=False`); configs/quantizer/ibq.yaml
+turns it on at 0.05, temperature 0.01, as every published config of the paper
+does: without it the latents shrink, the softmax goes flat and the codes in use
+churn (docs/quantizers.md, IBQ).
 
 Memory: the softmax is never built for all codes at once. Each pass visits the
 codes in chunks of at most `chunk_elements / rows` codes: argmax, logsumexp, the
