@@ -229,8 +229,9 @@ class DiscreteAutoencoder(L.LightningModule):
         went non-finite (`NONFINITE[what]`, or the input if that is what is) for `report_nonfinite`.
         `known`: False when this batch was already counted as skipped (the GAN's second loss)."""
         finite = all_reduce_min(torch.isfinite(loss).to(torch.int32)).bool()
-        new = ~finite if known is None else ~finite & known
-        finite = finite if known is None else finite & known
+        new = ~finite
+        if known is not None:
+            new, finite = new & known, finite & known
         first = new & (self.nonfinite_step < 0)
         self.nonfinite_step.copy_(torch.where(first, self.global_step, self.nonfinite_step))
         blamed = torch.where(self.input_finite(batch), what, NONFINITE.index("input batch.x"))
@@ -391,11 +392,13 @@ class DiscreteAutoencoder(L.LightningModule):
             for m in self.quantizer.modules()
             for name, scale in getattr(m, "lr_scales", {}).items()
         }
+        by_scale: dict[float, list[nn.Parameter]] = {}
+        for p in params:
+            if id(p) in quantizer_params:
+                by_scale.setdefault(scales.get(id(p), 1.0), []).append(p)
         groups = [{"params": [p for p in params if id(p) not in quantizer_params]}]
         # codebooks must not decay: frozen codes stay put, unused codes keep their place
-        for scale in sorted({scales.get(id(p), 1.0) for p in params if id(p) in quantizer_params}):
-            members = [p for p in params if id(p) in quantizer_params and scales.get(id(p), 1.0) == scale]
-            groups.append({"params": members, "weight_decay": 0.0, "lr_scale": scale})
+        groups += [{"params": ps, "weight_decay": 0.0, "lr_scale": scale} for scale, ps in sorted(by_scale.items())]
         optimizer = factory([g for g in groups if g["params"]])
         for group in optimizer.param_groups:  # before the scheduler reads the base rates
             group["lr"] *= group.pop("lr_scale", 1.0)
