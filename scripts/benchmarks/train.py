@@ -1,11 +1,18 @@
 """train: steps/s of the Lightning Trainer with the DiscreteAutoencoder (default
-config: shapes data, image model, VQ; logging as in a normal run, no
-checkpointing, no validation) against a plain PyTorch loop over the same
-encoder/quantizer/decoder modules, optimizer, scheduler, clipping and batches;
-the overhead is the extra time per step. Rounds alternate; the best of each is
-reported. Neither loop waits for the device between steps (only at the ends of
-the timed span). One more short Lightning run counts the aten ops and host-device
-syncs of an ordinary step (`vqtrain.hostsync`).
+config: shapes data, image model, vq_tricks; logging as in a normal run, no
+checkpointing, no validation) against two plain PyTorch loops over the same
+modules, optimizer, scheduler, clipping and batches:
+
+- `bare`: forward, objective, backward, optimizer step; nothing else;
+- `plain`: the model's own training step without a Trainer (`shared_step`: the
+  non-finite check and the usage counts, and the masked update), so that
+  Lightning's overhead is the Trainer's cost alone; bare against plain is the
+  cost of that bookkeeping.
+
+Rounds alternate; the best of each loop is reported. No loop waits for the
+device between steps (only at the ends of the timed span). Short extra runs count
+the aten ops of an ordinary step of each loop, and Lightning's host-device syncs
+(`vqtrain.hostsync`).
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from pathlib import Path
 import torch
 
 from scripts.benchmarks.common import load, print_table, sync
-from vqtrain.hostsync import SyncWatch
+from vqtrain.hostsync import SyncRecorder, SyncWatch
+
+LOOPS = ("bare", "plain", "lightning")
 
 
 class StepTimes:
@@ -111,8 +120,11 @@ def lightning_run(
     return timer.clock, used
 
 
-def plain_run(cfg, steps: int, warmup: int, device: str) -> StepTimes:
-    """The model's own forward and objective in a bare loop: the Trainer's cost is the difference."""
+def plain_run(
+    cfg, steps: int, warmup: int, device: str, bare: bool, watch: tuple[SyncRecorder, range] | None = None
+) -> StepTimes:
+    """The model's training step in a loop of its own (`bare`: its forward and objective
+    only). `watch`: a recorder to run over the steps in the range (0-based)."""
     from types import SimpleNamespace
 
     import lightning as L
@@ -135,10 +147,18 @@ def plain_run(cfg, steps: int, warmup: int, device: str) -> StepTimes:
     step = 0
     while step < steps:
         for batch in datamodule.train_dataloader():
+            if watch is not None and step == watch[1].start:
+                watch[0].start()
             batch = move_data_to_device(batch, device)
-            loss, _ = model.objective(batch, model(batch.x, batch.mask, batch.lengths))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if bare:
+                loss, _ = model.objective(batch, model(batch.x, batch.mask, batch.lengths))
+                loss.backward()
+            else:  # as DiscreteAutoencoder.training_step, which logs nothing without a Trainer
+                result = model.shared_step(batch, "train")
+                model.training_bookkeeping(result)
+                if model.mask_update(optimizer, result.finite):
+                    result.loss.backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
@@ -146,6 +166,8 @@ def plain_run(cfg, steps: int, warmup: int, device: str) -> StepTimes:
                 scheduler.step()
             clock.mark(batch)
             step += 1
+            if watch is not None and step == watch[1].stop:
+                watch[0].stop()
             if step >= steps:
                 break
     return clock
@@ -169,18 +191,21 @@ def run(args: argparse.Namespace) -> dict:
     if args.device == "cuda":
         overrides.append("trainer.accelerator=gpu")
     load_start = load()
-    runs: dict[str, list[dict]] = {"lightning": [], "plain": []}
+    runs: dict[str, list[dict]] = {kind: [] for kind in LOOPS}
     callbacks_used: list[str] = []
+    # the steps whose aten ops (a stand-in for kernel launches) and syncs are counted:
+    # after k-means init, no logging step among them
+    watched = range(2, 4) if args.quick else range(21, 29)
     with tempfile.TemporaryDirectory(prefix="vqtrain-bench-") as tmp:
         for r in range(rounds):
-            for kind in ("plain", "lightning"):
+            for kind in LOOPS:
                 out_dir = Path(tmp) / f"{kind}{r}"
                 cfg = compose_train(overrides, out_dir)
                 before = load()
                 if kind == "lightning":
                     clock, callbacks_used = lightning_run(cfg, warmup + steps, warmup, args.device, out_dir)
                 else:
-                    clock = plain_run(cfg, warmup + steps, warmup, args.device)
+                    clock = plain_run(cfg, warmup + steps, warmup, args.device, bare=kind == "bare")
                 spp, cpu = clock.seconds_per_step(warmup), clock.seconds_per_step(warmup, cpu=True)
                 runs[kind].append(
                     {
@@ -196,43 +221,51 @@ def run(args: argparse.Namespace) -> dict:
                     f"  round {r} {kind:<9} {1 / spp:7.2f} steps/s  ({1e3 * cpu:.0f} ms CPU/step)  load {before}->{load()}",
                     flush=True,
                 )
-        # aten ops (a stand-in for kernel launches) and syncs of ordinary steps, in one more short run
+        # one more short run of each loop counts its ops
+        ops_per_step = {}
+        for kind in ("bare", "plain"):
+            recorder = SyncRecorder()
+            cfg = compose_train(overrides, Path(tmp) / f"ops-{kind}")
+            plain_run(cfg, watched.stop, 1, args.device, bare=kind == "bare", watch=(recorder, watched))
+            ops_per_step[kind] = recorder.ops / len(watched)
         out_dir = Path(tmp) / "ops"
-        first = 2 if args.quick else 21  # iterations 21-28: after k-means init, no logging step among them
-        count = 2 if args.quick else 8
-        lightning_run(
-            compose_train(overrides, out_dir), first + count + 1, 1, args.device, out_dir, (SyncWatch(first, count),)
-        )
-        watched = json.loads((out_dir / "syncs.json").read_text())
+        watch = SyncWatch(watched.start, len(watched))
+        lightning_run(compose_train(overrides, out_dir), watched.stop + 1, 1, args.device, out_dir, (watch,))
+        watched_lightning = json.loads((out_dir / "syncs.json").read_text())
+        ops_per_step["lightning"] = watched_lightning["ops_per_batch"]
     best = {kind: min(runs[kind], key=lambda run: run["seconds_per_step"]) for kind in runs}
-    overhead = best["lightning"]["seconds_per_step"] / best["plain"]["seconds_per_step"] - 1
     cpu_best = {kind: min(run["cpu_seconds_per_step"] for run in runs[kind]) for kind in runs}
+    overhead = best["lightning"]["seconds_per_step"] / best["plain"]["seconds_per_step"] - 1
     cpu_overhead = cpu_best["lightning"] / cpu_best["plain"] - 1
-    same_batches = best["lightning"]["batch_index_sums"] == best["plain"]["batch_index_sums"]
+    bookkeeping = best["plain"]["seconds_per_step"] / best["bare"]["seconds_per_step"] - 1
+    same_batches = len({tuple(best[kind]["batch_index_sums"]) for kind in LOOPS}) == 1
     print(
         f"\ntraining steps, {steps} timed after {warmup} warm-up, best of {rounds} rounds, {args.device}; "
         f"load {load_start} -> {load()}\n"
     )
     print_table(
-        ["loop", "steps/s", "ms/step", "all rounds (steps/s)"],
+        ["loop", "steps/s", "ms/step", "aten ops/step", "all rounds (steps/s)"],
         [
             [
                 kind,
                 f"{1 / best[kind]['seconds_per_step']:.2f}",
                 f"{1e3 * best[kind]['seconds_per_step']:.1f}",
+                f"{ops_per_step[kind]:.0f}",
                 ", ".join(f"{run['steps_per_s']:.2f}" for run in runs[kind]),
             ]
-            for kind in ("plain", "lightning")
+            for kind in LOOPS
         ],
     )
     print(
-        f"\nframework overhead: {100 * overhead:+.1f}% per step, wall clock (target <= 5%); "
-        f"{100 * cpu_overhead:+.1f}% in process CPU time (less sensitive to load with --threads 1)"
-        f"{'' if same_batches else '  [note: the two loops saw different batch orders]'}"
+        f"\nLightning's overhead over the same step in a plain loop: {100 * overhead:+.1f}% per step, wall clock "
+        f"(target <= 5%); {100 * cpu_overhead:+.1f}% in process CPU time (less sensitive to load with --threads 1)"
+        f"\nthe model's bookkeeping (non-finite check, usage counts) over the bare step: {100 * bookkeeping:+.1f}%"
+        f"{'' if same_batches else '  [note: the loops saw different batch orders]'}"
     )
-    syncs_per_step = sum(s["count"] for s in watched["syncs"]) / watched["batches"]
-    print(f"ordinary Lightning step: {watched['ops_per_batch']:.0f} aten ops, {syncs_per_step:.1f} host-device syncs")
-    for s in watched["syncs"]:
+    syncs = watched_lightning["syncs"]
+    syncs_per_step = sum(s["count"] for s in syncs) / watched_lightning["batches"]
+    print(f"host-device syncs in an ordinary Lightning step: {syncs_per_step:.1f}")
+    for s in syncs:
         print(f"    {s['count']} x {s['op']} at {s['where']}")
     return {
         "steps": steps,
@@ -243,18 +276,19 @@ def run(args: argparse.Namespace) -> dict:
         "runs": runs,
         "overhead_fraction": overhead,
         "cpu_overhead_fraction": cpu_overhead,
+        "bookkeeping_fraction": bookkeeping,
         "same_batches": same_batches,
-        "ops_per_step": watched["ops_per_batch"],
+        "ops_per_step": ops_per_step,
         "syncs_per_step": syncs_per_step,
-        "syncs": watched["syncs"],
+        "syncs": syncs,
         "load_start": load_start,
         "load_end": load(),
     }
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
-    t = sub.add_parser("train", parents=[common], help="Lightning training loop vs a plain PyTorch loop")
+    t = sub.add_parser("train", parents=[common], help="Lightning training loop vs plain PyTorch loops")
     t.add_argument("--steps", type=int, help="timed steps per run (default 200)")
     t.add_argument("--warmup", type=int, help="untimed steps first (default 20)")
-    t.add_argument("--rounds", type=int, help="alternating rounds of both loops (default 2)")
+    t.add_argument("--rounds", type=int, help="alternating rounds of the three loops (default 2)")
     t.add_argument("overrides", nargs="*", help="config overrides, as for train.py")
