@@ -157,7 +157,7 @@ def plain_run(
             else:  # as DiscreteAutoencoder.training_step, which logs nothing without a Trainer
                 result = model.shared_step(batch, "train")
                 model.training_bookkeeping(result)
-                if model.mask_update(optimizer, result.finite):
+                if result is not None and model.mask_update(optimizer, result.finite):
                     result.loss.backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
