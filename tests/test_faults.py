@@ -24,7 +24,7 @@ from torch import nn
 
 from helpers import column, global_step, read_metrics
 from vqtrain.callbacks import forward_sigusr1
-from vqtrain.checkpoints import AtomicCheckpointIO, resumable, resume_path
+from vqtrain.checkpoints import CONFIG_KEY, AtomicCheckpointIO, resumable, resume_path
 from vqtrain.config import compose
 from vqtrain.data.audio import AudioFolder
 from vqtrain.data.batch import Batch
@@ -523,6 +523,21 @@ def test_a_checkpoint_of_another_quantizer_config_is_refused(stopped_run, tmp_pa
     ):
         train(compose([*FAST, *SHAPES, "quantizer.codebook_size=32", "trainer.max_steps=100"], run_dir))
     assert (run_dir / "last.ckpt").read_bytes() == before
+
+
+def test_a_checkpoint_from_before_a_quantizer_setting_existed_resumes_at_its_default(tmp_path: Path):
+    """A key added to a quantizer since the checkpoint was written is no difference while it
+    holds the class's default (the run trained that way); any other value is refused."""
+    cfg = compose(["quantizer=simvq"], tmp_path)
+    model = instantiate(cfg.model)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    saved = {k: v for k, v in model.run_config["quantizer"].items() if k != "transform_weight_decay"}
+    model.on_load_checkpoint({CONFIG_KEY: {"quantizer": saved}})
+    model.run_config["quantizer"]["transform_weight_decay"] = 0.5
+    with pytest.raises(
+        ValueError, match=r"differing keys \(checkpoint, now\): \{'transform_weight_decay': \(None, 0.5\)\}"
+    ):
+        model.on_load_checkpoint({CONFIG_KEY: {"quantizer": saved}})
 
 
 class RaiseSignal(L.Callback):

@@ -57,28 +57,36 @@ def test_every_quantizer_runs_in_each_model(quantizer: str, modality: str, tmp_p
     assert out.indices.dtype == torch.int64
 
 
-@pytest.mark.parametrize(
-    ("quantizer", "override"),
-    [("simvq", "quantizer.transform_lr_scale=0.25"), ("rsimvq", "+quantizer.quantizer.transform_lr_scale=0.25")],
-)
-def test_simvq_map_trains_at_its_scaled_rate(quantizer: str, override: str, tmp_path: Path):
-    """SimVQ's W (`transform`) steps at lr x transform_lr_scale, also under the schedule; the rest at lr.
+@pytest.mark.parametrize(("quantizer", "prefix"), [("simvq", "quantizer."), ("rsimvq", "+quantizer.quantizer.")])
+def test_simvq_map_trains_at_its_own_rate_and_decay(quantizer: str, prefix: str, tmp_path: Path):
+    """SimVQ's W (`transform`) steps at lr x transform_lr_scale, also under the schedule, with
+    its own decoupled weight decay; the rest of the quantizer at lr without decay.
     At the model's rate W outgrows FSDD's latents and utilization falls (docs/quantizers.md, SimVQ)."""
-    overrides = [f"quantizer={quantizer}", override, "optimizer.lr=2e-3", "model.scheduler.total_steps=10"]
+    overrides = [
+        f"quantizer={quantizer}",
+        f"{prefix}transform_lr_scale=0.25",
+        f"{prefix}transform_weight_decay=0.5",
+        "optimizer.lr=2e-3",
+        "model.scheduler.total_steps=10",
+    ]
     model = instantiate(compose(overrides, tmp_path).model)
     config = model.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     maps = {id(m.transform) for m in model.quantizer.modules() if hasattr(m, "transform")}
-    rates = {
-        id(p): (group["lr"], base, group["weight_decay"])
+    quantizer_params = {id(p) for p in model.quantizer.parameters()}
+    groups = {
+        id(p): (group["lr"], base, group["weight_decay"], group.get("decoupled_weight_decay", False))
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs)
         for p in group["params"]
     }
-    assert maps and rates.keys() == {id(p) for p in model.parameters() if p.requires_grad}
+    assert maps and groups.keys() == {id(p) for p in model.parameters() if p.requires_grad}
     for p in model.parameters():
         lr = 2e-3 * 0.25 if id(p) in maps else 2e-3
-        assert rates[id(p)][:2] == pytest.approx((lr, lr))
-    assert all(rates[m][2] == 0 for m in maps)  # a codebook never decays
+        assert groups[id(p)][:2] == pytest.approx((lr, lr))
+        if id(p) in maps:
+            assert groups[id(p)][2:] == (0.5, True)
+        elif id(p) in quantizer_params:
+            assert groups[id(p)][2] == 0  # a codebook decays only where its module asks
 
 
 def test_unknown_quantizer_lists_the_available_options(tmp_path: Path):

@@ -22,6 +22,7 @@ is told on the host instead: one sync a step.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from typing import Any, NamedTuple
 import lightning as L
 import torch
 from einops import rearrange
+from hydra.utils import get_class
 from torch import Tensor, nn
 
 from vqtrain.checkpoints import CONFIG_KEY, MODALITY_KEY
@@ -93,6 +95,16 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
             step = max(self.last_epoch, self.warmup_steps)
             self.decay_from = (step, self.progress(step))
         self.__dict__.update(settings)
+
+
+def added_at_default(quantizer_config: dict, key: str) -> bool:
+    """Whether `key` of a quantizer config holds its class's default: a setting added since
+    a checkpoint was written trained then as it does now, so resuming it is no change."""
+    try:
+        default = inspect.signature(get_class(quantizer_config["_target_"])).parameters[key].default
+    except (KeyError, ImportError, AttributeError, ValueError):
+        return False
+    return default is not inspect.Parameter.empty and quantizer_config[key] == default
 
 
 class ModelOutput(NamedTuple):
@@ -386,19 +398,24 @@ class DiscreteAutoencoder(L.LightningModule):
     def optimizer_config(self, factory: Callable[..., torch.optim.Optimizer], params: list[nn.Parameter]) -> Any:
         """The optimizer over `params`, with the run's schedule (`model.scheduler`) if any."""
         quantizer_params = {id(p) for p in self.quantizer.parameters()}
-        # a quantizer module may scale the rate of its own parameters (`lr_scales`: name -> factor)
-        scales = {
-            id(getattr(m, name)): scale
+        # a quantizer module may set its own parameters' rate factor and decoupled weight decay
+        # (`param_options`: name -> {"lr_scale": ..., "weight_decay": ...})
+        options = {
+            id(getattr(m, name)): (opts.get("lr_scale", 1.0), opts.get("weight_decay", 0.0))
             for m in self.quantizer.modules()
-            for name, scale in getattr(m, "lr_scales", {}).items()
+            for name, opts in getattr(m, "param_options", {}).items()
         }
-        by_scale: dict[float, list[nn.Parameter]] = {}
+        by_options: dict[tuple[float, float], list[nn.Parameter]] = {}
         for p in params:
             if id(p) in quantizer_params:
-                by_scale.setdefault(scales.get(id(p), 1.0), []).append(p)
+                by_options.setdefault(options.get(id(p), (1.0, 0.0)), []).append(p)
         groups = [{"params": [p for p in params if id(p) not in quantizer_params]}]
-        # codebooks must not decay: frozen codes stay put, unused codes keep their place
-        groups += [{"params": ps, "weight_decay": 0.0, "lr_scale": scale} for scale, ps in sorted(by_scale.items())]
+        # codebooks decay only where their module asks: frozen codes stay put, unused codes keep their place
+        groups += [
+            {"params": ps, "lr_scale": scale, "weight_decay": decay}
+            | ({"decoupled_weight_decay": True} if decay else {})
+            for (scale, decay), ps in sorted(by_options.items())
+        ]
         optimizer = factory([g for g in groups if g["params"]])
         for group in optimizer.param_groups:  # before the scheduler reads the base rates
             group["lr"] *= group.pop("lr_scale", 1.0)
@@ -427,12 +444,16 @@ class DiscreteAutoencoder(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = (checkpoint.get(CONFIG_KEY) or {}).get("quantizer")
         current = (self.run_config or {}).get("quantizer")
-        if exists(saved) and exists(current) and saved != current:
-            diff = {
+        diff = (
+            {
                 k: (saved.get(k), current.get(k))
                 for k in sorted(set(saved) | set(current))
-                if saved.get(k) != current.get(k)
+                if saved.get(k) != current.get(k) and not (k not in saved and added_at_default(current, k))
             }
+            if exists(saved) and exists(current)
+            else {}
+        )
+        if diff:
             raise ValueError(
                 f"checkpoint was trained with another quantizer config; differing keys (checkpoint, now): {diff}"
             )

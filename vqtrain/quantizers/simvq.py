@@ -28,6 +28,7 @@ class SimVQ(VectorQuantizer):
         commitment_weight: float = 0.25,
         codebook_weight: float = 1.0,
         transform_lr_scale: float = 1.0,
+        transform_weight_decay: float = 0.0,
         chunk_elements: int | None = None,
     ):
         self.learn_basis = bool(learn_basis)
@@ -48,7 +49,12 @@ class SimVQ(VectorQuantizer):
         # which then all took the few smallest codes (6% of 4,096 used after 100 steps; docs/quantizers.md, SimVQ)
         bound = 1 / codebook_size
         self.transform = nn.Parameter(torch.empty(groups, self.code_dim, self.code_dim).uniform_(-bound, bound))
-        self.lr_scales = {"transform": check_weight("transform_lr_scale", transform_lr_scale)}
+        self.param_options = {
+            "transform": {
+                "lr_scale": check_weight("transform_lr_scale", transform_lr_scale),
+                "weight_decay": check_weight("transform_weight_decay", transform_weight_decay),
+            }
+        }
 
     def _init_codebook(self, codebook: Tensor) -> None:
         # the paper's frozen basis: N(0, 1/d) entries (not the VQ codebook's near-origin init it is handed)
