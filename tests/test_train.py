@@ -89,6 +89,18 @@ def test_simvq_map_trains_at_its_own_rate_and_decay(quantizer: str, prefix: str,
             assert groups[id(p)][2] == 0  # a codebook decays only where its module asks
 
 
+def test_simvq_audio_is_the_recipe_measured_on_fsdd(tmp_path: Path):
+    """quantizer=simvq_audio: straight-through, W at 3x the rate with a decoupled decay of 1.0
+    (docs/quantizers.md, "SimVQ for audio"); the rest as `simvq`."""
+    overrides = ["quantizer=simvq_audio", "optimizer.lr=1e-3", "model.scheduler.total_steps=10"]
+    model = instantiate(compose(overrides, tmp_path).model)
+    assert model.quantizer.estimator == "ste"
+    optimizer = model.configure_optimizers()["optimizer"]
+    (group,) = [g for g in optimizer.param_groups if any(p is model.quantizer.transform for p in g["params"])]
+    assert group["params"] == [model.quantizer.transform]
+    assert (group["lr"], group["weight_decay"], group["decoupled_weight_decay"]) == pytest.approx((3e-3, 1.0, True))
+
+
 def test_unknown_quantizer_lists_the_available_options(tmp_path: Path):
     result = run_cli("quantizer=nope", cwd=tmp_path)
     assert result.returncode != 0
