@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from vqtrain.quantizers.search import nearest_codes
+from vqtrain.quantizers.search import count_by_code, nearest_codes
 from vqtrain.tokenizer import load_tokenizer
 
 
@@ -37,9 +37,9 @@ def main() -> None:
     h = quantizer.to_code_space(torch.cat(latents))  # (G, N, d)
     codebook = quantizer.codebook.detach()  # (G, K, d)
     indices = nearest_codes(h, codebook, quantizer.distance == "cosine", None)
-    for g in range(codebook.shape[0]):
+    all_counts = count_by_code(indices, codebook.shape[1]).double()  # (G, K)
+    for g, counts in enumerate(all_counts):
         norms = codebook[g].norm(dim=-1)
-        counts = torch.bincount(indices[g], minlength=norms.numel()).double()
         shares = [f"{counts[q].sum() / counts.sum():.2f}" for q in norms.argsort().chunk(5)]
         latent_norm, code_norm = h[g].norm(dim=-1).mean(), norms.mean()
         print(

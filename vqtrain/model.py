@@ -444,19 +444,16 @@ class DiscreteAutoencoder(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = (checkpoint.get(CONFIG_KEY) or {}).get("quantizer")
         current = (self.run_config or {}).get("quantizer")
-        diff = (
-            {
+        if exists(saved) and exists(current):
+            diff = {
                 k: (saved.get(k), current.get(k))
                 for k in sorted(set(saved) | set(current))
                 if saved.get(k) != current.get(k) and not (k not in saved and added_at_default(current, k))
             }
-            if exists(saved) and exists(current)
-            else {}
-        )
-        if diff:
-            raise ValueError(
-                f"checkpoint was trained with another quantizer config; differing keys (checkpoint, now): {diff}"
-            )
+            if diff:
+                raise ValueError(
+                    f"checkpoint was trained with another quantizer config; differing keys (checkpoint, now): {diff}"
+                )
         self.resumed_rng_states = checkpoint.get("rng_states")
         if rank() != 0:  # the window's counts of all ranks: one rank carries them on
             counts = checkpoint["state_dict"]["train_usage.counts"]
