@@ -25,8 +25,8 @@ def count_codes(indices: Tensor, codebook_sizes: list[int]) -> Tensor:
     those size their output from the data, a host-device sync on a GPU."""
     columns, width = len(codebook_sizes), max(codebook_sizes)
     flat = indices.reshape(-1, columns)
-    offsets = torch.arange(columns, device=flat.device) * width
-    bins = torch.where(flat >= 0, flat + offsets, columns * width).reshape(-1)  # -1 -> one spare bin, dropped
+    bins = flat if columns == 1 else flat + torch.arange(columns, device=flat.device) * width
+    bins = torch.where(flat >= 0, bins, columns * width).reshape(-1)  # -1 -> one spare bin, dropped
     counts = torch.zeros(columns * width + 1, dtype=torch.long, device=flat.device)
     return counts.index_add_(0, bins, torch.ones_like(bins))[:-1].view(columns, width)
 

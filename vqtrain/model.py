@@ -41,6 +41,7 @@ from vqtrain.losses import ReconstructionLoss
 from vqtrain.metrics import CodebookUsage, LastUse, code_vectors, count_codes, usage_summary, used_codes_effective_rank
 from vqtrain.quantizers import Quantizer, QuantizerOutput
 from vqtrain.utils import (
+    all_finite,
     ceil_div,
     channel_mask,
     default,
@@ -220,7 +221,7 @@ class DiscreteAutoencoder(L.LightningModule):
         so a skipped step never leaves the others waiting in a collective. A host
         read: for validation and test; training steps use `finite_on_all_ranks`."""
         values = tensor if not exists(mask) else torch.where(mask[..., None], tensor, 0.0)
-        finite = all_reduce_min(torch.isfinite(values).all().to(torch.int32))
+        finite = all_reduce_min(all_finite(values).to(torch.int32))
         if not bool(finite):
             raise FloatingPointError(f"non-finite {name} at step {self.global_step}")
 
@@ -233,21 +234,23 @@ class DiscreteAutoencoder(L.LightningModule):
     @staticmethod
     def input_finite(batch: Batch) -> Tensor:
         real = batch.x if batch.mask is None else torch.where(channel_mask(batch.mask, batch.x), batch.x, 0.0)
-        return torch.isfinite(real).all()
+        return all_finite(real)
 
     def finite_on_all_ranks(self, loss: Tensor, batch: Batch, what: int = 0, known: Tensor | None = None) -> Tensor:
         """Whether `loss` is finite on every rank (bool, on the device). A non-finite one is
         counted as skipped and, if it is the first since the last report, recorded with what
         went non-finite (`NONFINITE[what]`, or the input if that is what is) for `report_nonfinite`.
         `known`: False when this batch was already counted as skipped (the GAN's second loss)."""
-        finite = all_reduce_min(torch.isfinite(loss).to(torch.int32)).bool()
+        finite = all_finite(loss)
+        if is_distributed():
+            finite = all_reduce_min(finite.to(torch.int32)).bool()
         new = ~finite
         if known is not None:
             new, finite = new & known, finite & known
         first = new & (self.nonfinite_step < 0)
-        self.nonfinite_step.copy_(torch.where(first, self.global_step, self.nonfinite_step))
-        blamed = torch.where(self.input_finite(batch), what, NONFINITE.index("input batch.x"))
-        self.nonfinite_what.copy_(torch.where(first, blamed, self.nonfinite_what))
+        self.nonfinite_step.masked_fill_(first, self.global_step)
+        self.nonfinite_what.masked_fill_(first, what)
+        self.nonfinite_what.masked_fill_(first & ~self.input_finite(batch), NONFINITE.index("input batch.x"))
         self.skipped_steps += new
         return finite
 

@@ -105,27 +105,36 @@ def gather_codes(codebook: Tensor, indices: Tensor) -> Tensor:
     One `index_select` over the flattened codebooks: faster than advanced indexing,
     forward and backward (index_add_ instead of a sorting index_put_)."""
     groups, num_codes, dim = codebook.shape
-    offsets = torch.arange(groups, device=indices.device)[:, None] * num_codes
-    rows = codebook.reshape(groups * num_codes, dim).index_select(0, (indices + offsets).reshape(-1))
+    rows = codebook.reshape(groups * num_codes, dim).index_select(0, flat_indices(indices, num_codes))
     return rows.view(*indices.shape, dim)
+
+
+def flat_indices(indices: Tensor, num_codes: int) -> Tensor:
+    """(G, N) indices into G codebooks of `num_codes` -> (G * N,) indices into them stacked
+    (no offsets for one codebook: every op counts when a GPU waits for the host to launch it)."""
+    if indices.shape[0] == 1:
+        return indices.reshape(-1)
+    offsets = torch.arange(indices.shape[0], device=indices.device)[:, None] * num_codes
+    return (indices + offsets).reshape(-1)
 
 
 def count_by_code(indices: Tensor, num_codes: int, weight: Tensor | None = None) -> Tensor:
     """indices (G, N) -> float32 (G, K) counts (sums of the rows' `weight` (N,), if given).
     Exact: sums of 0s and 1s stay integers, in any order."""
     groups, num_rows = indices.shape
-    offsets = torch.arange(groups, device=indices.device)[:, None] * num_codes
-    values = torch.ones(groups * num_rows, device=indices.device) if weight is None else weight.repeat(groups)
+    if weight is None:
+        values = torch.ones(groups * num_rows, device=indices.device)
+    else:
+        values = weight if groups == 1 else weight.repeat(groups)
     counts = torch.zeros(groups * num_codes, device=indices.device)
-    return counts.index_add_(0, (indices + offsets).reshape(-1), values).view(groups, num_codes)
+    return counts.index_add_(0, flat_indices(indices, num_codes), values).view(groups, num_codes)
 
 
 def sum_by_code(x: Tensor, indices: Tensor, num_codes: int) -> Tensor:
     """x (G, N, d), indices (G, N) -> (G, K, d) sums of the rows assigned to each code."""
     groups, _, dim = x.shape
-    offsets = torch.arange(groups, device=indices.device)[:, None] * num_codes
     sums = x.new_zeros(groups * num_codes, dim)
-    sums.index_add_(0, (indices + offsets).reshape(-1), x.reshape(-1, dim))
+    sums.index_add_(0, flat_indices(indices, num_codes), x.reshape(-1, dim))
     return sums.view(groups, num_codes, dim)
 
 

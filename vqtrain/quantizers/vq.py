@@ -42,7 +42,7 @@ from vqtrain.quantizers.base import (
     check_choice,
     check_positive_int,
     check_weight,
-    mse,
+    commitment_and_codebook,
     real_rows,
     zero,
 )
@@ -177,11 +177,12 @@ class VectorQuantizer(Quantizer):
         codebook = self.codebook
         indices = nearest_codes(h.detach(), codebook.detach(), self.distance == "cosine", self.chunk_elements)
         q = gather_codes(codebook, indices)
-        losses = {"commitment": mse(h.transpose(0, 1), q.detach().transpose(0, 1), weight)}
-        if self.learning == "gradient":
-            losses["codebook"] = mse(h.detach().transpose(0, 1), q.transpose(0, 1), weight)
-        else:
-            losses["codebook"] = zero(x.device)
+        commitment, codebook_loss = commitment_and_codebook(h, q, weight)
+        # an EMA codebook has no codebook term (q has no gradient to take)
+        losses = {
+            "commitment": commitment,
+            "codebook": codebook_loss if self.learning == "gradient" else zero(x.device),
+        }
         if self.updating:
             self._update_statistics(h.detach(), indices, weight)
         out = ESTIMATORS[self.estimator](h, q) if torch.is_grad_enabled() else q
@@ -241,22 +242,17 @@ class VectorQuantizer(Quantizer):
             error = (h - gather_codes(self.codebook, indices)).pow(2).sum(-1) * weight
         if self.learning == "ema":
             sums = all_reduce_sum(sum_by_code(real_rows(h, weight), indices, self.num_codes))
-            self.cluster_size.copy_(
-                torch.where(learn, self.cluster_size.lerp(counts, 1 - self.decay), self.cluster_size)
-            )
-            self.embed_sum.copy_(
-                torch.where(learn[..., None], self.embed_sum.lerp(sums, 1 - self.decay), self.embed_sum)
-            )
+            # a lerp of rate 0 leaves its value exactly (what it moves towards is finite)
+            rate = (1 - self.decay) * learn
+            self.cluster_size.lerp_(counts, rate)
+            self.embed_sum.lerp_(sums, rate.unsqueeze(-1))
             size = self.cluster_size.sum(-1, keepdim=True)
             smoothed = (self.cluster_size + self.epsilon) / (size + self.num_codes * self.epsilon) * size
             target = self.embed_sum / smoothed.unsqueeze(-1)
             if self.distance == "cosine":
                 target = l2norm(target)
-            rate = self.update_weight.unsqueeze(-1) * learn[..., None]
-            self.embed.copy_(torch.where(rate > 0, self.embed.lerp(target, rate), self.embed))
-        self.usage.copy_(
-            torch.where(learn, self.usage.lerp(counts / total.clamp_min(1), 1 - self.usage_decay), self.usage)
-        )
+            self.embed.lerp_(target, (self.update_weight * learn).unsqueeze(-1))
+        self.usage.lerp_(counts / total.clamp_min(1), (1 - self.usage_decay) * learn)
         self.usage_steps += learn.all()
         if self.dead_code_threshold > 0:
             self._restart_dead_codes(h, error)
