@@ -259,7 +259,11 @@ class VectorQuantizer(Quantizer):
 
     def usage_share(self) -> Tensor:
         """(G, K) bias-corrected EMA of each code's share of the assignments."""
-        return self.usage / (1 - self.usage_decay**self.usage_steps)
+        return self.usage / self.usage_correction()
+
+    def usage_correction(self) -> Tensor:
+        """The bias correction of the usage EMA (it starts from zero): 1 - usage_decay^steps."""
+        return 1 - self.usage_decay**self.usage_steps
 
     @torch.no_grad()
     def _restart_dead_codes(self, h: Tensor, error: Tensor) -> None:
@@ -267,7 +271,8 @@ class VectorQuantizer(Quantizer):
         drawn without replacement with probability proportional to the summed squared
         distance of a latent's copies to their code. `error` is 0 for rows that must
         not be drawn (padding). Fixed shapes throughout: nothing here syncs."""
-        dead = (self.usage_share() < self.dead_code_threshold / self.num_codes) & (self.update_weight > 0)
+        correction = self.usage_correction()
+        dead = (self.usage / correction < self.dead_code_threshold / self.num_codes) & (self.update_weight > 0)
         # a latent (nearly) on its code would make a twin code: ties then fall to float rounding
         error = torch.where(error > 1e-8 * h.pow(2).sum(-1), error, 0.0)
         keys, latents = restart_candidates(h, error, self.num_codes)
@@ -277,11 +282,10 @@ class VectorQuantizer(Quantizer):
             )
         slot = (dead.cumsum(-1) - 1).clamp_min(0)  # the n-th dead code takes the n-th best candidate
         where = dead & (keys.gather(1, slot) > -torch.inf)
-        codes = torch.where(where[..., None], latents.gather(1, slot[..., None].expand_as(self.embed)), self.embed)
+        codes = latents.gather(1, slot[..., None].expand_as(self.embed))  # taken where `where` is True
         sizes = self.cluster_size.mean(-1, keepdim=True).expand_as(dead) if self.learning == "ema" else None
         self._replace_codes(where, codes, sizes)
-        fresh = (1 - self.usage_decay**self.usage_steps) / self.num_codes
-        self.usage.copy_(torch.where(where, fresh, self.usage))
+        self.usage.masked_fill_(where, correction / self.num_codes)  # a fresh code: the uniform share
 
     def _replace_codes(self, where: Tensor, codes: Tensor, cluster_size: Tensor | None) -> None:
         """Set the codes selected by `where` (G, K), keeping EMA statistics consistent."""
