@@ -102,10 +102,11 @@ class RotationTrick(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, q: Tensor) -> Tensor:
         x_norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        q_norm = q.norm(dim=-1, keepdim=True)
         u = x / x_norm
-        v = l2norm(q)
+        v = q / q_norm.clamp_min(1e-12)  # l2norm(q)
         w = l2norm(u + v)
-        ctx.save_for_backward(u, v, w, q.norm(dim=-1, keepdim=True) / x_norm)
+        ctx.save_for_backward(u, v, w, q_norm / x_norm)
         return q.clone()
 
     @staticmethod
