@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from quantizer_cases import CODES, CONTRACT, DIM, select, vq
 from vqtrain.quantizers import FSQ, ResidualFSQ, ResidualQuantizer, SimVQ, VectorQuantizer
+from vqtrain.quantizers.base import commitment_and_codebook, mse
 from vqtrain.quantizers.fsq import fsq_levels
 from vqtrain.quantizers.search import chunk_elements_for, kmeans, nearest_codes
 from vqtrain.utils import lengths_to_mask
@@ -222,6 +223,32 @@ def test_straight_through_gradient_is_identity(build):
     probe = randn(*z.shape, seed=5)
     (module(z, mask).quantized * probe).sum().backward()
     assert torch.equal(z.grad, probe * mask[..., None])
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_commitment_and_codebook_terms_are_the_two_autograd_mses_to_the_bit(groups):
+    """Computed once, each term's value and gradient are exactly those of its own
+    `mse` under autograd: commitment to h only, codebook to q only; padding weighs 0."""
+    h, q = randn(groups, 7, 4, seed=1), randn(groups, 7, 4, seed=2)
+    weight = torch.tensor([1.0, 1, 0, 1, 0, 1, 1])
+    grads = (torch.tensor(0.3), torch.tensor(1.7))
+
+    def run(terms):
+        a, b = h.clone().requires_grad_(True), q.clone().requires_grad_(True)
+        values = terms(a, b)
+        torch.autograd.backward(values, grads)
+        return [*values, a.grad, b.grad]
+
+    fused = run(lambda a, b: commitment_and_codebook(a, b, weight))
+    plain = run(
+        lambda a, b: (
+            mse(a.transpose(0, 1), b.detach().transpose(0, 1), weight),
+            mse(a.detach().transpose(0, 1), b.transpose(0, 1), weight),
+        )
+    )
+    for got, want in zip(fused, plain):
+        assert torch.equal(got, want)
+    assert fused[2][:, weight == 0].eq(0).all() and fused[3][:, weight == 0].eq(0).all()
 
 
 @pytest.mark.parametrize("name", ["vq_rotation", "simvq"])
