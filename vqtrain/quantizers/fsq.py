@@ -135,8 +135,8 @@ class FSQ(Quantizer):
         if not self.unit_scale:
             out = out * self._scale
         out = self.project_out(out.reshape(x.shape[0], self.code_dim))
-        losses = {"commitment": zero(x.device), "codebook": zero(x.device)}
-        return out, indices, losses, zero(x.device)
+        none = zero(x.device)  # FSQ has no codebook to learn and nothing to commit to
+        return out, indices, {"commitment": none, "codebook": none}, none
 
     def decode_rows(self, indices: Tensor) -> Tensor:
         digits = (indices.unsqueeze(-1) // self._basis) % self._levels.long()
