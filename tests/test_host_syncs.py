@@ -127,8 +127,18 @@ def test_the_recorder_names_each_syncing_op_and_its_line():
         x.detach().repeat_interleave(torch.tensor([1, 2, 1, 1, 1]), dim=0)
         x.detach().repeat_interleave(torch.tensor([1, 2, 1, 1, 1]), dim=0, output_size=6)  # sized: no sync
         torch.where(mask[:, None], x.detach(), 0.0).index_select(0, torch.tensor([0, 2]))  # fixed shapes
+        x.detach().masked_fill(mask[:, None], torch.tensor(1.0))  # its CUDA kernel reads the value on the host
+        x.detach().masked_fill(mask[:, None], 1.0)  # a Python number: no sync
     ops = sorted(op for op, _ in recorder.syncs)
-    assert ops == ["_local_scalar_dense", "bincount", "index", "index_put", "nonzero", "repeat_interleave"]
+    assert ops == [
+        "_local_scalar_dense",
+        "bincount",
+        "index",
+        "index_put",
+        "masked_fill",
+        "nonzero",
+        "repeat_interleave",
+    ]
     assert all(where.startswith("test_host_syncs.py:") for _, where in recorder.syncs)
     assert recorder.ops > len(ops)
 

@@ -48,6 +48,14 @@ ALWAYS_SYNC = {
 }
 # ops that sync when one of their indices is a boolean mask (it is turned into positions by `nonzero`)
 MASK_INDEXED = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
+# ops whose CUDA kernel reads a 0-dim tensor value on the host (`value.item()` inside the kernel,
+# unseen here: a dispatch mode sees only the op), where a Python number would not
+TENSOR_VALUE_READ = {
+    aten.masked_fill.Tensor,
+    aten.masked_fill_.Tensor,
+    aten.index_fill.int_Tensor,
+    aten.index_fill_.int_Tensor,
+}
 
 TORCH_ROOT = Path(torch.__file__).resolve().parent
 HERE = Path(__file__).resolve()
@@ -58,7 +66,7 @@ DATA_LOADING = str(TORCH_ROOT / "utils" / "data")
 def synchronises(func, args, kwargs) -> bool:
     """Whether this aten call makes the host wait for a CUDA device."""
     packet = func.overloadpacket
-    if packet in ALWAYS_SYNC:
+    if packet in ALWAYS_SYNC or func in TENSOR_VALUE_READ:
         return True
     if packet in MASK_INDEXED:
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())

@@ -285,7 +285,8 @@ class VectorQuantizer(Quantizer):
         codes = latents.gather(1, slot[..., None].expand_as(self.embed))  # taken where `where` is True
         sizes = self.cluster_size.mean(-1, keepdim=True).expand_as(dead) if self.learning == "ema" else None
         self._replace_codes(where, codes, sizes)
-        self.usage.masked_fill_(where, correction / self.num_codes)  # a fresh code: the uniform share
+        # a fresh code: the uniform share (a masked fill with a tensor value would read it on the host)
+        self.usage.copy_(torch.where(where, correction / self.num_codes, self.usage))
 
     def _replace_codes(self, where: Tensor, codes: Tensor, cluster_size: Tensor | None) -> None:
         """Set the codes selected by `where` (G, K), keeping EMA statistics consistent."""
