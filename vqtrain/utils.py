@@ -69,8 +69,8 @@ def mask_to_lengths(mask: Tensor) -> Tensor:
 
 
 def ceil_div(a: Tensor | int, b: int) -> Tensor | int:
-    """ceil(a / b) for integers and integer tensors: positions a stride leaves of `a` samples."""
-    return -(-a // b)
+    """ceil(a / b) for integers and integer tensors, b > 0: positions a stride leaves of `a` samples."""
+    return (a + b - 1) // b
 
 
 def channel_mask(mask: Tensor, like: Tensor) -> Tensor:
@@ -81,10 +81,25 @@ def channel_mask(mask: Tensor, like: Tensor) -> Tensor:
 def mask_time(x: Tensor, lengths: Tensor | None, stride: int = 1) -> Tensor:
     """Zero the positions of (B, ..., T) past ceil(lengths / stride): a clip's padding
     at a resolution `stride` times coarser than its samples."""
-    if not exists(lengths):
-        return x
-    valid = lengths_to_mask(ceil_div(lengths, stride), x.shape[-1])
-    return torch.where(channel_mask(valid, x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return TimeMasks(lengths)(x, stride)
+
+
+class TimeMasks:
+    """`mask_time` for one batch, each resolution's mask built once: a masked net re-zeroes
+    the padding after every layer, and a small model's GPU step is bound by its launches."""
+
+    def __init__(self, lengths: Tensor | None):
+        self.lengths = lengths
+        self.masks: dict[tuple[int, int, int], Tensor] = {}  # (stride, T, ndim) -> (B, 1, ..., T)
+
+    def __call__(self, x: Tensor, stride: int = 1) -> Tensor:
+        if not exists(self.lengths):
+            return x
+        key = (stride, x.shape[-1], x.ndim)
+        if key not in self.masks:
+            valid = lengths_to_mask(ceil_div(self.lengths, stride), x.shape[-1])
+            self.masks[key] = valid.view(valid.shape[0], *([1] * (x.ndim - 2)), valid.shape[-1])
+        return torch.where(self.masks[key], x, 0.0)
 
 
 # --- random number generators: saved in checkpoints for exact resumes --------

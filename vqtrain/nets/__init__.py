@@ -17,13 +17,13 @@ from vqtrain.nets.conv import (
     ResBlock,
     Upsample1d,
     check_strides,
-    mask_time,
     masked_stack,
     residual_stack1d,
     zero_biases,
 )
 from vqtrain.nets.seanet import CodecDecoder, CodecEncoder, Snake1d
 from vqtrain.nets.vqgan import AttnBlock, ResnetBlock, VQGANDecoder, VQGANEncoder
+from vqtrain.utils import TimeMasks, mask_time
 
 __all__ = [
     "AttnBlock",
@@ -41,6 +41,7 @@ __all__ = [
     "MaskedEncoder1d",
     "ResBlock",
     "Snake1d",
+    "TimeMasks",
     "Upsample1d",
     "check_strides",
     "mask_time",

@@ -18,7 +18,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqtrain.utils import ceil_div, exists, mask_time
+from vqtrain.utils import TimeMasks, ceil_div, exists
 
 
 class ResBlock(nn.Module):
@@ -150,10 +150,10 @@ def residual_stack1d(channels: int) -> nn.ModuleList:
     return nn.ModuleList([ResBlock(channels, nn.Conv1d, 1), ResBlock(channels, nn.Conv1d, 3)])
 
 
-def masked_stack(blocks: nn.ModuleList, x: Tensor, lengths: Tensor | None, stride: int) -> Tensor:
+def masked_stack(blocks: nn.ModuleList, x: Tensor, masks: TimeMasks, stride: int) -> Tensor:
     """Run blocks, re-zeroing the padding after each: every conv sees zeros past the end."""
     for block in blocks:
-        x = mask_time(block(x), lengths, stride)
+        x = masks(block(x), stride)
     return x
 
 
@@ -178,13 +178,14 @@ class MaskedEncoder1d(nn.Module):
     head: nn.Module
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
-        x = mask_time(self.stem(mask_time(x, lengths, 1)), lengths, 1)
+        masks = TimeMasks(lengths)
+        x = masks(self.stem(masks(x)))
         stride = 1
         for block, down, s in zip(self.blocks, self.downs, self.strides):
-            x = masked_stack(block, x, lengths, stride)
+            x = masked_stack(block, x, masks, stride)
             stride *= s
-            x = mask_time(down(x), lengths, stride)
-        return mask_time(self.head(x), lengths, stride)
+            x = masks(down(x), stride)
+        return masks(self.head(x), stride)
 
 
 class MaskedDecoder1d(nn.Module):
@@ -199,16 +200,17 @@ class MaskedDecoder1d(nn.Module):
     head: nn.Module
 
     def forward(self, z: Tensor, lengths: Tensor | None = None, size: int | None = None) -> Tensor:
+        masks = TimeMasks(lengths)
         stride = math.prod(self.strides)
-        x = mask_time(self.stem(z), lengths, stride)
+        x = masks(self.stem(z), stride)
         for up, block, s in zip(self.ups, self.blocks, self.strides):
             stride //= s
-            x = mask_time(up(x), lengths, stride)
-            x = masked_stack(block, x, lengths, stride)
+            x = masks(up(x), stride)
+            x = masked_stack(block, x, masks, stride)
         x = self.head(x)
         if exists(size):
             x = x[..., :size]
-        return mask_time(x, lengths, 1)
+        return masks(x)
 
 
 class ConvEncoder1d(MaskedEncoder1d):
