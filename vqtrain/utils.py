@@ -70,7 +70,7 @@ def mask_to_lengths(mask: Tensor) -> Tensor:
 
 def ceil_div(a: Tensor | int, b: int) -> Tensor | int:
     """ceil(a / b) for integers and integer tensors, b > 0: positions a stride leaves of `a` samples."""
-    return (a + b - 1) // b
+    return (a + (b - 1)) // b
 
 
 def channel_mask(mask: Tensor, like: Tensor) -> Tensor:
