@@ -135,6 +135,7 @@ def plain_run(
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     datamodule.setup("fit")
+    model.configure_model()  # as the Trainer does (model.compile=true compiles the nets there)
     model = model.to(device).train()
     # the model's own optimizer and schedule (param groups, weight decay, warm-up), without a Trainer
     model.trainer = SimpleNamespace(estimated_stepping_batches=steps)
