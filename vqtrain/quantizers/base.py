@@ -253,5 +253,6 @@ class Quantizer(nn.Module):
         return indices.reshape(*lead, self.num_index_columns)
 
     def weigh(self, losses: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+        """sum_name weights[name] * losses[name], over at least one term (no `0 +` kernel)."""
         terms = [weights[name] * losses[name] for name in weights]
         return sum(terms[1:], terms[0])
