@@ -184,7 +184,7 @@ class VectorQuantizer(Quantizer):
             "codebook": codebook_loss if self.learning == "gradient" else zero(x.device),
         }
         if self.updating:
-            self._update_statistics(h.detach(), indices, weight)
+            self._update_statistics(h.detach(), indices, weight, q.detach())
         out = ESTIMATORS[self.estimator](h, q) if torch.is_grad_enabled() else q
         return self.from_code_space(out), indices.T, losses, self.weigh(losses, self.weights)
 
@@ -231,15 +231,16 @@ class VectorQuantizer(Quantizer):
         self.initted_seen = True
 
     @torch.no_grad()
-    def _update_statistics(self, h: Tensor, indices: Tensor, weight: Tensor) -> None:
+    def _update_statistics(self, h: Tensor, indices: Tensor, weight: Tensor, codes: Tensor) -> None:
         """EMA codebook, usage shares and restarts, on the device: a group without a
-        real row anywhere (all ranks) keeps its statistics as they are."""
+        real row anywhere (all ranks) keeps its statistics as they are. `codes` (G, N, d):
+        the code each row was given."""
         counts = all_reduce_sum(count_by_code(indices, self.num_codes, weight))
         total = counts.sum(-1, keepdim=True)
         learn = total > 0  # (G, 1)
         # restarts weigh latents by their distance to the code they were given, before it moves
         if self.dead_code_threshold > 0:
-            error = (h - gather_codes(self.codebook, indices)).pow(2).sum(-1) * weight
+            error = (h - codes).pow(2).sum(-1) * weight
         if self.learning == "ema":
             sums = all_reduce_sum(sum_by_code(real_rows(h, weight), indices, self.num_codes))
             # a lerp of rate 0 leaves its value exactly (what it moves towards is finite)
