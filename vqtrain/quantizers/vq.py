@@ -32,6 +32,8 @@ smallest norm: collapse before training starts.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -304,6 +306,12 @@ def flatten_ranks(t: Tensor) -> Tensor:
     return t.transpose(0, 1).flatten(1, 2)
 
 
+@functools.cache
+def hash_multipliers(dim: int, device: torch.device) -> Tensor:
+    """Odd int64 multipliers, one per coordinate, for hashing a row's bits (made once, not every step)."""
+    return torch.arange(1, dim + 1, device=device) * 0x5851F42D4C957F2D | 1  # wraps around
+
+
 @torch.no_grad()
 def restart_candidates(h: Tensor, weight: Tensor, count: int, gathered: bool = False) -> tuple[Tensor, Tensor]:
     """The `count` best restart candidates per group, drawn from the rows h (G, N, d)
@@ -329,8 +337,7 @@ def restart_candidates(h: Tensor, weight: Tensor, count: int, gathered: bool = F
         h = torch.cat([h, h.new_zeros(groups, count - num_rows, dim)], 1)
         num_rows = count
     bits = h.view(torch.int32).long()
-    multipliers = torch.arange(1, dim + 1, device=h.device) * 0x5851F42D4C957F2D | 1  # wraps around
-    row_hash = (bits * multipliers).sum(-1)  # wraps around: a hash, exactly equal for equal rows
+    row_hash = (bits * hash_multipliers(dim, h.device)).sum(-1)  # wraps around: a hash, exactly equal for equal rows
     order = keys.sort(dim=-1, descending=True, stable=True).indices  # copies: the best key first ...
     order = order.gather(1, row_hash.gather(1, order).sort(dim=-1, stable=True).indices)  # ... in runs of one hash
     sorted_rows = h.gather(1, order[..., None].expand(-1, -1, dim))
