@@ -186,7 +186,7 @@ class VectorQuantizer(Quantizer):
             "codebook": codebook_loss if self.learning == "gradient" else zero(x.device),
         }
         if self.updating:
-            self._update_statistics(h.detach(), indices, weight, q.detach())
+            self._update_statistics(h.detach(), indices, weight, q)
         out = ESTIMATORS[self.estimator](h, q) if torch.is_grad_enabled() else q
         return self.from_code_space(out), indices.T, losses, self.weigh(losses, self.weights)
 
