@@ -289,16 +289,16 @@ class VectorQuantizer(Quantizer):
         sizes = self.cluster_size.mean(-1, keepdim=True).expand_as(dead) if self.learning == "ema" else None
         self._replace_codes(where, codes, sizes)
         # a fresh code: the uniform share (a masked fill with a tensor value would read it on the host)
-        self.usage.copy_(torch.where(where, correction / self.num_codes, self.usage))
+        torch.where(where, correction / self.num_codes, self.usage, out=self.usage)
 
     def _replace_codes(self, where: Tensor, codes: Tensor, cluster_size: Tensor | None) -> None:
-        """Set the codes selected by `where` (G, K), keeping EMA statistics consistent."""
-        self.embed.data.copy_(torch.where(where.unsqueeze(-1), codes, self.embed.data))
+        """Set the codes selected by `where` (G, K), keeping EMA statistics consistent
+        (each `where` writes into the buffer it reads: one kernel, not a where and a copy)."""
+        torch.where(where.unsqueeze(-1), codes, self.embed.data, out=self.embed.data)
         if self.learning == "ema":
-            self.cluster_size.copy_(torch.where(where, cluster_size, self.cluster_size))
-            self.embed_sum.copy_(
-                torch.where(where.unsqueeze(-1), codes * self.cluster_size.unsqueeze(-1), self.embed_sum)
-            )
+            torch.where(where, cluster_size, self.cluster_size, out=self.cluster_size)
+            sums = codes * self.cluster_size.unsqueeze(-1)
+            torch.where(where.unsqueeze(-1), sums, self.embed_sum, out=self.embed_sum)
 
 
 def flatten_ranks(t: Tensor) -> Tensor:
@@ -330,8 +330,9 @@ def restart_candidates(h: Tensor, weight: Tensor, count: int, gathered: bool = F
         keys = weight
     else:
         uniform = torch.rand(world_size(), groups, num_rows, device=h.device)[rank()]  # each rank its own draw
-        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1 - 1e-7)))
-        keys = torch.where(weight > 0, weight.clamp_min(1e-38).log() + gumbel, -torch.inf)
+        # Gumbel noise is -log(-log u): subtracting log(-log u) saves negating it
+        minus_gumbel = torch.log(-torch.log(uniform.clamp(1e-20, 1 - 1e-7)))
+        keys = torch.where(weight > 0, weight.clamp_min(1e-38).log() - minus_gumbel, -torch.inf)
     if num_rows < count:  # too few rows: pad with non-candidates
         keys = torch.cat([keys, keys.new_full((groups, count - num_rows), -torch.inf)], 1)
         h = torch.cat([h, h.new_zeros(groups, count - num_rows, dim)], 1)
