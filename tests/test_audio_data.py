@@ -305,6 +305,22 @@ def test_file_broken_after_the_scan_is_skipped_and_counted(tree, tmp_path):
         SkippingDataset(data, strict=True)[1]
 
 
+def test_float_file_with_nan_or_inf_is_skipped_naming_it(tmp_path):
+    """A NaN in a float WAV once stopped the run as a non-finite batch, naming no file."""
+    root = tmp_path / "audio"
+    root.mkdir()
+    for name, bad in (("inf.wav", np.inf), ("nan.wav", np.nan), ("ok.wav", 0.0)):
+        clip = sine(0.25)
+        clip[10] = bad
+        sf.write(root / name, clip, RATE, subtype="FLOAT")
+    data = AudioFolder(root, RATE, cache_dir=tmp_path / "cache")
+    loader = DataLoader(SkippingDataset(data), batch_size=3, collate_fn=partial(collate_skipping, collate=pad_collate))
+    batch = next(iter(loader))
+    assert batch.skipped == 2 and batch.index.tolist() == [2] and batch.x.isfinite().all()
+    with pytest.raises(RuntimeError, match=r"nan\.wav: non-finite samples"):
+        SkippingDataset(data, strict=True)[1]
+
+
 def test_changed_files_are_read_again(tree, tmp_path, monkeypatch):
     AudioFolder(tree, RATE, cache_dir=tmp_path / "cache")
     sf.write(tree / "a" / "clip.flac", sine(2.0), RATE)

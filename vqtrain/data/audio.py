@@ -22,6 +22,7 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
@@ -288,6 +289,8 @@ class AudioFolder(Dataset):
             raise UnreadableItem(f"{path}: {error}") from error
         if len(audio) == 0:
             raise UnreadableItem(f"{path}: no audio frames")
+        if not np.isfinite(audio).all():  # float WAVs can hold NaN or Inf: a file's fault, not the model's
+            raise UnreadableItem(f"{path}: non-finite samples (NaN or Inf)")
         x = reduce(torch.from_numpy(audio), "t c -> 1 t", "mean")
         if sample_rate != self.sample_rate:
             x = AF.resample(x, sample_rate, self.sample_rate)
