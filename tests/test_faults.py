@@ -22,10 +22,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from helpers import column, global_step, read_metrics
+from helpers import column, global_step, read_metrics, run_cli
 from vqtrain.callbacks import forward_sigusr1
 from vqtrain.checkpoints import CONFIG_KEY, AtomicCheckpointIO, resumable, resume_path
-from vqtrain.config import compose
+from vqtrain.config import InvalidConfig, compose
 from vqtrain.data.audio import AudioFolder
 from vqtrain.data.batch import Batch
 from vqtrain.data.images import TensorImages
@@ -514,14 +514,22 @@ def test_resume_auto_continues_from_the_saved_step_and_keeps_the_metrics(stopped
     assert before and after and min(after) > max(before)  # more steps, not a restart at 0
 
 
-def test_a_checkpoint_of_another_quantizer_config_is_refused(stopped_run, tmp_path: Path):
+def test_a_checkpoint_of_another_quantizer_config_is_refused_at_start_up(stopped_run, tmp_path: Path):
+    """Resumed from the run directory or given as ckpt_path: one line naming the
+    checkpoint and the keys, before anything is built (it was a traceback from inside fit)."""
     run_dir = copy_of(stopped_run[1], tmp_path)
     before = (run_dir / "last.ckpt").read_bytes()
-    with pytest.raises(
-        ValueError,
-        match=r"another quantizer config; differing keys \(checkpoint, now\): \{'codebook_size': \(64, 32\)\}",
-    ):
-        train(compose([*FAST, *SHAPES, "quantizer.codebook_size=32", "trainer.max_steps=100"], run_dir))
+    changed = [*FAST, *SHAPES, "quantizer.codebook_size=32", "trainer.max_steps=100"]
+    keys = r"another quantizer config; differing keys \(checkpoint, now\): \{'codebook_size': \(64, 32\)\}"
+    with pytest.raises(InvalidConfig, match=keys):
+        resume_path(compose(changed, run_dir))
+    with pytest.raises(InvalidConfig, match=keys):
+        resume_path(compose([*changed, f"ckpt_path={run_dir / 'last.ckpt'}"], tmp_path / "fresh"))
+    result = run_cli(f"hydra.run.dir={run_dir}", *changed, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.fullmatch(
+        f"error: {re.escape(str(run_dir / 'last.ckpt'))} was trained with {keys}: .*", result.stderr.splitlines()[-1]
+    )
     assert (run_dir / "last.ckpt").read_bytes() == before
 
 

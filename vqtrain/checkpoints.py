@@ -3,14 +3,16 @@ from, what they carry."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import get_class
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vqtrain.config import InvalidConfig, Required
 from vqtrain.files import UnreadableFile, load_archive, unreadable, write_atomic
@@ -51,9 +53,10 @@ def resume_path(cfg: DictConfig) -> str | None:
     a warning. Checked before anything is built: a damaged `ckpt_path`, or a run
     directory whose checkpoints are all unreadable, is an UnreadableFile rather
     than a run started from scratch over an existing one."""
+    quantizer = OmegaConf.to_container(cfg.quantizer, resolve=True) if "quantizer" in cfg else None
     if cfg.ckpt_path:
         Required("ckpt_path", Path(cfg.ckpt_path), "a checkpoint to resume from", folder=False).check()
-        load_run_checkpoint(cfg.ckpt_path, mmap=True)
+        check_same_quantizer(load_run_checkpoint(cfg.ckpt_path, mmap=True), quantizer, cfg.ckpt_path)
         return str(cfg.ckpt_path)
     if cfg.resume not in ("auto", "never"):
         raise InvalidConfig(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
@@ -63,11 +66,12 @@ def resume_path(cfg: DictConfig) -> str | None:
     skipped: list[UnreadableFile] = []
     for path in resumable(run_dir):
         try:
-            load_run_checkpoint(path, mmap=True)
+            checkpoint = load_run_checkpoint(path, mmap=True)
         except UnreadableFile as error:
             log.warning("resume=auto skipped an unreadable checkpoint: %s", error)
             skipped.append(error)
             continue
+        check_same_quantizer(checkpoint, quantizer, path)
         log.info("resuming from %s", path)
         return str(path)
     if skipped:
@@ -77,6 +81,36 @@ def resume_path(cfg: DictConfig) -> str | None:
             "restore one from a copy, or start afresh in another run directory or with resume=never"
         )
     return None
+
+
+def check_same_quantizer(checkpoint: dict[str, Any], quantizer: dict | None, path: _PATH | None = None) -> None:
+    """A checkpoint continues only with the quantizer config it was trained with
+    (`quantizer`: the current one, resolved); otherwise an InvalidConfig listing
+    the differing keys. Checked at start-up, so that it is one line, not a
+    traceback from inside `fit`."""
+    saved = (checkpoint.get(CONFIG_KEY) or {}).get("quantizer")
+    if saved is None or quantizer is None:
+        return
+    diff = {
+        k: (saved.get(k), quantizer.get(k))
+        for k in sorted(set(saved) | set(quantizer))
+        if saved.get(k) != quantizer.get(k) and not (k not in saved and added_at_default(quantizer, k))
+    }
+    if diff:
+        raise InvalidConfig(
+            f"{path or 'checkpoint'} was trained with another quantizer config; differing keys (checkpoint, now): "
+            f"{diff}: set them as the checkpoint has them, or start afresh (resume=never or another run directory)"
+        )
+
+
+def added_at_default(quantizer_config: dict, key: str) -> bool:
+    """Whether `key` of a quantizer config holds its class's default: a setting added since
+    a checkpoint was written trained then as it does now, so resuming it is no change."""
+    try:
+        default = inspect.signature(get_class(quantizer_config["_target_"])).parameters[key].default
+    except (KeyError, ImportError, AttributeError, ValueError):
+        return False
+    return default is not inspect.Parameter.empty and quantizer_config[key] == default
 
 
 def resumable(run_dir: Path) -> list[Path]:

@@ -22,7 +22,6 @@ is told on the host instead: one sync a step.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -31,10 +30,9 @@ from typing import Any, NamedTuple
 import lightning as L
 import torch
 from einops import rearrange
-from hydra.utils import get_class
 from torch import Tensor, nn
 
-from vqtrain.checkpoints import CONFIG_KEY, MODALITY_KEY
+from vqtrain.checkpoints import CONFIG_KEY, MODALITY_KEY, check_same_quantizer
 from vqtrain.data.batch import Batch
 from vqtrain.distributed import all_reduce_max, all_reduce_min, all_reduce_sum, is_distributed, rank
 from vqtrain.losses import ReconstructionLoss
@@ -96,16 +94,6 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
             step = max(self.last_epoch, self.warmup_steps)
             self.decay_from = (step, self.progress(step))
         self.__dict__.update(settings)
-
-
-def added_at_default(quantizer_config: dict, key: str) -> bool:
-    """Whether `key` of a quantizer config holds its class's default: a setting added since
-    a checkpoint was written trained then as it does now, so resuming it is no change."""
-    try:
-        default = inspect.signature(get_class(quantizer_config["_target_"])).parameters[key].default
-    except (KeyError, ImportError, AttributeError, ValueError):
-        return False
-    return default is not inspect.Parameter.empty and quantizer_config[key] == default
 
 
 class ModelOutput(NamedTuple):
@@ -445,18 +433,7 @@ class DiscreteAutoencoder(L.LightningModule):
         state["last_use.last_step"] = all_reduce_max(self.last_use.last_step.clone())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = (checkpoint.get(CONFIG_KEY) or {}).get("quantizer")
-        current = (self.run_config or {}).get("quantizer")
-        if exists(saved) and exists(current):
-            diff = {
-                k: (saved.get(k), current.get(k))
-                for k in sorted(set(saved) | set(current))
-                if saved.get(k) != current.get(k) and not (k not in saved and added_at_default(current, k))
-            }
-            if diff:
-                raise ValueError(
-                    f"checkpoint was trained with another quantizer config; differing keys (checkpoint, now): {diff}"
-                )
+        check_same_quantizer(checkpoint, (self.run_config or {}).get("quantizer"))
         self.resumed_rng_states = checkpoint.get("rng_states")
         if rank() != 0:  # the window's counts of all ranks: one rank carries them on
             counts = checkpoint["state_dict"]["train_usage.counts"]
