@@ -23,6 +23,8 @@ CONFIG_KEY = "vqtrain_config"  # the resolved run config, in every training chec
 MODALITY_KEY = "vqtrain_modality"  # "image" or "audio": what the model was trained on
 CHECKPOINT = "a vqtrain training checkpoint"
 CHECKPOINT_REMEDY = "restore it from a copy, or use another checkpoint of the run"
+# the run config's sections that decide what the weights are: a checkpoint continues only with the same
+NETS = ("quantizer", "model.encoder", "model.decoder", "model.discriminator")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -53,10 +55,10 @@ def resume_path(cfg: DictConfig) -> str | None:
     a warning. Checked before anything is built: a damaged `ckpt_path`, or a run
     directory whose checkpoints are all unreadable, is an UnreadableFile rather
     than a run started from scratch over an existing one."""
-    quantizer = OmegaConf.to_container(cfg.quantizer, resolve=True) if "quantizer" in cfg else None
+    run_config = OmegaConf.to_container(cfg, resolve=True)
     if cfg.ckpt_path:
         Required("ckpt_path", Path(cfg.ckpt_path), "a checkpoint to resume from", folder=False).check()
-        check_same_quantizer(load_run_checkpoint(cfg.ckpt_path, mmap=True), quantizer, cfg.ckpt_path)
+        check_same_nets(load_run_checkpoint(cfg.ckpt_path, mmap=True), run_config, cfg.ckpt_path)
         return str(cfg.ckpt_path)
     if cfg.resume not in ("auto", "never"):
         raise InvalidConfig(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
@@ -71,7 +73,7 @@ def resume_path(cfg: DictConfig) -> str | None:
             log.warning("resume=auto skipped an unreadable checkpoint: %s", error)
             skipped.append(error)
             continue
-        check_same_quantizer(checkpoint, quantizer, path)
+        check_same_nets(checkpoint, run_config, path)
         log.info("resuming from %s", path)
         return str(path)
     if skipped:
@@ -83,34 +85,48 @@ def resume_path(cfg: DictConfig) -> str | None:
     return None
 
 
-def check_same_quantizer(checkpoint: dict[str, Any], quantizer: dict | None, path: _PATH | None = None) -> None:
-    """A checkpoint continues only with the quantizer config it was trained with
-    (`quantizer`: the current one, resolved); otherwise an InvalidConfig listing
-    the differing keys. Checked at start-up, so that it is one line, not a
-    traceback from inside `fit`."""
-    saved = (checkpoint.get(CONFIG_KEY) or {}).get("quantizer")
-    if saved is None or quantizer is None:
-        return
-    diff = {
-        k: (saved.get(k), quantizer.get(k))
-        for k in sorted(set(saved) | set(quantizer))
-        if saved.get(k) != quantizer.get(k) and not (k not in saved and added_at_default(quantizer, k))
-    }
+def check_same_nets(checkpoint: dict[str, Any], run_config: dict, path: _PATH | None = None) -> None:
+    """A checkpoint continues only with the NETS settings it was trained with
+    (`run_config`: the current run's config, resolved); otherwise an
+    InvalidConfig naming the differing keys. Checked at start-up, so that it is
+    one line, not a traceback from inside `fit`. A section the checkpoint lacks
+    (written before it existed) is not compared."""
+    saved_config = checkpoint.get(CONFIG_KEY) or {}
+    diff = {}
+    for name in NETS:
+        saved, now = section(saved_config, name), section(run_config, name)
+        if saved is None:
+            continue
+        if not (isinstance(saved, dict) and isinstance(now, dict)):
+            if saved != now:
+                diff[name] = (saved, now)
+            continue
+        for k in sorted(set(saved) | set(now)):
+            if saved.get(k) != now.get(k) and not (k not in saved and added_at_default(now, k)):
+                diff[f"{name}.{k}"] = (saved.get(k), now.get(k))
     if diff:
         raise InvalidConfig(
-            f"{path or 'checkpoint'} was trained with another quantizer config; differing keys (checkpoint, now): "
-            f"{diff}: set them as the checkpoint has them, or start afresh (resume=never or another run directory)"
+            f"{path or 'checkpoint'} was trained with another model or quantizer config; differing keys "
+            f"(checkpoint, now): {diff}: set them as the checkpoint has them, or start afresh "
+            "(resume=never or another run directory)"
         )
 
 
-def added_at_default(quantizer_config: dict, key: str) -> bool:
-    """Whether `key` of a quantizer config holds its class's default: a setting added since
-    a checkpoint was written trained then as it does now, so resuming it is no change."""
+def section(config: dict, name: str) -> Any:
+    """`config`'s value at the dotted key `name`, or None."""
+    for key in name.split("."):
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
+
+
+def added_at_default(config: dict, key: str) -> bool:
+    """Whether `key` of a config with a `_target_` holds its class's default: a setting added
+    since a checkpoint was written trained then as it does now, so resuming it is no change."""
     try:
-        default = inspect.signature(get_class(quantizer_config["_target_"])).parameters[key].default
+        default = inspect.signature(get_class(config["_target_"])).parameters[key].default
     except (KeyError, ImportError, AttributeError, ValueError):
         return False
-    return default is not inspect.Parameter.empty and quantizer_config[key] == default
+    return default is not inspect.Parameter.empty and config[key] == default
 
 
 def resumable(run_dir: Path) -> list[Path]:

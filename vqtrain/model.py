@@ -32,7 +32,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqtrain.checkpoints import CONFIG_KEY, MODALITY_KEY, check_same_quantizer
+from vqtrain.checkpoints import CONFIG_KEY, MODALITY_KEY, check_same_nets
 from vqtrain.data.batch import Batch
 from vqtrain.distributed import all_reduce_max, all_reduce_min, all_reduce_sum, is_distributed, rank
 from vqtrain.losses import ReconstructionLoss
@@ -433,7 +433,8 @@ class DiscreteAutoencoder(L.LightningModule):
         state["last_use.last_step"] = all_reduce_max(self.last_use.last_step.clone())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        check_same_quantizer(checkpoint, (self.run_config or {}).get("quantizer"))
+        if self.run_config is not None:
+            check_same_nets(checkpoint, self.run_config)
         self.resumed_rng_states = checkpoint.get("rng_states")
         if rank() != 0:  # the window's counts of all ranks: one rank carries them on
             counts = checkpoint["state_dict"]["train_usage.counts"]
