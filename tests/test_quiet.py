@@ -38,6 +38,12 @@ def test_harmless_warnings_are_dropped_by_exact_message_and_module(quiet):
         UserWarning,
         "lightning.pytorch.trainer.connectors.data_connector",
     )
+    warn(
+        "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable."
+        " This can cause unreliable results if further training is done.",
+        UserWarning,
+        "lightning.pytorch.loops.training_epoch_loop",
+    )
     assert quiet == []
 
 

@@ -30,6 +30,13 @@ HARMLESS_WARNINGS = [
         r"lightning\.",  # rank_zero_warn's stack level attributes it to a caller inside Lightning
         "every data config sets data.num_workers deliberately (its comment says when to raise it)",
     ),
+    (
+        "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
+        UserWarning,
+        r"lightning\.",
+        "vqtrain's DataModule resumes mid-epoch itself (its state_dict: the batches done), exactly, where Lightning "
+        "looks for a stateful dataloader only",
+    ),
 ]
 
 # (logger, message prefix, why): Lightning's start-up notes that vqtrain's start line replaces or that say nothing
