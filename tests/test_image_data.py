@@ -13,12 +13,14 @@ from PIL import Image
 from torchvision.datasets import MNIST
 
 from helpers import SHARED_DATA
+from vqtrain.data.common import UnreadableItem
 from vqtrain.data.images import (
     CIFAR10DataModule,
     ImageFolderDataModule,
     MNISTDataModule,
     ShapesDataModule,
     fit_images,
+    to_signed,
 )
 
 
@@ -122,6 +124,23 @@ def test_image_folder_resizes_the_shorter_side_and_crops_the_center(tmp_path: Pa
     assert x.shape == (1, 8, 8)
     assert (x[..., 1:-1] == 1).all(), "the white center of the wide image fills the crop"
     assert (x[..., [0, -1]] > 0).all(), "only antialiasing darkens the crop's edge columns"
+
+
+def test_image_folder_scales_16_bit_images_and_skips_float_ones(tmp_path: Path):
+    """16-bit PNGs and TIFFs once decoded clipped at 255: a gradient came out nearly all white."""
+    gradient = np.arange(0, 65536, 257, dtype=np.uint16)[None].repeat(256, 0)  # 256 x 256, 0 to 65535
+    write_image(tmp_path / "train" / "a.png", gradient)
+    write_image(tmp_path / "train" / "b.tif", gradient)
+    write_image(tmp_path / "train" / "c.tif", gradient.astype(np.float32) / 65535)
+    write_image(tmp_path / "val" / "d.png", gradient[:8, :8])
+    for channels in (1, 3):
+        module = ImageFolderDataModule(str(tmp_path), image_size=256, channels=channels)
+        module.setup()
+        expected = to_signed(torch.arange(256, dtype=torch.uint8).expand(channels, 256, 256))
+        for index in (0, 1):
+            assert torch.equal(module.train_set[index]["x"], expected)
+        with pytest.raises(UnreadableItem, match=r"c\.tif: 32-bit float pixels"):
+            module.train_set[2]
 
 
 def test_flat_image_folder_is_split_deterministically_by_path(tmp_path: Path):

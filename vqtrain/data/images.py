@@ -97,6 +97,16 @@ class TensorImages(Dataset):
         return self.rows
 
 
+def to_8_bits(image: Image.Image, path: Path) -> Image.Image:
+    """16-bit grayscale (modes I;16*, I) scaled to 8 bits: PIL's conversion clips it at
+    255, nearly all white. Float pixels (mode F) have no known range: unreadable."""
+    if image.mode == "F":
+        raise UnreadableItem(f"{path}: 32-bit float pixels, whose range is unknown (save it with 8 or 16 bits)")
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        return image.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+    return image
+
+
 class ImageFiles(Dataset):
     """Image files, decoded on access: resized (shorter side) and center-cropped to a square."""
 
@@ -112,7 +122,7 @@ class ImageFiles(Dataset):
         path = self.files[index]
         try:
             with Image.open(path) as image:
-                image = image.convert(self.mode)
+                image = to_8_bits(image, path).convert(self.mode)
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise UnreadableItem(f"{path}: {error}") from error
         image = TF.center_crop(TF.resize(image, [self.image_size]), [self.image_size])
