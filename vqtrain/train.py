@@ -42,6 +42,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             f"data gives {datamodule.modality} batches but model.encoder "
             f"({type(model.encoder).__name__}) takes {model.modality}: choose the matching model"
         )
+    check_manual_optimization(cfg, model)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None] + progress_bar(cfg.trainer)
     loggers = [instantiate(logger) for logger in (cfg.logger or {}).values() if logger is not None]
@@ -61,6 +62,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     finally:
         finish_wandb()
     return metrics  # the last training and validation figures, and the test's
+
+
+def check_manual_optimization(cfg: DictConfig, model: L.LightningModule) -> None:
+    """A model that steps its optimizers itself (the GAN models) gets neither
+    Lightning's clipping nor its accumulation; Lightning refuses them from inside
+    `fit`, as a traceback: refused here, naming the keys."""
+    if model.automatic_optimization:
+        return
+    clip, accumulate = cfg.trainer.get("gradient_clip_val"), cfg.trainer.get("accumulate_grad_batches", 1)
+    bad = [f"trainer.gradient_clip_val={clip!r}"] if clip else []
+    bad += [f"trainer.accumulate_grad_batches={accumulate!r}"] if accumulate != 1 else []
+    if bad:
+        raise InvalidConfig(
+            f"{', '.join(bad)}: {type(model).__name__} steps its optimizers itself (manual optimization), "
+            "which Lightning neither clips nor accumulates: leave them unset"
+        )
 
 
 def start_line(cfg: DictConfig, model: L.LightningModule, trainer: L.Trainer) -> str:
