@@ -30,6 +30,8 @@ from typing import Any, NamedTuple
 import lightning as L
 import torch
 from einops import rearrange
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 
 from vqtrain.checkpoints import CONFIG_KEY, MODALITY_KEY, check_same_nets
@@ -385,6 +387,20 @@ class DiscreteAutoencoder(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return self.optimizer_config(self.optimizer_factory, self.autoencoder_parameters())
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
+    ) -> None:
+        """Lightning's, except under bf16-mixed: Lightning refuses to clip a fused optimizer
+        under any mixed precision, because with 16-mixed's scaler its gradients are still
+        scaled; bf16-mixed has no scaler, so they are clipped as in 32-true."""
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            Precision.clip_gradients(
+                plugin, optimizer, gradient_clip_val or 0.0, GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+            )
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_config(self, factory: Callable[..., torch.optim.Optimizer], params: list[nn.Parameter]) -> Any:
         """The optimizer over `params`, with the run's schedule (`model.scheduler`) if any."""
