@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import re
 import runpy
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import vqtrain
 from helpers import QUANTIZERS
 from vqtrain import tokens as tokens_module
 from vqtrain.cli import parse_args
-from vqtrain.config import compose, run_config
+from vqtrain.config import InvalidConfig, compose, run_config
 from vqtrain.data.audio import normalize_loudness
 from vqtrain.data.common import split_dataset
 from vqtrain.evaluation import evaluate
@@ -346,3 +347,22 @@ def test_encode_and_decode_scripts_on_images(image_run, tmp_path: Path):
         image = torch.from_numpy(np.array(Image.open(tmp_path / "png" / f"{identifier}.png").convert("L"))).float()
         assert image.shape == (32, 32)
         assert (image - ((expected[i, 0] + 1) / 2 * 255).clamp(0, 255)).abs().max() <= 0.5 + 1e-3
+
+
+def test_decode_refuses_tokens_of_another_checkpoint_and_levels_it_lacks(image_run, audio_run: Path, tmp_path: Path):
+    """They failed deep inside the decoder, or (audio tokens, an image checkpoint) were written as noise images."""
+    rvq, rfsq = load_tokenizer(image_run("rvq") / "last.ckpt"), load_tokenizer(audio_run / "last.ckpt")
+    encode_split(rfsq, run_config(rfsq.config), "test", tmp_path / "audio", shard_size=4)
+    encode_split(rvq, run_config(rvq.config), "test", tmp_path / "image", shard_size=30)
+    audio, image = tmp_path / "audio" / "shard-00000.pt", tmp_path / "image" / "shard-00000.pt"
+    wrote_it = "decode them with the checkpoint that wrote them, "
+    with pytest.raises(InvalidConfig, match=f"has audio tokens .*{wrote_it}{re.escape(rfsq.checkpoint)}$"):
+        decode_shard(rvq, audio, tmp_path / "out")
+    with pytest.raises(
+        InvalidConfig, match=rf"has image tokens of shape \(8, 8, 4\).*{wrote_it}{re.escape(rvq.checkpoint)}$"
+    ):
+        decode_shard(rfsq, image, tmp_path / "out")
+    with pytest.raises(InvalidConfig, match=r"^num_levels=5: the quantizer of .* has levels 1 to 4$"):
+        decode_shard(rvq, image, tmp_path / "out", num_levels=5)
+    assert not (tmp_path / "out").exists()
+    assert len(decode_shard(rvq, image, tmp_path / "out", num_levels=4)) == 24

@@ -28,8 +28,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from vqtrain.config import InvalidConfig
 from vqtrain.data.common import DataModule, SkippingDataset, item_id, split_dataset
 from vqtrain.files import UnreadableFile, load_archive, read_checked_json, write_atomic, write_checked_json
+from vqtrain.quantizers import ResidualQuantizer
 from vqtrain.tokenizer import Tokenizer
 from vqtrain.utils import ceil_div, exists
 
@@ -161,6 +163,7 @@ def decode_shard(
     """Tokens of a shard back to files under `out_dir` named after the item ids:
     PNG for images ([-1, 1] -> [0, 1]), WAV at the run's sample rate for audio."""
     shard = load_shard(shard_path)
+    check_tokens(tokenizer, shard, shard_path, num_levels)
     audio = tokenizer.modality == "audio"
     written = []
     for start in range(0, len(shard["ids"]), batch_size):
@@ -177,3 +180,27 @@ def decode_shard(
                 save_image((signals[i] + 1) / 2, path)
             written.append(path)
     return written
+
+
+def check_tokens(tokenizer: Tokenizer, shard: dict, shard_path: str | Path, num_levels: int | None) -> None:
+    """Tokens that another checkpoint wrote, whose layout or codes do not fit this one's
+    quantizer, failed deep inside the decoder or decoded to noise (audio tokens as images):
+    refused, naming the checkpoint that wrote them. So is a `num_levels` the quantizer lacks."""
+    quantizer = tokenizer.model.quantizer
+    levels = quantizer.num_levels if isinstance(quantizer, ResidualQuantizer) else None
+    if exists(num_levels) and not (exists(levels) and 1 <= num_levels <= levels):
+        has = f"levels 1 to {levels}" if exists(levels) else f"no levels ({type(quantizer).__name__})"
+        raise InvalidConfig(f"num_levels={num_levels}: the quantizer of {tokenizer.checkpoint} has {has}")
+    audio, columns = tokenizer.modality == "audio", quantizer.num_index_columns
+    layout = ("(T'" if audio else "(H', W'") + (f", {columns})" if columns > 1 else ")")
+    sizes = torch.tensor(tokenizer.codebook_sizes)
+    for identifier, tokens in zip(shard["ids"], shard["tokens"]):
+        shape_fits = tokens.ndim == layout.count(",") + 1 and (columns == 1 or tokens.shape[-1] == columns)
+        if not (shape_fits and exists(shard["lengths"]) == audio and ((tokens >= 0) & (tokens < sizes)).all()):
+            raise InvalidConfig(
+                f"tokens={shard_path}: item {identifier} has {'audio' if exists(shard['lengths']) else 'image'} "
+                f"tokens of shape {tuple(tokens.shape)}, codes {int(tokens.min())} to {int(tokens.max())}; "
+                f"{tokenizer.checkpoint} decodes {tokenizer.modality} tokens {layout} with codes below "
+                f"{tokenizer.codebook_sizes}: decode them with the checkpoint that wrote them, "
+                f"{shard.get('meta', {}).get('checkpoint')}"
+            )
