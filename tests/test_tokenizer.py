@@ -27,7 +27,7 @@ import vqtrain
 from helpers import QUANTIZERS
 from vqtrain import tokens as tokens_module
 from vqtrain.cli import parse_args
-from vqtrain.config import InvalidConfig, compose, run_config
+from vqtrain.config import InvalidConfig, MissingPath, compose, run_config
 from vqtrain.data.audio import normalize_loudness
 from vqtrain.data.common import split_dataset
 from vqtrain.evaluation import evaluate
@@ -249,6 +249,26 @@ def test_arguments_and_overrides_are_checked(image_run):
         run_config(config, ["data.batch_sise=2"])
     with pytest.raises(ValueError, match="only data=NAME"):
         run_config(config, ["quantizer=fsq"])
+
+
+def test_eval_and_encode_refuse_data_the_checkpoint_was_not_trained_on(image_run, audio_run: Path, tmp_path: Path):
+    """Each in one line (a StartupError): audio data for an image model, or RGB for a gray one, failed
+    deep in the encoder; another sample rate encoded without a word, and decoded at the run's rate."""
+    image, audio = load_tokenizer(image_run("rvq") / "last.ckpt"), load_tokenizer(audio_run / "last.ckpt")
+    cases = [
+        (image, ["data=fsdd"], InvalidConfig, "data gives audio but .* encodes image: choose image data"),
+        (image, ["data.channels=3"], InvalidConfig, "data.channels=3, but .* trained with 1: set data.channels=1"),
+        (audio, ["data.sample_rate=16000"], InvalidConfig, ", but .* trained with 8000: set data.sample_rate=8000"),
+        (image, ["data=bogus"], InvalidConfig, r"data=bogus: no such data config; choose from \['audio_folder'"),
+        (image, ["data.batch_sise=2"], InvalidConfig, "data.batch_sise: the run's config has no such key"),
+        (image, ["data=cifar10", f"data.root={tmp_path}", "data.channels=1"], MissingPath, "data.root: no folder"),
+    ]
+    for tokenizer, overrides, error, message in cases:
+        with pytest.raises(error, match=message):
+            encode_split(tokenizer, run_config(tokenizer.config, overrides), "test", tmp_path / "tokens")
+    with pytest.raises(InvalidConfig, match="split must be one of"):
+        evaluate(image, run_config(image.config), "bogus")
+    assert not (tmp_path / "tokens").exists()
 
 
 # --- encode and decode -------------------------------------------------------------------

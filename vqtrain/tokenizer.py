@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from vqtrain.checkpoints import CONFIG_KEY, load_run_checkpoint
-from vqtrain.config import register_resolvers
+from vqtrain.config import InvalidConfig, register_resolvers
+from vqtrain.data.common import DataModule
 from vqtrain.model import DiscreteAutoencoder
 from vqtrain.quantizers import ResidualQuantizer
 from vqtrain.utils import exists
@@ -72,6 +73,24 @@ class Tokenizer:
             "bits_per_token": self.bits_per_token,
             "sample_rate": self.sample_rate,
         }
+
+    def data_module(self, cfg: DictConfig) -> DataModule:
+        """`cfg.data`'s data module, refused unless it gives what the model was trained on:
+        other data fails deep in the encoder, or (another sample rate) encodes without a word
+        and decodes at the run's rate, slowed down or sped up."""
+        datamodule = instantiate(cfg.data)
+        if datamodule.modality != self.modality:
+            raise InvalidConfig(
+                f"data gives {datamodule.modality} but {self.checkpoint} encodes {self.modality}: "
+                f"choose {self.modality} data"
+            )
+        key = "sample_rate" if self.modality == "audio" else "channels"
+        trained, given = self.config["data"].get(key), getattr(datamodule, key)
+        if exists(trained) and given != trained:
+            raise InvalidConfig(
+                f"data.{key}={given}, but {self.checkpoint} was trained with {trained}: set data.{key}={trained}"
+            )
+        return datamodule
 
     def inputs(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Audio without a mask is real throughout: the decoder then masks the tail

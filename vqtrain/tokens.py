@@ -21,7 +21,6 @@ from pathlib import Path
 
 import soundfile
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -77,11 +76,11 @@ def encode_split(
     whole, by rename), so an interrupted run resumes; a damaged one is encoded
     again, named in a warning."""
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise InvalidConfig(f"shard_size must be >= 1, got {shard_size}")
+    datamodule = tokenizer.data_module(cfg)
+    dataset = split_dataset(datamodule, split)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    datamodule = instantiate(cfg.data)
-    dataset = split_dataset(datamodule, split)
     meta = {"checkpoint": tokenizer.checkpoint, "split": split, "shard_size": shard_size, "num_items": len(dataset)}
     items, skipped, shards = [], [], []
     with tqdm(total=len(dataset), unit="item", desc=f"encode {split}") as progress:
