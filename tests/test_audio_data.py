@@ -17,7 +17,7 @@ import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DataLoader, SequentialSampler
 
-from vqtrain.config import compose
+from vqtrain.config import InvalidConfig, compose
 from vqtrain.data.audio import (
     AudioDataModule,
     AudioFolder,
@@ -346,6 +346,17 @@ def test_missing_or_empty_root_names_the_path(tmp_path):
     for root in (missing, empty):
         with pytest.raises(FileNotFoundError, match=f"{re.escape(str(root))}.*wav"):
             AudioDataModule(str(root), cache_dir=str(tmp_path / "cache")).setup()
+
+
+def test_data_left_empty_by_the_settings_is_a_startup_error_naming_them(tree, tmp_path):
+    """A StartupError, printed in one line by the CLI (these were tracebacks from inside fit's setup)."""
+    with pytest.raises(InvalidConfig, match=r"none lasts \[100, inf\] s \(data.min_duration, data.max_duration\)"):
+        AudioFolder(tree, RATE, min_duration=100, cache_dir=tmp_path / "cache")
+    no_val = partial(split_by_hash, val_fraction=1e-9)
+    with pytest.raises(InvalidConfig, match="data.split leaves no val files among the 6"):
+        AudioDataModule(str(tree), split=no_val, cache_dir=str(tmp_path / "cache")).setup()
+    with pytest.raises(InvalidConfig, match=r"data.split of .*: speakers \['nobody'\] have no files"):
+        AudioDataModule(str(tree), split=partial(split_by_speaker, val_speakers=["nobody"], pattern="(.*)")).setup()
 
 
 # --- split functions and configs ---------------------------------------------------

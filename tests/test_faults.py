@@ -25,7 +25,7 @@ from torch import nn
 from helpers import column, global_step, read_metrics, run_cli
 from vqtrain.callbacks import forward_sigusr1
 from vqtrain.checkpoints import CONFIG_KEY, AtomicCheckpointIO, resumable, resume_path
-from vqtrain.config import InvalidConfig, compose
+from vqtrain.config import InvalidConfig, MissingPath, compose
 from vqtrain.data.audio import AudioFolder
 from vqtrain.data.batch import Batch
 from vqtrain.data.images import TensorImages
@@ -229,8 +229,8 @@ def test_missing_or_empty_data_folder_names_the_path_and_what_was_expected(
     overrides = [*FAST, f"data={data}", f"data.root={root}"] + (
         [f"data.cache_dir={tmp_path}"] if data == "audio_folder" else []
     )
-    with pytest.raises(FileNotFoundError, match=message.format(root=re.escape(str(root)))):
-        train(compose(overrides, tmp_path / "run"))
+    with pytest.raises(MissingPath, match="^data.root: " + message.format(root=re.escape(str(root)))):
+        train(compose(overrides, tmp_path / "run"))  # a StartupError: one line from the CLI, not a traceback
 
 
 MNIST_LABEL_FILES = ["train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"]

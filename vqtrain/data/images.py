@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision.transforms.v2 import functional as TF
 
-from ..config import Required, check_paths
+from ..config import InvalidConfig, MissingPath, Required, check_paths
 from .common import DataModule, UnreadableItem, hash_fraction
 from .device import DeviceBatches, decide_on_device
 from .shapes import draw_shapes
@@ -272,7 +272,7 @@ class TorchvisionDataModule(ImageDataModule):
         except RuntimeError as error:
             if self.download:
                 raise
-            raise FileNotFoundError(
+            raise MissingPath(
                 f"{self.dataset_class.__name__} not found: expected {self.expected_files()}. "
                 f"Set data.download=true to fetch it, or set data.root to the folder holding it."
             ) from error
@@ -280,7 +280,7 @@ class TorchvisionDataModule(ImageDataModule):
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         train, test = self.images(train=True), self.images(train=False)
         if self.val_size >= len(train):
-            raise ValueError(f"data.val_size={self.val_size} leaves no training images (of {len(train)})")
+            raise InvalidConfig(f"data.val_size={self.val_size} leaves no training images (of {len(train)})")
         cut = len(train) - self.val_size
         fit = self.fit()
         return TensorImages(train[:cut], fit), TensorImages(train[cut:], fit), TensorImages(test, fit)
@@ -367,7 +367,7 @@ def list_images(folder: Path) -> list[Path]:
     Required("data.root", folder, IMAGE_LAYOUT).check()
     files = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
     if not files:
-        raise FileNotFoundError(f"no images with extensions {', '.join(IMAGE_EXTENSIONS)} under {folder}")
+        raise MissingPath(f"data.root: no images with extensions {', '.join(IMAGE_EXTENSIONS)} under {folder}")
     return files
 
 
