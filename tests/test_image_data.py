@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision.datasets import MNIST
 
 from helpers import SHARED_DATA
+from vqtrain.config import InvalidConfig, MissingPath
 from vqtrain.data.common import UnreadableItem
 from vqtrain.data.images import (
     CIFAR10DataModule,
@@ -165,10 +166,14 @@ def test_missing_image_folder_fails_at_setup_naming_the_path(tmp_path: Path):
 
 
 def test_image_folder_without_images_fails_at_setup(tmp_path: Path):
+    """StartupErrors, which the CLI prints in one line (they were tracebacks from inside fit's setup)."""
     (tmp_path / "notes.txt").write_text("no pictures here")
     module = ImageFolderDataModule(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"no images with extensions .*\.png.* under " + str(tmp_path)):
+    with pytest.raises(MissingPath, match=r"^data.root: no images with extensions .*\.png.* under " + str(tmp_path)):
         module.setup()
+    write_image(tmp_path / "a.png", np.zeros((4, 4), dtype=np.uint8))
+    with pytest.raises(InvalidConfig, match=r"data.val_fraction=0.05 splits the 1 images .* into 1 train / 0 val"):
+        ImageFolderDataModule(str(tmp_path)).setup()
 
 
 # --- torchvision data sets ---------------------------------------------------------

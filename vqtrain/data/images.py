@@ -399,7 +399,7 @@ class ImageFolderDataModule(ImageDataModule):
         val = [path for path in files if hash_fraction(path.relative_to(self.root)) < self.val_fraction]
         train = [path for path in files if hash_fraction(path.relative_to(self.root)) >= self.val_fraction]
         if not val or not train:
-            raise ValueError(
+            raise InvalidConfig(
                 f"data.val_fraction={self.val_fraction} splits the {len(files)} images under "
                 f"{self.root} into {len(train)} train / {len(val)} val: change it or add images"
             )
