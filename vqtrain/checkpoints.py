@@ -89,17 +89,13 @@ def check_same_nets(checkpoint: dict[str, Any], run_config: dict, path: _PATH | 
     """A checkpoint continues only with the NETS settings it was trained with
     (`run_config`: the current run's config, resolved); otherwise an
     InvalidConfig naming the differing keys. Checked at start-up, so that it is
-    one line, not a traceback from inside `fit`. A section the checkpoint lacks
-    (written before it existed) is not compared."""
+    one line, not a traceback from inside `fit`. A section either config lacks
+    is not compared (an image model has no discriminator: its encoder differs)."""
     saved_config = checkpoint.get(CONFIG_KEY) or {}
     diff = {}
     for name in NETS:
         saved, now = section(saved_config, name), section(run_config, name)
-        if saved is None:
-            continue
         if not (isinstance(saved, dict) and isinstance(now, dict)):
-            if saved != now:
-                diff[name] = (saved, now)
             continue
         for k in sorted(set(saved) | set(now)):
             if saved.get(k) != now.get(k) and not (k not in saved and added_at_default(now, k)):
