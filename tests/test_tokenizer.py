@@ -10,6 +10,7 @@ import json
 import math
 import re
 import runpy
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -328,6 +329,21 @@ def test_encode_resumes_from_the_shards_already_written(audio_run: Path, tmp_pat
     assert load_index(tmp_path) == index
     with pytest.raises(ValueError, match="fresh out directory"):
         encode_split(tokenizer, cfg, "test", tmp_path, shard_size=5)
+
+
+def test_encode_does_not_resume_over_shards_of_the_checkpoint_before_it_trained_on(image_run, tmp_path: Path):
+    """A checkpoint saved again at the same path (trained further) once resumed from the old model's shards."""
+    checkpoint = tmp_path / "last.ckpt"
+    shutil.copy(image_run("rvq") / "last.ckpt", checkpoint)
+    before = load_tokenizer(checkpoint)
+    encode_split(before, run_config(before.config), "test", tmp_path / "tokens", shard_size=30)
+    content = torch.load(checkpoint, weights_only=True)
+    content["state_dict"]["decoder.net.0.bias"] += 1  # any change of the weights
+    torch.save(content, checkpoint)
+    after = load_tokenizer(checkpoint)
+    assert after.checkpoint == before.checkpoint and after.fingerprint != before.fingerprint
+    with pytest.raises(InvalidConfig, match=r"shard-00000.pt was written by another checkpoint .*fresh out directory"):
+        encode_split(after, run_config(after.config), "test", tmp_path / "tokens", shard_size=30)
 
 
 def test_decode_writes_clips_at_the_run_sample_rate(audio_run: Path, tmp_path: Path):

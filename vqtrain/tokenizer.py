@@ -23,6 +23,7 @@ from torch import Tensor
 from vqtrain.checkpoints import CONFIG_KEY, load_run_checkpoint
 from vqtrain.config import InvalidConfig, register_resolvers
 from vqtrain.data.common import DataModule
+from vqtrain.files import archive_fingerprint
 from vqtrain.model import DiscreteAutoencoder
 from vqtrain.quantizers import ResidualQuantizer
 from vqtrain.utils import exists
@@ -33,10 +34,13 @@ class Tokenizer:
     [-1, 1]; audio (B, 1, T) or (B, T) with an optional mask (B, T), True = real.
     Outputs are in the training layout (audio (B, 1, T)). Eval mode, no gradients."""
 
-    def __init__(self, model: DiscreteAutoencoder, config: dict, checkpoint: str | None = None):
+    def __init__(
+        self, model: DiscreteAutoencoder, config: dict, checkpoint: str | None = None, fingerprint: str | None = None
+    ):
         self.model = model.eval()
         self.config = config  # the training run's resolved config
         self.checkpoint = checkpoint
+        self.fingerprint = fingerprint  # of the checkpoint file's content (`archive_fingerprint`)
 
     @property
     def device(self) -> torch.device:
@@ -142,10 +146,10 @@ class Tokenizer:
 
 def load_tokenizer(ckpt_path: str | Path, device: str | torch.device = "cpu") -> Tokenizer:
     """Rebuild the model from the run config stored in a training checkpoint."""
-    checkpoint = load_run_checkpoint(ckpt_path)
+    checkpoint, fingerprint = load_run_checkpoint(ckpt_path), archive_fingerprint(ckpt_path)
     config = checkpoint[CONFIG_KEY]
     register_resolvers()
     model = instantiate(OmegaConf.create(config["model"]))
     model.load_state_dict(checkpoint["state_dict"])
     model.use_inference_weights()  # the EMA weights where the model keeps them
-    return Tokenizer(model.to(device), config, str(Path(ckpt_path).resolve()))
+    return Tokenizer(model.to(device), config, str(Path(ckpt_path).resolve()), fingerprint)

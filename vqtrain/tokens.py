@@ -1,7 +1,7 @@
 """Token shards: a split's tokens on disk, and the jobs that write and read them.
 
 A shard (`shard-00000.pt`, torch.save of a dict) holds `format_version`,
-`meta` (checkpoint, split, shard size, item count: what wrote it), and per
+`meta` (checkpoint, its content's fingerprint, split, shard size, item count: what wrote it), and per
 item in split order `ids` (file path or position), `index` (position in the
 split), `tokens` (int64: images (H', W'[, Q]), audio (ceil(length / stride)[, Q])
 without padding) and, for audio, `lengths` in samples (else None); `skipped`
@@ -81,7 +81,13 @@ def encode_split(
     dataset = split_dataset(datamodule, split)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"checkpoint": tokenizer.checkpoint, "split": split, "shard_size": shard_size, "num_items": len(dataset)}
+    meta = {
+        "checkpoint": tokenizer.checkpoint,
+        "fingerprint": tokenizer.fingerprint,  # a checkpoint trained further since keeps its path, not its tokens
+        "split": split,
+        "shard_size": shard_size,
+        "num_items": len(dataset),
+    }
     items, skipped, shards = [], [], []
     with tqdm(total=len(dataset), unit="item", desc=f"encode {split}") as progress:
         for number, start in enumerate(range(0, len(dataset), shard_size)):
@@ -89,8 +95,9 @@ def encode_split(
             shard = read_written_shard(path)
             if shard is not None:
                 if shard["meta"] != meta:
-                    raise ValueError(
-                        f"{path} was written by another run ({shard['meta']}, now {meta}): use a fresh out directory"
+                    raise InvalidConfig(
+                        f"out={out_dir}: {path.name} was written by another checkpoint or split ({shard['meta']}, "
+                        f"now {meta}): use a fresh out directory"
                     )
             else:
                 shard = encode_shard(
