@@ -149,6 +149,9 @@ def test_padded_audio_round_trip_is_exact_at_real_positions(quantizer: str, tmp_
     for i in range(3):
         assert (indices[i, : real[i]] >= 0).all() and (indices[i, real[i] :] == -1).all()
     assert torch.equal(tokenizer.encode(x[:, 0], mask), indices)  # (B, T) works as (B, 1, T)
+    for wrong in (mask[:, :999], mask[:2]):  # a shorter mask encoded the rest as padding, without a word
+        with pytest.raises(ValueError, match=r"mask must be of shape \(B, T\) = \(3, 1000\)"):
+            tokenizer.encode(x, wrong)
     decoded = tokenizer.decode(indices, lengths)
     assert decoded.shape == x.shape
     assert torch.equal(decoded, tokenizer.reconstruct(x, mask))

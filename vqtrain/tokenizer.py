@@ -104,7 +104,10 @@ class Tokenizer:
             return x, None
         if x.ndim == 2:
             x = x[:, None]
-        mask = torch.ones(x.shape[0], x.shape[-1], dtype=torch.bool) if mask is None else mask
+        if mask is None:
+            mask = torch.ones(x.shape[0], x.shape[-1], dtype=torch.bool)
+        elif mask.shape != (x.shape[0], x.shape[-1]):  # a shorter mask would mark the rest as padding
+            raise ValueError(f"mask must be of shape (B, T) = {(x.shape[0], x.shape[-1])}, got {tuple(mask.shape)}")
         return x, mask.to(self.device, torch.bool)
 
     @torch.no_grad()
