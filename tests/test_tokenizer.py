@@ -157,6 +157,9 @@ def test_padded_audio_round_trip_is_exact_at_real_positions(quantizer: str, tmp_
     assert torch.equal(decoded, tokenizer.reconstruct(x, mask))
     assert (decoded[~mask[:, None]] == 0).all()
     assert tokenizer.decode(indices).shape == (3, 1, 32 * 32)  # no lengths: real positions x stride
+    for wrong in ([1000], [1000, 613, 5000], [1000, 613, -1]):  # were broadcast, or cut to the tokens, silently
+        with pytest.raises(ValueError, match=r"lengths must be .* ceil\(length / 32\) = \[32, 20, 4\]"):
+            tokenizer.decode(indices, wrong)
 
 
 # --- eval ----------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from vqtrain.data.common import DataModule
 from vqtrain.files import archive_fingerprint
 from vqtrain.model import DiscreteAutoencoder
 from vqtrain.quantizers import ResidualQuantizer
-from vqtrain.utils import exists
+from vqtrain.utils import ceil_div, exists
 
 
 class Tokenizer:
@@ -134,11 +134,16 @@ class Tokenizer:
         )
         if self.modality != "audio":
             return self.model.decode(codes)
-        if exists(lengths):
-            lengths = torch.as_tensor(lengths, device=self.device)
-        else:
-            real = indices >= 0 if quantizer.num_index_columns == 1 else (indices >= 0).any(-1)
-            lengths = real.sum(-1) * self.stride
+        real = (indices >= 0 if quantizer.num_index_columns == 1 else (indices >= 0).any(-1)).sum(-1)
+        if not exists(lengths):
+            lengths = real * self.stride
+        lengths = torch.as_tensor(lengths, device=self.device)
+        if lengths.shape != real.shape or not torch.equal(ceil_div(lengths, self.stride), real):
+            # (other lengths were broadcast, or cut to the tokens' span, without a word)
+            raise ValueError(
+                f"lengths must be each item's length in samples, which its real positions span at "
+                f"{self.stride} a position: ceil(length / {self.stride}) = {real.tolist()}, got {lengths.tolist()}"
+            )
         return self.model.decode(codes, lengths, int(lengths.max()))
 
     @torch.no_grad()
