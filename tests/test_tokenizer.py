@@ -127,6 +127,9 @@ def test_image_round_trip_is_exact(quantizer: str, image_run):
     assert len(tokenizer.codebook_sizes) == (columns or 1)
     assert (indices < torch.tensor(tokenizer.codebook_sizes)).all()
     assert torch.equal(tokenizer.decode(indices), tokenizer.reconstruct(x))
+    for wrong in (x[:, 0], x.expand(8, 3, 32, 32)):  # was a convolution's error about its weight
+        with pytest.raises(ValueError, match=r"images must be \(B, C, H, W\) with C = 1, got \(8, "):
+            tokenizer.encode(wrong)
     if columns:
         assert torch.equal(tokenizer.decode(indices, num_levels=columns), tokenizer.decode(indices))
         assert not torch.equal(tokenizer.decode(indices, num_levels=1), tokenizer.decode(indices))

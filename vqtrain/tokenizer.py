@@ -101,6 +101,9 @@ class Tokenizer:
         it upsamples past the clip, as for the same clip in a padded batch."""
         x = x.to(self.device, torch.float32)
         if self.modality != "audio":
+            channels = self.config["data"]["channels"]
+            if x.ndim != 4 or x.shape[1] != channels:  # else a convolution's error about its weight
+                raise ValueError(f"images must be (B, C, H, W) with C = {channels}, got {tuple(x.shape)}")
             return x, None
         if x.ndim == 2:
             x = x[:, None]
