@@ -17,7 +17,7 @@ import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DataLoader, SequentialSampler
 
-from vqtrain.config import compose
+from vqtrain.config import InvalidConfig, compose
 from vqtrain.data.audio import (
     AudioDataModule,
     AudioFolder,
@@ -305,6 +305,22 @@ def test_file_broken_after_the_scan_is_skipped_and_counted(tree, tmp_path):
         SkippingDataset(data, strict=True)[1]
 
 
+def test_float_file_with_nan_or_inf_is_skipped_naming_it(tmp_path):
+    """A NaN in a float WAV once stopped the run as a non-finite batch, naming no file."""
+    root = tmp_path / "audio"
+    root.mkdir()
+    for name, bad in (("inf.wav", np.inf), ("nan.wav", np.nan), ("ok.wav", 0.0)):
+        clip = sine(0.25)
+        clip[10] = bad
+        sf.write(root / name, clip, RATE, subtype="FLOAT")
+    data = AudioFolder(root, RATE, cache_dir=tmp_path / "cache")
+    loader = DataLoader(SkippingDataset(data), batch_size=3, collate_fn=partial(collate_skipping, collate=pad_collate))
+    batch = next(iter(loader))
+    assert batch.skipped == 2 and batch.index.tolist() == [2] and batch.x.isfinite().all()
+    with pytest.raises(RuntimeError, match=r"nan\.wav: non-finite samples"):
+        SkippingDataset(data, strict=True)[1]
+
+
 def test_changed_files_are_read_again(tree, tmp_path, monkeypatch):
     AudioFolder(tree, RATE, cache_dir=tmp_path / "cache")
     sf.write(tree / "a" / "clip.flac", sine(2.0), RATE)
@@ -330,6 +346,17 @@ def test_missing_or_empty_root_names_the_path(tmp_path):
     for root in (missing, empty):
         with pytest.raises(FileNotFoundError, match=f"{re.escape(str(root))}.*wav"):
             AudioDataModule(str(root), cache_dir=str(tmp_path / "cache")).setup()
+
+
+def test_data_left_empty_by_the_settings_is_a_startup_error_naming_them(tree, tmp_path):
+    """A StartupError, printed in one line by the CLI (these were tracebacks from inside fit's setup)."""
+    with pytest.raises(InvalidConfig, match=r"none lasts \[100, inf\] s \(data.min_duration, data.max_duration\)"):
+        AudioFolder(tree, RATE, min_duration=100, cache_dir=tmp_path / "cache")
+    no_val = partial(split_by_hash, val_fraction=1e-9)
+    with pytest.raises(InvalidConfig, match="data.split leaves no val files among the 6"):
+        AudioDataModule(str(tree), split=no_val, cache_dir=str(tmp_path / "cache")).setup()
+    with pytest.raises(InvalidConfig, match=r"data.split of .*: speakers \['nobody'\] have no files"):
+        AudioDataModule(str(tree), split=partial(split_by_speaker, val_speakers=["nobody"], pattern="(.*)")).setup()
 
 
 # --- split functions and configs ---------------------------------------------------

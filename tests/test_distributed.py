@@ -14,20 +14,25 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hydra.utils import instantiate
+from lightning.pytorch.plugins.precision import MixedPrecision
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from helpers import QUANTIZERS, column, read_metrics, run_cli
 from quantizer_cases import DDP, select
-from vqtrain.config import compose
+from vqtrain.config import InvalidConfig, compose
 from vqtrain.data.images import ShapesDataModule
 from vqtrain.metrics import CodebookUsage, count_codes
 from vqtrain.quantizers import Quantizer, SimVQ, VectorQuantizer
-from vqtrain.train import train
+from vqtrain.train import check_trainer, train
 
 IN, STEPS, BATCH = 6, 8, 24
 FACTORIES = select(DDP)  # settings under which the codebooks move and dead codes restart within STEPS
@@ -247,6 +252,39 @@ def test_bf16_mixed_trains_every_quantizer_without_nan(quantizer: str, tmp_path:
     for name in ("loss", "recon_loss", "commitment_loss", "codebook_loss"):
         values = column(rows, f"train/{name}")
         assert len(values) == 3 and all(math.isfinite(v) for v in values), (name, values)
+
+
+def test_bf16_mixed_clips_the_fused_optimizers_gradients(tmp_path: Path):
+    """Lightning refuses to clip a fused optimizer under any mixed precision, so trainer=gpu
+    (bf16-mixed) with trainer.gradient_clip_val failed at step 0; bf16-mixed has no scaler."""
+    norms: list[float] = []
+
+    def record(optimizer: torch.optim.Optimizer, *_) -> None:  # after the step: its gradients, as clipped
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    handle = register_optimizer_step_post_hook(record)
+    try:
+        overrides = ["trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1e-4", "trainer.max_steps=3"]
+        train(compose([*overrides, "trainer.limit_val_batches=0", "test=false", *TINY], tmp_path))
+    finally:
+        handle.remove()
+    assert len(norms) == 3 and all(0 < norm <= 1e-4 * (1 + 1e-5) for norm in norms), norms
+
+
+def test_clipping_a_fused_optimizer_under_16_mixed_is_refused_before_fit(tmp_path: Path):
+    """Its gradient scaler's gradients are unscaled by the fused step itself, too late to clip:
+    Lightning refused it from inside fit, as a traceback. (On a CPU, Lightning runs 16-mixed as bf16.)"""
+    cfg = compose(["trainer.gradient_clip_val=1.0", *TINY], tmp_path)
+    model = instantiate(cfg.model)
+    trainer = L.Trainer(
+        accelerator="cpu", gradient_clip_val=1.0, plugins=[MixedPrecision("16-mixed", "cpu")], logger=False
+    )
+    with pytest.raises(
+        InvalidConfig, match=r"trainer.gradient_clip_val=1.0 with trainer.precision=16-mixed: .*optimizer.fused=false"
+    ):
+        check_trainer(cfg, model, trainer)
+    check_trainer(OmegaConf.merge(cfg, {"optimizer": {"fused": False}}), model, trainer)
 
 
 @pytest.mark.slow

@@ -22,10 +22,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from helpers import column, global_step, read_metrics
+from helpers import column, global_step, read_metrics, run_cli
 from vqtrain.callbacks import forward_sigusr1
 from vqtrain.checkpoints import CONFIG_KEY, AtomicCheckpointIO, resumable, resume_path
-from vqtrain.config import compose
+from vqtrain.config import InvalidConfig, MissingPath, compose
 from vqtrain.data.audio import AudioFolder
 from vqtrain.data.batch import Batch
 from vqtrain.data.images import TensorImages
@@ -229,8 +229,8 @@ def test_missing_or_empty_data_folder_names_the_path_and_what_was_expected(
     overrides = [*FAST, f"data={data}", f"data.root={root}"] + (
         [f"data.cache_dir={tmp_path}"] if data == "audio_folder" else []
     )
-    with pytest.raises(FileNotFoundError, match=message.format(root=re.escape(str(root)))):
-        train(compose(overrides, tmp_path / "run"))
+    with pytest.raises(MissingPath, match="^data.root: " + message.format(root=re.escape(str(root)))):
+        train(compose(overrides, tmp_path / "run"))  # a StartupError: one line from the CLI, not a traceback
 
 
 MNIST_LABEL_FILES = ["train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"]
@@ -514,14 +514,24 @@ def test_resume_auto_continues_from_the_saved_step_and_keeps_the_metrics(stopped
     assert before and after and min(after) > max(before)  # more steps, not a restart at 0
 
 
-def test_a_checkpoint_of_another_quantizer_config_is_refused(stopped_run, tmp_path: Path):
+def test_a_checkpoint_of_another_quantizer_or_net_config_is_refused_at_start_up(stopped_run, tmp_path: Path):
+    """Resumed from the run directory or given as ckpt_path: one line naming the
+    checkpoint and the keys, before anything is built (it was a traceback from inside fit)."""
     run_dir = copy_of(stopped_run[1], tmp_path)
     before = (run_dir / "last.ckpt").read_bytes()
-    with pytest.raises(
-        ValueError,
-        match=r"another quantizer config; differing keys \(checkpoint, now\): \{'codebook_size': \(64, 32\)\}",
-    ):
-        train(compose([*FAST, *SHAPES, "quantizer.codebook_size=32", "trainer.max_steps=100"], run_dir))
+    changed = [*FAST, *SHAPES, "quantizer.codebook_size=32", "trainer.max_steps=100"]
+    keys = r"another model or quantizer config; differing keys \(checkpoint, now\): \{'quantizer.codebook_size': \(64, 32\)\}"
+    with pytest.raises(InvalidConfig, match=keys):
+        resume_path(compose(changed, run_dir))
+    with pytest.raises(InvalidConfig, match=keys):
+        resume_path(compose([*changed, f"ckpt_path={run_dir / 'last.ckpt'}"], tmp_path / "fresh"))
+    with pytest.raises(InvalidConfig, match=r"\{'model.encoder.hidden_channels': \(8, 16\)\}"):
+        resume_path(compose([*FAST, *SHAPES, "model.encoder.hidden_channels=16"], run_dir))
+    result = run_cli(f"hydra.run.dir={run_dir}", *changed, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.fullmatch(
+        f"error: {re.escape(str(run_dir / 'last.ckpt'))} was trained with {keys}: .*", result.stderr.splitlines()[-1]
+    )
     assert (run_dir / "last.ckpt").read_bytes() == before
 
 
@@ -535,7 +545,7 @@ def test_a_checkpoint_from_before_a_quantizer_setting_existed_resumes_at_its_def
     model.on_load_checkpoint({CONFIG_KEY: {"quantizer": saved}})
     model.run_config["quantizer"]["transform_weight_decay"] = 0.5
     with pytest.raises(
-        ValueError, match=r"differing keys \(checkpoint, now\): \{'transform_weight_decay': \(None, 0.5\)\}"
+        ValueError, match=r"differing keys \(checkpoint, now\): \{'quantizer.transform_weight_decay': \(None, 0.5\)\}"
     ):
         model.on_load_checkpoint({CONFIG_KEY: {"quantizer": saved}})
 

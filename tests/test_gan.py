@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 
 from helpers import QUANTIZERS, REPO, check_logging_decisions, column, read_metrics, run_cli
-from vqtrain.config import compose
+from vqtrain.config import InvalidConfig, compose
 from vqtrain.data.batch import Batch
 from vqtrain.discriminators import Judgement, PatchGAN
 from vqtrain.evaluation import evaluate
@@ -159,6 +159,16 @@ def test_discriminator_untouched_before_its_start_step(tmp_path: Path):
     rows = read_metrics(tmp_path / "run")
     assert column(rows, "train/adaptive_weight") == [0.0, 0.0, 0.0]
     assert not column(rows, "train/discriminator_loss")
+
+
+def test_clipping_and_accumulation_are_refused_before_anything_runs(tmp_path: Path):
+    """Lightning refused them from inside fit, a traceback; now one InvalidConfig naming both keys."""
+    overrides = ["trainer.gradient_clip_val=1.0", "+trainer.accumulate_grad_batches=2"]
+    with pytest.raises(
+        InvalidConfig, match=r"^trainer.gradient_clip_val=1.0, trainer.accumulate_grad_batches=2: .*manual optimization"
+    ):
+        train(compose([*TINY, *overrides], tmp_path))
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))
 
 
 def test_vqgan_tiny_trains_from_the_cli_logging_every_term_and_counting_generator_steps(

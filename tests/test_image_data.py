@@ -13,12 +13,15 @@ from PIL import Image
 from torchvision.datasets import MNIST
 
 from helpers import SHARED_DATA
+from vqtrain.config import InvalidConfig, MissingPath
+from vqtrain.data.common import UnreadableItem
 from vqtrain.data.images import (
     CIFAR10DataModule,
     ImageFolderDataModule,
     MNISTDataModule,
     ShapesDataModule,
     fit_images,
+    to_signed,
 )
 
 
@@ -124,6 +127,23 @@ def test_image_folder_resizes_the_shorter_side_and_crops_the_center(tmp_path: Pa
     assert (x[..., [0, -1]] > 0).all(), "only antialiasing darkens the crop's edge columns"
 
 
+def test_image_folder_scales_16_bit_images_and_skips_float_ones(tmp_path: Path):
+    """16-bit PNGs and TIFFs once decoded clipped at 255: a gradient came out nearly all white."""
+    gradient = np.arange(0, 65536, 257, dtype=np.uint16)[None].repeat(256, 0)  # 256 x 256, 0 to 65535
+    write_image(tmp_path / "train" / "a.png", gradient)
+    write_image(tmp_path / "train" / "b.tif", gradient)
+    write_image(tmp_path / "train" / "c.tif", gradient.astype(np.float32) / 65535)
+    write_image(tmp_path / "val" / "d.png", gradient[:8, :8])
+    for channels in (1, 3):
+        module = ImageFolderDataModule(str(tmp_path), image_size=256, channels=channels)
+        module.setup()
+        expected = to_signed(torch.arange(256, dtype=torch.uint8).expand(channels, 256, 256))
+        for index in (0, 1):
+            assert torch.equal(module.train_set[index]["x"], expected)
+        with pytest.raises(UnreadableItem, match=r"c\.tif: 32-bit float pixels"):
+            module.train_set[2]
+
+
 def test_flat_image_folder_is_split_deterministically_by_path(tmp_path: Path):
     for i in range(40):
         write_image(tmp_path / f"{i:02d}.png", np.full((4, 4), i, dtype=np.uint8))
@@ -146,10 +166,14 @@ def test_missing_image_folder_fails_at_setup_naming_the_path(tmp_path: Path):
 
 
 def test_image_folder_without_images_fails_at_setup(tmp_path: Path):
+    """StartupErrors, which the CLI prints in one line (they were tracebacks from inside fit's setup)."""
     (tmp_path / "notes.txt").write_text("no pictures here")
     module = ImageFolderDataModule(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"no images with extensions .*\.png.* under " + str(tmp_path)):
+    with pytest.raises(MissingPath, match=r"^data.root: no images with extensions .*\.png.* under " + str(tmp_path)):
         module.setup()
+    write_image(tmp_path / "a.png", np.zeros((4, 4), dtype=np.uint8))
+    with pytest.raises(InvalidConfig, match=r"data.val_fraction=0.05 splits the 1 images .* into 1 train / 0 val"):
+        ImageFolderDataModule(str(tmp_path)).setup()
 
 
 # --- torchvision data sets ---------------------------------------------------------

@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics.functional.audio import scale_invariant_signal_noise_ratio
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from vqtrain.config import InvalidConfig
 from vqtrain.perceptual import MissingWeights
 from vqtrain.quality import (
     INCEPTION_FILE,
@@ -119,13 +120,16 @@ def test_absent_inception_weights_name_the_file_its_url_and_the_folder(tmp_path,
 
 
 def test_metric_names_and_modalities_are_checked():
+    """As an InvalidConfig, which the CLI prints as one line (a ValueError was a traceback from setup)."""
     assert [m.name for m in build_metrics(None, "image")] == ["mse", "psnr", "ssim"]
     assert [m.name for m in build_metrics(None, "audio", 8000)] == ["mse", "si_snr", "mel_distance"]
-    with pytest.raises(ValueError, match=r"callbacks.signal_quality.metrics: unknown metric 'fid'"):
+    with pytest.raises(InvalidConfig, match=r"callbacks.signal_quality.metrics: unknown metric 'fid'"):
         build_metrics(["psnr", "fid"], "image")
-    with pytest.raises(ValueError, match="callbacks.signal_quality.metrics: stoi scores audio, the model takes image"):
+    with pytest.raises(
+        InvalidConfig, match="callbacks.signal_quality.metrics: stoi scores audio, the model takes image"
+    ):
         build_metrics(["stoi"], "image")
-    with pytest.raises(ValueError, match="callbacks.signal_quality.sample_rate: mel_distance needs"):
+    with pytest.raises(InvalidConfig, match="callbacks.signal_quality.sample_rate: mel_distance needs"):
         build_metrics(None, "audio")
 
 

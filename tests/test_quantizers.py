@@ -924,6 +924,7 @@ def test_fsq_bf16_training_forward_matches_float32_indices(name):
         (lambda: VectorQuantizer(DIM, 4, frozen_codes=[4]), "frozen_codes"),
         (lambda: VectorQuantizer(DIM, 4, epsilon=0.0), "epsilon"),
         (lambda: SimVQ(DIM, 0), "codebook_size"),
+        (lambda: SimVQ(DIM, 4, groups=3), r"divisible by groups \(3\)$"),  # no codebook_dim hint: SimVQ has none
         (lambda: ResidualFSQ(DIM, levels=[5, 5], dropout=1.5), "dropout"),
         (lambda: ResidualFSQ(DIM, levels=[5, 5], dropout=-0.1), "dropout"),
         (lambda: ResidualFSQ(DIM, levels=[5, 5], num_levels=2, dropout_min_levels=3), "dropout_min_levels"),

@@ -38,7 +38,26 @@ def test_harmless_warnings_are_dropped_by_exact_message_and_module(quiet):
         UserWarning,
         "lightning.pytorch.trainer.connectors.data_connector",
     )
+    warn(
+        "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable."
+        " This can cause unreliable results if further training is done.",
+        UserWarning,
+        "lightning.pytorch.loops.training_epoch_loop",
+    )
+    warn(
+        "It is recommended to use `self.log('val/perplexity', ..., sync_dist=True)` when logging on epoch level",
+        UserWarning,
+        "lightning.pytorch.trainer.connectors.logger_connector.result",
+    )
+    warn(GRAD_STRIDES.format(kernel="1, 1"), UserWarning, "torch.autograd.graph")
     assert quiet == []
+
+
+GRAD_STRIDES = (
+    "Grad strides do not match bucket view strides. This may indicate grad was not created according to the"
+    " gradient layout contract, or that the param's strides changed since DDP was constructed.  This is not an"
+    " error, but may impair performance.\ngrad.sizes() = [8, 8, {kernel}], strides() = [8, 1, 8, 8]"
+)
 
 
 @pytest.mark.parametrize(
@@ -47,6 +66,8 @@ def test_harmless_warnings_are_dropped_by_exact_message_and_module(quiet):
         ("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, "vqtrain.model"),  # another module
         ("something else is deprecated", FutureWarning, "lightning.pytorch.utilities._pytree"),  # another message
         ("The 'val_dataloader' does not have many workers", DeprecationWarning, "lightning.pytorch"),  # category
+        (GRAD_STRIDES.format(kernel="3, 3"), UserWarning, "torch.autograd.graph"),  # a layout that may cost time
+        ("It is recommended to use `self.log('train/x', ..., sync_dist=True)`", UserWarning, "lightning.pytorch"),
     ],
 )
 def test_real_warnings_still_show(quiet, message, category, module):

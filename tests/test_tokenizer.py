@@ -8,7 +8,9 @@ import csv
 import io
 import json
 import math
+import re
 import runpy
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ import vqtrain
 from helpers import QUANTIZERS
 from vqtrain import tokens as tokens_module
 from vqtrain.cli import parse_args
-from vqtrain.config import compose, run_config
+from vqtrain.config import InvalidConfig, MissingPath, compose, run_config
 from vqtrain.data.audio import normalize_loudness
 from vqtrain.data.common import split_dataset
 from vqtrain.evaluation import evaluate
@@ -125,6 +127,9 @@ def test_image_round_trip_is_exact(quantizer: str, image_run):
     assert len(tokenizer.codebook_sizes) == (columns or 1)
     assert (indices < torch.tensor(tokenizer.codebook_sizes)).all()
     assert torch.equal(tokenizer.decode(indices), tokenizer.reconstruct(x))
+    for wrong in (x[:, 0], x.expand(8, 3, 32, 32)):  # was a convolution's error about its weight
+        with pytest.raises(ValueError, match=r"images must be \(B, C, H, W\) with C = 1, got \(8, "):
+            tokenizer.encode(wrong)
     if columns:
         assert torch.equal(tokenizer.decode(indices, num_levels=columns), tokenizer.decode(indices))
         assert not torch.equal(tokenizer.decode(indices, num_levels=1), tokenizer.decode(indices))
@@ -147,11 +152,17 @@ def test_padded_audio_round_trip_is_exact_at_real_positions(quantizer: str, tmp_
     for i in range(3):
         assert (indices[i, : real[i]] >= 0).all() and (indices[i, real[i] :] == -1).all()
     assert torch.equal(tokenizer.encode(x[:, 0], mask), indices)  # (B, T) works as (B, 1, T)
+    for wrong in (mask[:, :999], mask[:2]):  # a shorter mask encoded the rest as padding, without a word
+        with pytest.raises(ValueError, match=r"mask must be of shape \(B, T\) = \(3, 1000\)"):
+            tokenizer.encode(x, wrong)
     decoded = tokenizer.decode(indices, lengths)
     assert decoded.shape == x.shape
     assert torch.equal(decoded, tokenizer.reconstruct(x, mask))
     assert (decoded[~mask[:, None]] == 0).all()
     assert tokenizer.decode(indices).shape == (3, 1, 32 * 32)  # no lengths: real positions x stride
+    for wrong in ([1000], [1000, 613, 5000], [1000, 613, -1]):  # were broadcast, or cut to the tokens, silently
+        with pytest.raises(ValueError, match=r"lengths must be .* ceil\(length / 32\) = \[32, 20, 4\]"):
+            tokenizer.decode(indices, wrong)
 
 
 # --- eval ----------------------------------------------------------------------------------
@@ -250,6 +261,26 @@ def test_arguments_and_overrides_are_checked(image_run):
         run_config(config, ["quantizer=fsq"])
 
 
+def test_eval_and_encode_refuse_data_the_checkpoint_was_not_trained_on(image_run, audio_run: Path, tmp_path: Path):
+    """Each in one line (a StartupError): audio data for an image model, or RGB for a gray one, failed
+    deep in the encoder; another sample rate encoded without a word, and decoded at the run's rate."""
+    image, audio = load_tokenizer(image_run("rvq") / "last.ckpt"), load_tokenizer(audio_run / "last.ckpt")
+    cases = [
+        (image, ["data=fsdd"], InvalidConfig, "data gives audio but .* encodes image: choose image data"),
+        (image, ["data.channels=3"], InvalidConfig, "data.channels=3, but .* trained with 1: set data.channels=1"),
+        (audio, ["data.sample_rate=16000"], InvalidConfig, ", but .* trained with 8000: set data.sample_rate=8000"),
+        (image, ["data=bogus"], InvalidConfig, r"data=bogus: no such data config; choose from \['audio_folder'"),
+        (image, ["data.batch_sise=2"], InvalidConfig, "data.batch_sise: the run's config has no such key"),
+        (image, ["data=cifar10", f"data.root={tmp_path}", "data.channels=1"], MissingPath, "data.root: no folder"),
+    ]
+    for tokenizer, overrides, error, message in cases:
+        with pytest.raises(error, match=message):
+            encode_split(tokenizer, run_config(tokenizer.config, overrides), "test", tmp_path / "tokens")
+    with pytest.raises(InvalidConfig, match="split must be one of"):
+        evaluate(image, run_config(image.config), "bogus")
+    assert not (tmp_path / "tokens").exists()
+
+
 # --- encode and decode -------------------------------------------------------------------
 
 
@@ -309,6 +340,21 @@ def test_encode_resumes_from_the_shards_already_written(audio_run: Path, tmp_pat
         encode_split(tokenizer, cfg, "test", tmp_path, shard_size=5)
 
 
+def test_encode_does_not_resume_over_shards_of_the_checkpoint_before_it_trained_on(image_run, tmp_path: Path):
+    """A checkpoint saved again at the same path (trained further) once resumed from the old model's shards."""
+    checkpoint = tmp_path / "last.ckpt"
+    shutil.copy(image_run("rvq") / "last.ckpt", checkpoint)
+    before = load_tokenizer(checkpoint)
+    encode_split(before, run_config(before.config), "test", tmp_path / "tokens", shard_size=30)
+    content = torch.load(checkpoint, weights_only=True)
+    content["state_dict"]["decoder.net.0.bias"] += 1  # any change of the weights
+    torch.save(content, checkpoint)
+    after = load_tokenizer(checkpoint)
+    assert after.checkpoint == before.checkpoint and after.fingerprint != before.fingerprint
+    with pytest.raises(InvalidConfig, match=r"shard-00000.pt was written by another checkpoint .*fresh out directory"):
+        encode_split(after, run_config(after.config), "test", tmp_path / "tokens", shard_size=30)
+
+
 def test_decode_writes_clips_at_the_run_sample_rate(audio_run: Path, tmp_path: Path):
     tokenizer = load_tokenizer(audio_run / "last.ckpt")
     encode_split(tokenizer, run_config(tokenizer.config), "test", tmp_path / "tokens", shard_size=4)
@@ -346,3 +392,22 @@ def test_encode_and_decode_scripts_on_images(image_run, tmp_path: Path):
         image = torch.from_numpy(np.array(Image.open(tmp_path / "png" / f"{identifier}.png").convert("L"))).float()
         assert image.shape == (32, 32)
         assert (image - ((expected[i, 0] + 1) / 2 * 255).clamp(0, 255)).abs().max() <= 0.5 + 1e-3
+
+
+def test_decode_refuses_tokens_of_another_checkpoint_and_levels_it_lacks(image_run, audio_run: Path, tmp_path: Path):
+    """They failed deep inside the decoder, or (audio tokens, an image checkpoint) were written as noise images."""
+    rvq, rfsq = load_tokenizer(image_run("rvq") / "last.ckpt"), load_tokenizer(audio_run / "last.ckpt")
+    encode_split(rfsq, run_config(rfsq.config), "test", tmp_path / "audio", shard_size=4)
+    encode_split(rvq, run_config(rvq.config), "test", tmp_path / "image", shard_size=30)
+    audio, image = tmp_path / "audio" / "shard-00000.pt", tmp_path / "image" / "shard-00000.pt"
+    wrote_it = "decode them with the checkpoint that wrote them, "
+    with pytest.raises(InvalidConfig, match=f"has audio tokens .*{wrote_it}{re.escape(rfsq.checkpoint)}$"):
+        decode_shard(rvq, audio, tmp_path / "out")
+    with pytest.raises(
+        InvalidConfig, match=rf"has image tokens of shape \(8, 8, 4\).*{wrote_it}{re.escape(rvq.checkpoint)}$"
+    ):
+        decode_shard(rfsq, image, tmp_path / "out")
+    with pytest.raises(InvalidConfig, match=r"^num_levels=5: the quantizer of .* has levels 1 to 4$"):
+        decode_shard(rvq, image, tmp_path / "out", num_levels=5)
+    assert not (tmp_path / "out").exists()
+    assert len(decode_shard(rvq, image, tmp_path / "out", num_levels=4)) == 24

@@ -121,7 +121,7 @@ class LastCheckpoint(L.Callback):
 
     def save(self, trainer: L.Trainer, unless_saved: bool = False) -> None:
         if not (unless_saved and trainer.global_step == self.saved_step):
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
             self.saved_step = trainer.global_step
 
 
@@ -145,7 +145,7 @@ class GracefulStop(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
             log.warning(
                 "stopped by a signal: saved %s at step %d; rerun in this run directory with resume=auto to continue",
                 self.path,

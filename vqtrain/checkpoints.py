@@ -3,14 +3,16 @@ from, what they carry."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import get_class
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vqtrain.config import InvalidConfig, Required
 from vqtrain.files import UnreadableFile, load_archive, unreadable, write_atomic
@@ -21,6 +23,8 @@ CONFIG_KEY = "vqtrain_config"  # the resolved run config, in every training chec
 MODALITY_KEY = "vqtrain_modality"  # "image" or "audio": what the model was trained on
 CHECKPOINT = "a vqtrain training checkpoint"
 CHECKPOINT_REMEDY = "restore it from a copy, or use another checkpoint of the run"
+# the run config's sections that decide what the weights are: a checkpoint continues only with the same
+NETS = ("quantizer", "model.encoder", "model.decoder", "model.discriminator")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -51,9 +55,10 @@ def resume_path(cfg: DictConfig) -> str | None:
     a warning. Checked before anything is built: a damaged `ckpt_path`, or a run
     directory whose checkpoints are all unreadable, is an UnreadableFile rather
     than a run started from scratch over an existing one."""
+    run_config = OmegaConf.to_container(cfg, resolve=True)
     if cfg.ckpt_path:
         Required("ckpt_path", Path(cfg.ckpt_path), "a checkpoint to resume from", folder=False).check()
-        load_run_checkpoint(cfg.ckpt_path, mmap=True)
+        check_same_nets(load_run_checkpoint(cfg.ckpt_path, mmap=True), run_config, cfg.ckpt_path)
         return str(cfg.ckpt_path)
     if cfg.resume not in ("auto", "never"):
         raise InvalidConfig(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
@@ -63,11 +68,12 @@ def resume_path(cfg: DictConfig) -> str | None:
     skipped: list[UnreadableFile] = []
     for path in resumable(run_dir):
         try:
-            load_run_checkpoint(path, mmap=True)
+            checkpoint = load_run_checkpoint(path, mmap=True)
         except UnreadableFile as error:
             log.warning("resume=auto skipped an unreadable checkpoint: %s", error)
             skipped.append(error)
             continue
+        check_same_nets(checkpoint, run_config, path)
         log.info("resuming from %s", path)
         return str(path)
     if skipped:
@@ -77,6 +83,46 @@ def resume_path(cfg: DictConfig) -> str | None:
             "restore one from a copy, or start afresh in another run directory or with resume=never"
         )
     return None
+
+
+def check_same_nets(checkpoint: dict[str, Any], run_config: dict, path: _PATH | None = None) -> None:
+    """A checkpoint continues only with the NETS settings it was trained with
+    (`run_config`: the current run's config, resolved); otherwise an
+    InvalidConfig naming the differing keys. Checked at start-up, so that it is
+    one line, not a traceback from inside `fit`. A section either config lacks
+    is not compared (an image model has no discriminator: its encoder differs)."""
+    saved_config = checkpoint.get(CONFIG_KEY) or {}
+    diff = {}
+    for name in NETS:
+        saved, now = section(saved_config, name), section(run_config, name)
+        if not (isinstance(saved, dict) and isinstance(now, dict)):
+            continue
+        for k in sorted(set(saved) | set(now)):
+            if saved.get(k) != now.get(k) and not (k not in saved and added_at_default(now, k)):
+                diff[f"{name}.{k}"] = (saved.get(k), now.get(k))
+    if diff:
+        raise InvalidConfig(
+            f"{path or 'checkpoint'} was trained with another model or quantizer config; differing keys "
+            f"(checkpoint, now): {diff}: set them as the checkpoint has them, or start afresh "
+            "(resume=never or another run directory)"
+        )
+
+
+def section(config: dict, name: str) -> Any:
+    """`config`'s value at the dotted key `name`, or None."""
+    for key in name.split("."):
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
+
+
+def added_at_default(config: dict, key: str) -> bool:
+    """Whether `key` of a config with a `_target_` holds its class's default: a setting added
+    since a checkpoint was written trained then as it does now, so resuming it is no change."""
+    try:
+        default = inspect.signature(get_class(config["_target_"])).parameters[key].default
+    except (KeyError, ImportError, AttributeError, ValueError):
+        return False
+    return default is not inspect.Parameter.empty and config[key] == default
 
 
 def resumable(run_dir: Path) -> list[Path]:

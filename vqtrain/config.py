@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
 
 RUN_ID_ENV = "VQTRAIN_RUN_ID"
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"  # where `pip install .` puts configs/
@@ -190,12 +191,18 @@ def run_config(config: dict, overrides: Sequence[str] = ()) -> DictConfig:
     for override in overrides:
         key, _, value = override.partition("=")
         if key == "data":
+            if not (CONFIG_DIR / "data" / f"{value}.yaml").is_file():
+                options = sorted(path.stem for path in (CONFIG_DIR / "data").glob("*.yaml"))
+                raise InvalidConfig(f"data={value}: no such data config; choose from {options}")
             cfg.data = composed_data_config(value)
         elif (CONFIG_DIR / key).is_dir():
-            raise ValueError(f"{key}={value}: the checkpoint fixes `{key}`; only data=NAME can be switched")
+            raise InvalidConfig(f"{key}={value}: the checkpoint fixes `{key}`; only data=NAME can be switched")
         else:
             dotlist.append(override)
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+    except ConfigKeyError as error:
+        raise InvalidConfig(f"{error.full_key}: the run's config has no such key") from error
 
 
 def composed_data_config(name: str) -> DictConfig:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vqtrain.callbacks import SignalQuality
@@ -45,7 +44,7 @@ def evaluate(
     `metrics`: quality figures by config name (`vqtrain.quality.METRICS`), by
     default the run's `callbacks.signal_quality.metrics` (or the modality's cheap
     ones). As in training's final test, `trainer.limit_test_batches` and `precision` apply."""
-    datamodule = instantiate(cfg.data)
+    datamodule = tokenizer.data_module(cfg)
     datamodule.standalone_device = tokenizer.device  # data.on_device: batches cut where the model is
     loader = datamodule.loader(split_dataset(datamodule, split), shuffle=False)
     if metrics is None:

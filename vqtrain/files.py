@@ -90,6 +90,15 @@ def check_archive(path: _PATH, expected: str, remedy: str) -> None:
         raise unreadable(path, f"damaged: its record {failed} fails its CRC check", expected, remedy)
 
 
+def archive_fingerprint(path: _PATH) -> str:
+    """A digest of a torch.save archive's record names and CRC-32s, read from its
+    zip directory alone: it changes with the content of any record (a checkpoint
+    trained further and saved over the same path)."""
+    with zipfile.ZipFile(path) as archive:
+        records = [(record.filename, record.CRC) for record in archive.infolist()]
+    return hashlib.sha256(json.dumps(records).encode()).hexdigest()[:16]
+
+
 def load_archive(path: _PATH, expected: str, remedy: str, mmap: bool = False) -> Any:
     """torch.load (weights only, to the CPU) of a checked archive. `mmap`: tensors
     stay on disk until used, for a look at what a large file holds."""

@@ -22,7 +22,6 @@ is told on the host instead: one sync a step.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -31,10 +30,11 @@ from typing import Any, NamedTuple
 import lightning as L
 import torch
 from einops import rearrange
-from hydra.utils import get_class
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 
-from vqtrain.checkpoints import CONFIG_KEY, MODALITY_KEY
+from vqtrain.checkpoints import CONFIG_KEY, MODALITY_KEY, check_same_nets
 from vqtrain.data.batch import Batch
 from vqtrain.distributed import all_reduce_max, all_reduce_min, all_reduce_sum, is_distributed, rank
 from vqtrain.losses import ReconstructionLoss
@@ -96,16 +96,6 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
             step = max(self.last_epoch, self.warmup_steps)
             self.decay_from = (step, self.progress(step))
         self.__dict__.update(settings)
-
-
-def added_at_default(quantizer_config: dict, key: str) -> bool:
-    """Whether `key` of a quantizer config holds its class's default: a setting added since
-    a checkpoint was written trained then as it does now, so resuming it is no change."""
-    try:
-        default = inspect.signature(get_class(quantizer_config["_target_"])).parameters[key].default
-    except (KeyError, ImportError, AttributeError, ValueError):
-        return False
-    return default is not inspect.Parameter.empty and quantizer_config[key] == default
 
 
 class ModelOutput(NamedTuple):
@@ -398,6 +388,20 @@ class DiscreteAutoencoder(L.LightningModule):
     def configure_optimizers(self) -> Any:
         return self.optimizer_config(self.optimizer_factory, self.autoencoder_parameters())
 
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
+    ) -> None:
+        """Lightning's, except under bf16-mixed: Lightning refuses to clip a fused optimizer
+        under any mixed precision, because with 16-mixed's scaler its gradients are still
+        scaled; bf16-mixed has no scaler, so they are clipped as in 32-true."""
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            Precision.clip_gradients(
+                plugin, optimizer, gradient_clip_val or 0.0, GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+            )
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def optimizer_config(self, factory: Callable[..., torch.optim.Optimizer], params: list[nn.Parameter]) -> Any:
         """The optimizer over `params`, with the run's schedule (`model.scheduler`) if any."""
         quantizer_params = {id(p) for p in self.quantizer.parameters()}
@@ -445,18 +449,8 @@ class DiscreteAutoencoder(L.LightningModule):
         state["last_use.last_step"] = all_reduce_max(self.last_use.last_step.clone())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = (checkpoint.get(CONFIG_KEY) or {}).get("quantizer")
-        current = (self.run_config or {}).get("quantizer")
-        if exists(saved) and exists(current):
-            diff = {
-                k: (saved.get(k), current.get(k))
-                for k in sorted(set(saved) | set(current))
-                if saved.get(k) != current.get(k) and not (k not in saved and added_at_default(current, k))
-            }
-            if diff:
-                raise ValueError(
-                    f"checkpoint was trained with another quantizer config; differing keys (checkpoint, now): {diff}"
-                )
+        if self.run_config is not None:
+            check_same_nets(checkpoint, self.run_config)
         self.resumed_rng_states = checkpoint.get("rng_states")
         if rank() != 0:  # the window's counts of all ranks: one rank carries them on
             counts = checkpoint["state_dict"]["train_usage.counts"]

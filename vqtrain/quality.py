@@ -26,6 +26,7 @@ from torchmetrics import Metric
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from vqtrain.config import InvalidConfig
 from vqtrain.perceptual import LPIPS, hub_checkpoint
 
 log = logging.getLogger(__name__)
@@ -324,18 +325,18 @@ def build_metrics(
     metrics = []
     for name in names:
         if name not in METRICS:
-            raise ValueError(
+            raise InvalidConfig(
                 f"callbacks.signal_quality.metrics: unknown metric {name!r}, choose from {sorted(METRICS)}"
             )
         cls = METRICS[name]
         if cls.modality not in (None, modality):
-            raise ValueError(
+            raise InvalidConfig(
                 f"callbacks.signal_quality.metrics: {name} scores {cls.modality}, the model takes {modality}"
             )
         kwargs = {}
         if cls.needs_sample_rate:
             if sample_rate is None:
-                raise ValueError(f"callbacks.signal_quality.sample_rate: {name} needs the audio's sample rate")
+                raise InvalidConfig(f"callbacks.signal_quality.sample_rate: {name} needs the audio's sample rate")
             kwargs["sample_rate"] = sample_rate
         if name in NETWORKS:
             kwargs["features"] = networks.get(name)

@@ -30,6 +30,27 @@ HARMLESS_WARNINGS = [
         r"lightning\.",  # rank_zero_warn's stack level attributes it to a caller inside Lightning
         "every data config sets data.num_workers deliberately (its comment says when to raise it)",
     ),
+    (
+        "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
+        UserWarning,
+        r"lightning\.",
+        "vqtrain's DataModule resumes mid-epoch itself (its state_dict: the batches done), exactly, where Lightning "
+        "looks for a stateful dataloader only",
+    ),
+    (
+        r"It is recommended to use `self.log\('(val|test)/",
+        UserWarning,
+        r"lightning\.",
+        "under DDP, validation and test figures are logged summed over ranks already: losses with sync_dist, "
+        "usage from all-reduced counts, quality from torchmetrics' synced compute",
+    ),
+    (
+        r"(?s)Grad strides do not match bucket view strides.*grad\.sizes\(\) = \[\d+, \d+, 1, 1\]",
+        UserWarning,
+        r"torch\.",
+        "DDP on a 1x1 convolution's weight: its gradient's strides differ only along dimensions of size 1, "
+        "so its memory layout is the bucket's",
+    ),
 ]
 
 # (logger, message prefix, why): Lightning's start-up notes that vqtrain's start line replaces or that say nothing

@@ -17,14 +17,16 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from vqtrain.checkpoints import CONFIG_KEY, load_run_checkpoint
-from vqtrain.config import register_resolvers
+from vqtrain.config import InvalidConfig, register_resolvers
+from vqtrain.data.common import DataModule
+from vqtrain.files import archive_fingerprint
 from vqtrain.model import DiscreteAutoencoder
 from vqtrain.quantizers import ResidualQuantizer
-from vqtrain.utils import exists
+from vqtrain.utils import ceil_div, exists
 
 
 class Tokenizer:
@@ -32,10 +34,13 @@ class Tokenizer:
     [-1, 1]; audio (B, 1, T) or (B, T) with an optional mask (B, T), True = real.
     Outputs are in the training layout (audio (B, 1, T)). Eval mode, no gradients."""
 
-    def __init__(self, model: DiscreteAutoencoder, config: dict, checkpoint: str | None = None):
+    def __init__(
+        self, model: DiscreteAutoencoder, config: dict, checkpoint: str | None = None, fingerprint: str | None = None
+    ):
         self.model = model.eval()
         self.config = config  # the training run's resolved config
         self.checkpoint = checkpoint
+        self.fingerprint = fingerprint  # of the checkpoint file's content (`archive_fingerprint`)
 
     @property
     def device(self) -> torch.device:
@@ -73,15 +78,39 @@ class Tokenizer:
             "sample_rate": self.sample_rate,
         }
 
+    def data_module(self, cfg: DictConfig) -> DataModule:
+        """`cfg.data`'s data module, refused unless it gives what the model was trained on:
+        other data fails deep in the encoder, or (another sample rate) encodes without a word
+        and decodes at the run's rate, slowed down or sped up."""
+        datamodule = instantiate(cfg.data)
+        if datamodule.modality != self.modality:
+            raise InvalidConfig(
+                f"data gives {datamodule.modality} but {self.checkpoint} encodes {self.modality}: "
+                f"choose {self.modality} data"
+            )
+        key = "sample_rate" if self.modality == "audio" else "channels"
+        trained, given = self.config["data"].get(key), getattr(datamodule, key)
+        if exists(trained) and given != trained:
+            raise InvalidConfig(
+                f"data.{key}={given}, but {self.checkpoint} was trained with {trained}: set data.{key}={trained}"
+            )
+        return datamodule
+
     def inputs(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Audio without a mask is real throughout: the decoder then masks the tail
         it upsamples past the clip, as for the same clip in a padded batch."""
         x = x.to(self.device, torch.float32)
         if self.modality != "audio":
+            channels = self.config["data"]["channels"]
+            if x.ndim != 4 or x.shape[1] != channels:  # else a convolution's error about its weight
+                raise ValueError(f"images must be (B, C, H, W) with C = {channels}, got {tuple(x.shape)}")
             return x, None
         if x.ndim == 2:
             x = x[:, None]
-        mask = torch.ones(x.shape[0], x.shape[-1], dtype=torch.bool) if mask is None else mask
+        if mask is None:
+            mask = torch.ones(x.shape[0], x.shape[-1], dtype=torch.bool)
+        elif mask.shape != (x.shape[0], x.shape[-1]):  # a shorter mask would mark the rest as padding
+            raise ValueError(f"mask must be of shape (B, T) = {(x.shape[0], x.shape[-1])}, got {tuple(mask.shape)}")
         return x, mask.to(self.device, torch.bool)
 
     @torch.no_grad()
@@ -108,11 +137,16 @@ class Tokenizer:
         )
         if self.modality != "audio":
             return self.model.decode(codes)
-        if exists(lengths):
-            lengths = torch.as_tensor(lengths, device=self.device)
-        else:
-            real = indices >= 0 if quantizer.num_index_columns == 1 else (indices >= 0).any(-1)
-            lengths = real.sum(-1) * self.stride
+        real = (indices >= 0 if quantizer.num_index_columns == 1 else (indices >= 0).any(-1)).sum(-1)
+        if not exists(lengths):
+            lengths = real * self.stride
+        lengths = torch.as_tensor(lengths, device=self.device)
+        if lengths.shape != real.shape or not torch.equal(ceil_div(lengths, self.stride), real):
+            # (other lengths were broadcast, or cut to the tokens' span, without a word)
+            raise ValueError(
+                f"lengths must be each item's length in samples, which its real positions span at "
+                f"{self.stride} a position: ceil(length / {self.stride}) = {real.tolist()}, got {lengths.tolist()}"
+            )
         return self.model.decode(codes, lengths, int(lengths.max()))
 
     @torch.no_grad()
@@ -123,10 +157,10 @@ class Tokenizer:
 
 def load_tokenizer(ckpt_path: str | Path, device: str | torch.device = "cpu") -> Tokenizer:
     """Rebuild the model from the run config stored in a training checkpoint."""
-    checkpoint = load_run_checkpoint(ckpt_path)
+    checkpoint, fingerprint = load_run_checkpoint(ckpt_path), archive_fingerprint(ckpt_path)
     config = checkpoint[CONFIG_KEY]
     register_resolvers()
     model = instantiate(OmegaConf.create(config["model"]))
     model.load_state_dict(checkpoint["state_dict"])
     model.use_inference_weights()  # the EMA weights where the model keeps them
-    return Tokenizer(model.to(device), config, str(Path(ckpt_path).resolve()))
+    return Tokenizer(model.to(device), config, str(Path(ckpt_path).resolve()), fingerprint)

@@ -1,7 +1,7 @@
 """Token shards: a split's tokens on disk, and the jobs that write and read them.
 
 A shard (`shard-00000.pt`, torch.save of a dict) holds `format_version`,
-`meta` (checkpoint, split, shard size, item count: what wrote it), and per
+`meta` (checkpoint, its content's fingerprint, split, shard size, item count: what wrote it), and per
 item in split order `ids` (file path or position), `index` (position in the
 split), `tokens` (int64: images (H', W'[, Q]), audio (ceil(length / stride)[, Q])
 without padding) and, for audio, `lengths` in samples (else None); `skipped`
@@ -21,15 +21,16 @@ from pathlib import Path
 
 import soundfile
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from vqtrain.config import InvalidConfig
 from vqtrain.data.common import DataModule, SkippingDataset, item_id, split_dataset
 from vqtrain.files import UnreadableFile, load_archive, read_checked_json, write_atomic, write_checked_json
+from vqtrain.quantizers import ResidualQuantizer
 from vqtrain.tokenizer import Tokenizer
 from vqtrain.utils import ceil_div, exists
 
@@ -75,12 +76,18 @@ def encode_split(
     whole, by rename), so an interrupted run resumes; a damaged one is encoded
     again, named in a warning."""
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise InvalidConfig(f"shard_size must be >= 1, got {shard_size}")
+    datamodule = tokenizer.data_module(cfg)
+    dataset = split_dataset(datamodule, split)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    datamodule = instantiate(cfg.data)
-    dataset = split_dataset(datamodule, split)
-    meta = {"checkpoint": tokenizer.checkpoint, "split": split, "shard_size": shard_size, "num_items": len(dataset)}
+    meta = {
+        "checkpoint": tokenizer.checkpoint,
+        "fingerprint": tokenizer.fingerprint,  # a checkpoint trained further since keeps its path, not its tokens
+        "split": split,
+        "shard_size": shard_size,
+        "num_items": len(dataset),
+    }
     items, skipped, shards = [], [], []
     with tqdm(total=len(dataset), unit="item", desc=f"encode {split}") as progress:
         for number, start in enumerate(range(0, len(dataset), shard_size)):
@@ -88,8 +95,9 @@ def encode_split(
             shard = read_written_shard(path)
             if shard is not None:
                 if shard["meta"] != meta:
-                    raise ValueError(
-                        f"{path} was written by another run ({shard['meta']}, now {meta}): use a fresh out directory"
+                    raise InvalidConfig(
+                        f"out={out_dir}: {path.name} was written by another checkpoint or split ({shard['meta']}, "
+                        f"now {meta}): use a fresh out directory"
                     )
             else:
                 shard = encode_shard(
@@ -161,6 +169,7 @@ def decode_shard(
     """Tokens of a shard back to files under `out_dir` named after the item ids:
     PNG for images ([-1, 1] -> [0, 1]), WAV at the run's sample rate for audio."""
     shard = load_shard(shard_path)
+    check_tokens(tokenizer, shard, shard_path, num_levels)
     audio = tokenizer.modality == "audio"
     written = []
     for start in range(0, len(shard["ids"]), batch_size):
@@ -177,3 +186,27 @@ def decode_shard(
                 save_image((signals[i] + 1) / 2, path)
             written.append(path)
     return written
+
+
+def check_tokens(tokenizer: Tokenizer, shard: dict, shard_path: str | Path, num_levels: int | None) -> None:
+    """Tokens that another checkpoint wrote, whose layout or codes do not fit this one's
+    quantizer, failed deep inside the decoder or decoded to noise (audio tokens as images):
+    refused, naming the checkpoint that wrote them. So is a `num_levels` the quantizer lacks."""
+    quantizer = tokenizer.model.quantizer
+    levels = quantizer.num_levels if isinstance(quantizer, ResidualQuantizer) else None
+    if exists(num_levels) and not (exists(levels) and 1 <= num_levels <= levels):
+        has = f"levels 1 to {levels}" if exists(levels) else f"no levels ({type(quantizer).__name__})"
+        raise InvalidConfig(f"num_levels={num_levels}: the quantizer of {tokenizer.checkpoint} has {has}")
+    audio, columns = tokenizer.modality == "audio", quantizer.num_index_columns
+    layout = ("(T'" if audio else "(H', W'") + (f", {columns})" if columns > 1 else ")")
+    sizes = torch.tensor(tokenizer.codebook_sizes)
+    for identifier, tokens in zip(shard["ids"], shard["tokens"]):
+        shape_fits = tokens.ndim == layout.count(",") + 1 and (columns == 1 or tokens.shape[-1] == columns)
+        if not (shape_fits and exists(shard["lengths"]) == audio and ((tokens >= 0) & (tokens < sizes)).all()):
+            raise InvalidConfig(
+                f"tokens={shard_path}: item {identifier} has {'audio' if exists(shard['lengths']) else 'image'} "
+                f"tokens of shape {tuple(tokens.shape)}, codes {int(tokens.min())} to {int(tokens.max())}; "
+                f"{tokenizer.checkpoint} decodes {tokenizer.modality} tokens {layout} with codes below "
+                f"{tokenizer.codebook_sizes}: decode them with the checkpoint that wrote them, "
+                f"{shard.get('meta', {}).get('checkpoint')}"
+            )

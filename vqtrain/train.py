@@ -15,6 +15,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import DictConfig, OmegaConf
 
 from vqtrain.callbacks import progress_bar
@@ -50,6 +51,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, use_distributed_sampler=distributed_sampler
     )
+    check_trainer(cfg, model, trainer)
     if trainer.is_global_zero:
         log.info(start_line(cfg, model, trainer))
     try:
@@ -61,6 +63,27 @@ def train(cfg: DictConfig) -> dict[str, float]:
     finally:
         finish_wandb()
     return metrics  # the last training and validation figures, and the test's
+
+
+def check_trainer(cfg: DictConfig, model: L.LightningModule, trainer: L.Trainer) -> None:
+    """Refuse, before `fit`, what Lightning refuses only inside it, as a traceback: clipping or
+    accumulating gradients of a model that steps its optimizers itself (the GAN models), and
+    clipping a fused optimizer's gradients under 16-mixed: it unscales them in its step, too late."""
+    clip, accumulate = trainer.gradient_clip_val, trainer.accumulate_grad_batches
+    if not model.automatic_optimization and (clip or accumulate != 1):
+        keys = [f"trainer.gradient_clip_val={clip!r}"] if clip else []
+        keys += [f"trainer.accumulate_grad_batches={accumulate!r}"] if accumulate != 1 else []
+        raise InvalidConfig(
+            f"{', '.join(keys)}: {type(model).__name__} steps its optimizers itself (manual optimization), "
+            "which Lightning neither clips nor accumulates: leave them unset"
+        )
+    plugin = trainer.precision_plugin
+    if clip and isinstance(plugin, MixedPrecision) and plugin.scaler is not None and cfg.optimizer.get("fused"):
+        raise InvalidConfig(
+            f"trainer.gradient_clip_val={clip!r} with trainer.precision={plugin.precision}: the fused optimizer "
+            "unscales the gradients in its step, too late to clip them: set optimizer.fused=false, "
+            "or trainer.precision=bf16-mixed"
+        )
 
 
 def start_line(cfg: DictConfig, model: L.LightningModule, trainer: L.Trainer) -> str:

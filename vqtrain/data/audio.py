@@ -22,6 +22,7 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
@@ -30,7 +31,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from ..config import Required
+from ..config import InvalidConfig, MissingPath, Required
 from ..files import read_checked_json, unreadable, write_checked_json
 from ..utils import ceil_div, default, lengths_to_mask
 from .batch import Batch
@@ -88,7 +89,7 @@ def list_audio(root: Path) -> list[str]:
         if name.lower().endswith(AUDIO_EXTENSIONS)
     )
     if not files:
-        raise FileNotFoundError(f"data.root: no audio files under {root} (expected {LAYOUT})")
+        raise MissingPath(f"data.root: no audio files under {root} (expected {LAYOUT})")
     return files
 
 
@@ -252,9 +253,9 @@ class AudioFolder(Dataset):
                 high,
             )
         if not kept:
-            raise ValueError(
+            raise InvalidConfig(
                 f"no usable audio clips under {self.root}: {len(files)} files, {len(unusable)} unusable, "
-                f"{len(usable)} usable of which none lasts [{low}, {high}] s"
+                f"{len(usable)} usable of which none lasts [{low}, {high}] s (data.min_duration, data.max_duration)"
             )
         self.files = [relative for relative, _ in kept]
         self.headers = [header for _, header in kept]
@@ -288,6 +289,8 @@ class AudioFolder(Dataset):
             raise UnreadableItem(f"{path}: {error}") from error
         if len(audio) == 0:
             raise UnreadableItem(f"{path}: no audio frames")
+        if not np.isfinite(audio).all():  # float WAVs can hold NaN or Inf: a file's fault, not the model's
+            raise UnreadableItem(f"{path}: non-finite samples (NaN or Inf)")
         x = reduce(torch.from_numpy(audio), "t c -> 1 t", "mean")
         if sample_rate != self.sample_rate:
             x = AF.resample(x, sample_rate, self.sample_rate)
@@ -432,10 +435,10 @@ class AudioDataModule(DataModule):
         try:
             parts = self.split(files)
         except ValueError as error:
-            raise ValueError(f"data.split of {self.root}: {error}") from error
+            raise InvalidConfig(f"data.split of {self.root}: {error}") from error
         for name in ("train", "val"):
             if not parts[name]:
-                raise ValueError(f"data.split leaves no {name} files among the {len(files)} under {self.root}")
+                raise InvalidConfig(f"data.split leaves no {name} files among the {len(files)} under {self.root}")
         self.train_set, self.val_set, self.test_set = (
             AudioFolder(self.root, self.sample_rate, parts[name], random_crop=name == "train", **self.clip_options)
             if parts.get(name)

@@ -22,7 +22,7 @@ import torch
 from lightning.fabric.accelerators.cuda import is_cuda_available
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
-from ..config import Required
+from ..config import InvalidConfig, Required, check_paths
 from ..distributed import rank, world_size
 from ..utils import exists
 from .batch import Batch, empty_batch
@@ -231,7 +231,8 @@ def split_dataset(datamodule: DataModule, split: str) -> Dataset:
     """A split in a fixed order, as training's val/test see it: test falls back
     to val, and the training split's random crops are off."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise InvalidConfig(f"split must be one of {SPLITS}, got {split!r}")
+    check_paths(datamodule.required_paths())
     datamodule.setup()
     dataset = {"train": datamodule.train_set, "val": datamodule.val_set, "test": datamodule.test_set}[split]
     dataset = datamodule.val_set if dataset is None else dataset

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision.transforms.v2 import functional as TF
 
-from ..config import Required, check_paths
+from ..config import InvalidConfig, MissingPath, Required, check_paths
 from .common import DataModule, UnreadableItem, hash_fraction
 from .device import DeviceBatches, decide_on_device
 from .shapes import draw_shapes
@@ -97,6 +97,16 @@ class TensorImages(Dataset):
         return self.rows
 
 
+def to_8_bits(image: Image.Image, path: Path) -> Image.Image:
+    """16-bit grayscale (modes I;16*, I) scaled to 8 bits: PIL's conversion clips it at
+    255, nearly all white. Float pixels (mode F) have no known range: unreadable."""
+    if image.mode == "F":
+        raise UnreadableItem(f"{path}: 32-bit float pixels, whose range is unknown (save it with 8 or 16 bits)")
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        return image.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+    return image
+
+
 class ImageFiles(Dataset):
     """Image files, decoded on access: resized (shorter side) and center-cropped to a square."""
 
@@ -112,7 +122,7 @@ class ImageFiles(Dataset):
         path = self.files[index]
         try:
             with Image.open(path) as image:
-                image = image.convert(self.mode)
+                image = to_8_bits(image, path).convert(self.mode)
         except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise UnreadableItem(f"{path}: {error}") from error
         image = TF.center_crop(TF.resize(image, [self.image_size]), [self.image_size])
@@ -262,7 +272,7 @@ class TorchvisionDataModule(ImageDataModule):
         except RuntimeError as error:
             if self.download:
                 raise
-            raise FileNotFoundError(
+            raise MissingPath(
                 f"{self.dataset_class.__name__} not found: expected {self.expected_files()}. "
                 f"Set data.download=true to fetch it, or set data.root to the folder holding it."
             ) from error
@@ -270,7 +280,7 @@ class TorchvisionDataModule(ImageDataModule):
     def build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
         train, test = self.images(train=True), self.images(train=False)
         if self.val_size >= len(train):
-            raise ValueError(f"data.val_size={self.val_size} leaves no training images (of {len(train)})")
+            raise InvalidConfig(f"data.val_size={self.val_size} leaves no training images (of {len(train)})")
         cut = len(train) - self.val_size
         fit = self.fit()
         return TensorImages(train[:cut], fit), TensorImages(train[cut:], fit), TensorImages(test, fit)
@@ -357,7 +367,7 @@ def list_images(folder: Path) -> list[Path]:
     Required("data.root", folder, IMAGE_LAYOUT).check()
     files = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
     if not files:
-        raise FileNotFoundError(f"no images with extensions {', '.join(IMAGE_EXTENSIONS)} under {folder}")
+        raise MissingPath(f"data.root: no images with extensions {', '.join(IMAGE_EXTENSIONS)} under {folder}")
     return files
 
 
@@ -389,7 +399,7 @@ class ImageFolderDataModule(ImageDataModule):
         val = [path for path in files if hash_fraction(path.relative_to(self.root)) < self.val_fraction]
         train = [path for path in files if hash_fraction(path.relative_to(self.root)) >= self.val_fraction]
         if not val or not train:
-            raise ValueError(
+            raise InvalidConfig(
                 f"data.val_fraction={self.val_fraction} splits the {len(files)} images under "
                 f"{self.root} into {len(train)} train / {len(val)} val: change it or add images"
             )

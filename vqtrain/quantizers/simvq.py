@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vqtrain.quantizers.base import check_weight
+from vqtrain.quantizers.base import check_positive_int, check_weight
 from vqtrain.quantizers.vq import VectorQuantizer
 
 
@@ -32,6 +32,8 @@ class SimVQ(VectorQuantizer):
         chunk_elements: int | None = None,
     ):
         self.learn_basis = bool(learn_basis)
+        if dim % check_positive_int("groups", groups):  # (VQ's message would suggest codebook_dim, which SimVQ lacks)
+            raise ValueError(f"dim ({dim}) must be divisible by groups ({groups})")
         super().__init__(
             dim,
             codebook_size,
