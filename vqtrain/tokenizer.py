@@ -89,8 +89,8 @@ class Tokenizer:
                 f"choose {self.modality} data"
             )
         key = "sample_rate" if self.modality == "audio" else "channels"
-        trained, given = self.config["data"].get(key), getattr(datamodule, key)
-        if exists(trained) and given != trained:
+        trained, given = self.config["data"].get(key), getattr(datamodule, key, None)
+        if exists(trained) and exists(given) and given != trained:
             raise InvalidConfig(
                 f"data.{key}={given}, but {self.checkpoint} was trained with {trained}: set data.{key}={trained}"
             )
@@ -101,8 +101,8 @@ class Tokenizer:
         it upsamples past the clip, as for the same clip in a padded batch."""
         x = x.to(self.device, torch.float32)
         if self.modality != "audio":
-            channels = self.config["data"]["channels"]
-            if x.ndim != 4 or x.shape[1] != channels:  # else a convolution's error about its weight
+            channels = self.config["data"].get("channels")  # (a data config of one's own may not say)
+            if x.ndim != 4 or (exists(channels) and x.shape[1] != channels):  # else a convolution's error
                 raise ValueError(f"images must be (B, C, H, W) with C = {channels}, got {tuple(x.shape)}")
             return x, None
         if x.ndim == 2:
