@@ -148,7 +148,7 @@ def test_resume_auto_with_no_readable_checkpoint_stops_listing_them(tiny_run: Pa
     assert message.startswith(f"resume=auto: no readable checkpoint in {run_dir} (") and "\n" not in message
     for name in ("last.ckpt", "step0000002.ckpt", "step0000004.ckpt"):
         assert f"{name}: truncated" in message
-    assert message.endswith("or with resume=never")
+    assert message.endswith("or start afresh in another run directory")
     assert {path: path.read_bytes() for path in run_dir.glob("*.ckpt")} == before  # nothing started over them
 
 

@@ -456,7 +456,10 @@ def test_resume_auto_tries_the_newest_checkpoint_first(tmp_path: Path):
     assert [path.name for path in resumable(tmp_path)] == order
     os.utime(tmp_path / "last.ckpt", ns=(0, 10**9 * 11))
     assert [path.name for path in resumable(tmp_path)][:2] == ["last.ckpt", "hpc_ckpt_2.ckpt"]
-    assert resume_path(OmegaConf.merge(cfg, {"resume": "never"})) is None
+    with pytest.raises(InvalidConfig, match=r"resume=never: .* holds checkpoints \(last.ckpt, hpc_ckpt_2.ckpt, "):
+        resume_path(OmegaConf.merge(cfg, {"resume": "never"}))  # a fresh run would save over them
+    elsewhere = {"resume": "never", "paths": {"output_dir": str(tmp_path / "new")}}
+    assert resume_path(OmegaConf.merge(cfg, elsewhere)) is None
     with pytest.raises(ValueError, match="resume must be 'auto' or 'never', got 'yes'"):
         resume_path(OmegaConf.merge(cfg, {"resume": "yes"}))
 

@@ -54,7 +54,8 @@ def resume_path(cfg: DictConfig) -> str | None:
     checkpoint of the run directory (see `resumable`), each one skipped named in
     a warning. Checked before anything is built: a damaged `ckpt_path`, or a run
     directory whose checkpoints are all unreadable, is an UnreadableFile rather
-    than a run started from scratch over an existing one."""
+    than a run started from scratch over an existing one; so resume=never refuses
+    a run directory that holds checkpoints: the fresh run would save over them."""
     run_config = OmegaConf.to_container(cfg, resolve=True)
     if cfg.ckpt_path:
         Required("ckpt_path", Path(cfg.ckpt_path), "a checkpoint to resume from", folder=False).check()
@@ -62,9 +63,14 @@ def resume_path(cfg: DictConfig) -> str | None:
         return str(cfg.ckpt_path)
     if cfg.resume not in ("auto", "never"):
         raise InvalidConfig(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
-    if cfg.resume == "never":
-        return None
     run_dir = Path(cfg.paths.output_dir)
+    if cfg.resume == "never":
+        if existing := resumable(run_dir):  # a fresh run would save over them
+            raise InvalidConfig(
+                f"resume=never: {run_dir} holds checkpoints ({', '.join(path.name for path in existing)}) "
+                "that a fresh run would overwrite: start afresh in another run directory, or move them away"
+            )
+        return None
     skipped: list[UnreadableFile] = []
     for path in resumable(run_dir):
         try:
@@ -80,7 +86,7 @@ def resume_path(cfg: DictConfig) -> str | None:
         raise UnreadableFile(
             f"resume=auto: no readable checkpoint in {run_dir} "
             f"({'; '.join(f'{error.path.name}: {error.problem}' for error in skipped)}): "
-            "restore one from a copy, or start afresh in another run directory or with resume=never"
+            "restore one from a copy, or start afresh in another run directory"
         )
     return None
 
@@ -104,7 +110,7 @@ def check_same_nets(checkpoint: dict[str, Any], run_config: dict, path: _PATH | 
         raise InvalidConfig(
             f"{path or 'checkpoint'} was trained with another model or quantizer config; differing keys "
             f"(checkpoint, now): {diff}: set them as the checkpoint has them, or start afresh "
-            "(resume=never or another run directory)"
+            "in another run directory"
         )
 
 
