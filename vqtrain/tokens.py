@@ -198,15 +198,16 @@ def check_tokens(tokenizer: Tokenizer, shard: dict, shard_path: str | Path, num_
         has = f"levels 1 to {levels}" if exists(levels) else f"no levels ({type(quantizer).__name__})"
         raise InvalidConfig(f"num_levels={num_levels}: the quantizer of {tokenizer.checkpoint} has {has}")
     audio, columns = tokenizer.modality == "audio", quantizer.num_index_columns
-    layout = ("(T'" if audio else "(H', W'") + (f", {columns})" if columns > 1 else ")")
+    positions = ["T'"] if audio else ["H'", "W'"]
+    layout = positions + [str(columns)] if columns > 1 else positions
     sizes = torch.tensor(tokenizer.codebook_sizes)
     for identifier, tokens in zip(shard["ids"], shard["tokens"]):
-        shape_fits = tokens.ndim == layout.count(",") + 1 and (columns == 1 or tokens.shape[-1] == columns)
+        shape_fits = tokens.ndim == len(layout) and (columns == 1 or tokens.shape[-1] == columns)
         if not (shape_fits and exists(shard["lengths"]) == audio and ((tokens >= 0) & (tokens < sizes)).all()):
             raise InvalidConfig(
                 f"tokens={shard_path}: item {identifier} has {'audio' if exists(shard['lengths']) else 'image'} "
                 f"tokens of shape {tuple(tokens.shape)}, codes {int(tokens.min())} to {int(tokens.max())}; "
-                f"{tokenizer.checkpoint} decodes {tokenizer.modality} tokens {layout} with codes below "
+                f"{tokenizer.checkpoint} decodes {tokenizer.modality} tokens ({', '.join(layout)}) with codes below "
                 f"{tokenizer.codebook_sizes}: decode them with the checkpoint that wrote them, "
                 f"{shard.get('meta', {}).get('checkpoint')}"
             )
