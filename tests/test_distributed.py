@@ -61,9 +61,13 @@ def batch(step: int, rank: int) -> Tensor:
 
 
 def run_steps(name: str, batches: Callable[[int], Tensor], distributed: bool) -> dict[str, Tensor]:
-    """STEPS SGD steps; returns the final state and how often codes were (re)placed."""
+    """STEPS SGD steps; returns the final state and how often codes were (re)placed.
+    `name`: a DDP case, `+compiled` after it for its codebook bookkeeping compiled."""
     torch.manual_seed(0)
-    model = Autoencoder(FACTORIES[name]())
+    case, _, compiled = name.partition("+")
+    model = Autoencoder(FACTORIES[case]())
+    if compiled:
+        model.quantizer.compile_bookkeeping()
     replaced = count_code_replacements(model.quantizer)
     # broadcast_buffers=False: the quantizer must keep its own buffers in sync, not DDP
     wrapped = DistributedDataParallel(model, broadcast_buffers=False) if distributed else model
@@ -129,14 +133,18 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], list[
     return run
 
 
-@pytest.mark.parametrize("name", ["ddp_vq", "simvq", "ddp_rvq", "ddp_lfq", "ddp_ibq"])
+@pytest.mark.parametrize(
+    "name",
+    ["ddp_vq", "simvq", "ddp_rvq", "ddp_lfq", "ddp_ibq", pytest.param("ddp_rvq+compiled", marks=pytest.mark.slow)],
+)
 def test_ranks_with_different_data_keep_identical_codebooks(name: str, two_ranks):
     rank0, rank1 = two_ranks(name)
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), f"{name}: {key} differs between ranks"
-    if name in ("ddp_vq", "ddp_rvq"):  # k-means init once per codebook, then dead-code restarts
-        assert int(rank0["replaced"]) > len(FACTORIES[name]().codebook_sizes), "no dead code was restarted"
+    case = name.partition("+")[0]
+    if case in ("ddp_vq", "ddp_rvq"):  # k-means init once per codebook, then dead-code restarts
+        assert int(rank0["replaced"]) > len(FACTORIES[case]().codebook_sizes), "no dead code was restarted"
 
 
 @pytest.mark.parametrize(
@@ -288,7 +296,9 @@ def test_clipping_a_fused_optimizer_under_16_mixed_is_refused_before_fit(tmp_pat
 
 
 @pytest.mark.slow
-def test_compiled_encoder_and_decoder_train(tmp_path: Path):
+def test_compiled_model_trains(tmp_path: Path):
+    """The nets and the codebook bookkeeping compiled (k-means init and dead-code restarts
+    included: the default quantizer), through training, validation and checkpointing."""
     metrics = train(
         compose(
             [

@@ -1,10 +1,11 @@
-"""What the benchmarks share: machine facts, load, tables, JSON output."""
+"""What the benchmarks share: machine facts, load, tables, JSON output, kernel launches."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +91,45 @@ def fmt_bytes(count: float | None) -> str | None:
     if count >= GIB:
         return f"{count / GIB:.2f} GiB"
     return f"{count / MIB:.0f} MiB" if count >= 10 * MIB else f"{count / MIB:.1f} MiB"
+
+
+# aten ops that launch no kernel of their own: views, allocations, metadata, no-op conversions
+NO_KERNEL = {
+    *("aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::new_empty_strided"),
+    *("aten::resize_", "aten::view", "aten::view_as", "aten::as_strided", "aten::as_strided_", "aten::reshape"),
+    *("aten::_reshape_alias", "aten::_unsafe_view", "aten::alias", "aten::detach", "aten::lift_fresh", "aten::t"),
+    *("aten::transpose", "aten::numpy_T", "aten::mT", "aten::expand", "aten::expand_as", "aten::broadcast_tensors"),
+    *("aten::unsqueeze", "aten::squeeze", "aten::select", "aten::slice", "aten::narrow", "aten::permute"),
+    *("aten::split", "aten::chunk", "aten::unbind", "aten::contiguous", "aten::to", "aten::resolve_conj"),
+    *("aten::resolve_neg", "aten::result_type", "aten::set_"),
+}
+
+
+def count_launches(step: Callable[[], None], device: str) -> int:
+    """Kernels one call of `step` launches, compiled code included (a dispatch mode, which counts
+    aten ops, turns compilation off). CUDA: the kernels, copies and fills the profiler sees on
+    the device. CPU, a stand-in: the aten ops that compute and call no other that does, plus
+    Inductor's kernels (seen if compiled with `torch._inductor.config.cpp.enable_kernel_profile`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    events = prof.events()
+    if device == "cuda":
+        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+    inductor = sum(e.name.startswith("graph_") and "cpp_fused" in e.name for e in events)
+    return inductor + sum(launches_itself(e) for e in events)
+
+
+def launches_itself(event) -> bool:
+    """An aten op that computes, none of whose callees does (they launch the kernels then)."""
+    return (
+        event.name.startswith("aten::") and event.name not in NO_KERNEL and not any(map(computes, event.cpu_children))
+    )
+
+
+def computes(event) -> bool:
+    """An aten op that computes, itself or through its callees."""
+    return event.name.startswith("aten::") and (event.name not in NO_KERNEL or any(map(computes, event.cpu_children)))

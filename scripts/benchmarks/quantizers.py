@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._inductor.config
 
 from scripts.benchmarks.common import (
     GIB,
@@ -40,6 +41,7 @@ from scripts.benchmarks.common import (
     OURS,
     REFERENCE,
     REPO,
+    count_launches,
     fmt_bytes,
     fmt_s,
     load,
@@ -161,6 +163,9 @@ def run_case(spec: dict) -> dict:
     else:
         module, run = build_quantizer(spec["case"], spec["impl"], dim)
         module = module.to(device).train()
+        if spec.get("compile") and spec["impl"] == OURS:
+            torch._inductor.config.cpp.enable_kernel_profile = True  # for count_launches on a CPU
+            module.compile_bookkeeping()  # as model.compile=true: compiled in the warm-up
         x = torch.randn(batch, tokens // batch, dim, device=device)
         grad = torch.randn_like(x)
 
@@ -194,10 +199,12 @@ def run_case(spec: dict) -> dict:
                 if len(times) >= min(3, spec["repeats"]) and time.perf_counter() - started > spec["max_case_seconds"]:
                     break
         peak = None if spec["impl"] == "matmul" else measure_peak(step, device)
-        if spec["impl"] != "matmul":  # aten ops of one step (a stand-in for kernel launches) and syncing ones
-            with SyncRecorder() as recorder:
-                step()
-            result.update(aten_ops=recorder.ops, syncs=sum(recorder.syncs.values()))
+        if spec["impl"] != "matmul":
+            result["launches"] = count_launches(step, device)
+            if not (spec.get("compile") and spec["impl"] == OURS):  # a dispatch mode runs compiled code eagerly
+                with SyncRecorder() as recorder:  # aten ops of one step, and the syncing ones
+                    step()
+                result.update(aten_ops=recorder.ops, syncs=sum(recorder.syncs.values()))
     except (RuntimeError, MemoryError) as error:
         if not is_oom(error):
             raise
@@ -302,6 +309,8 @@ def run(args: argparse.Namespace) -> dict:
     cap = int(args.mem_cap_gb * GIB) if args.mem_cap_gb else int(min(8 * GIB, mem_available() / 2))
     repeats = args.repeats or (1 if args.quick else 20 if device == "cuda" else 5)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5 if device == "cuda" else 2)
+    if args.compile:
+        warmup = max(warmup, 2)  # the first steps compile
     common = dict(
         device=device,
         tokens=tokens,
@@ -311,6 +320,7 @@ def run(args: argparse.Namespace) -> dict:
         threads=args.threads,
         max_case_seconds=args.max_case_seconds,
         mem_cap_bytes=None if device == "cuda" else cap,
+        compile=args.compile,
     )
     load_start = load()
     print(
@@ -381,14 +391,16 @@ def run(args: argparse.Namespace) -> dict:
         )
 
     def ops(r: dict | None) -> str | None:
-        return f"{r['aten_ops']}/{r['syncs']}" if r and "aten_ops" in r else None
+        if r is None or "launches" not in r:
+            return None
+        return f"{r['aten_ops']}/{r['syncs']}/{r['launches']}" if "aten_ops" in r else f"-/-/{r['launches']}"
 
     def pct(r: dict | None) -> str | None:
         return f"{100 * r['fraction_of_matmul_ceiling']:.0f}%" if r and "fraction_of_matmul_ceiling" in r else None
 
     headers = (
-        ["case", "vqtrain", "peak extra", "ops/syncs"]
-        + (["reference", "peak extra", "ops/syncs", "speed-up"] if REFERENCE in impls else [])
+        ["case", "vqtrain", "peak extra", "ops/syncs/launches"]
+        + (["reference", "peak extra", "ops/syncs/launches", "speed-up"] if REFERENCE in impls else [])
         + ["% matmul ceiling (ours/ref)"]
     )
     rows = []
@@ -405,7 +417,8 @@ def run(args: argparse.Namespace) -> dict:
         ceiling = "/".join(p or "-" for p in (pct(ours), pct(ref))) if pct(ours) or pct(ref) else None
         rows.append(line + [ceiling])
     print(
-        f"\nforward+backward, {tokens} tokens x dim {args.dim}, median of {repeats} after {warmup} warm-up, {device} "
+        f"\nforward+backward{', ours with compiled bookkeeping' if args.compile else ''}, {tokens} tokens x dim "
+        f"{args.dim}, median of {repeats} after {warmup} warm-up, {device} "
         f"({torch.get_num_threads()} threads); load {load_start} -> {load()}\n"
     )
     print_table(headers, rows)
@@ -430,6 +443,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     return {
         "tokens": tokens,
+        "compile": args.compile,
         "dim": args.dim,
         "repeats": repeats,
         "warmup": warmup,
@@ -508,6 +522,11 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     q.add_argument("--repeats", type=int, help="timed repeats (default 5; cuda 20)")
     q.add_argument("--warmup", type=int, help="untimed steps first (default 2; cuda 5)")
     q.add_argument("--cases", help="regular expression: run the cases whose names it matches (default all)")
+    q.add_argument(
+        "--compile",
+        action="store_true",
+        help="ours with its codebook bookkeeping compiled, as model.compile=true (aten ops then not counted)",
+    )
     q.add_argument(
         "--mem-cap-gb",
         type=float,

@@ -150,6 +150,7 @@ class Quantizer(nn.Module):
     """
 
     codebook_sizes: list[int]
+    compiled_bookkeeping = False  # whether its codebook statistics update runs compiled (`compile_bookkeeping`)
 
     def __init__(self, dim: int):
         super().__init__()
@@ -226,6 +227,15 @@ class Quantizer(nn.Module):
             losses=losses,
             loss=loss,
         )
+
+    def compile_bookkeeping(self) -> None:
+        """`model.compile`: torch.compile each codebook's statistics update (EMA, usage,
+        restarts), through which no gradient flows. Not the differentiable path: there
+        Inductor (torch 2.11) may recompute, in the backward, values from buffers the forward
+        has updated since, and give wrong gradients (tests/test_compile.py)."""
+        for module in self.modules():
+            if isinstance(module, Quantizer):
+                module.compiled_bookkeeping = True
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """Indices as returned by `forward` -> float32 codes (B, ..., D); zeros where -1.

@@ -32,8 +32,6 @@ smallest norm: collapse before training starts.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor, nn
 
@@ -49,7 +47,7 @@ from vqtrain.quantizers.base import (
     zero,
 )
 from vqtrain.quantizers.search import count_by_code, gather_codes, kmeans, nearest_codes, sum_by_code
-from vqtrain.utils import exists, l2norm
+from vqtrain.utils import as_int64, compile_constant, exists, l2norm
 
 
 def scale_gradient(x: Tensor, weight: Tensor) -> Tensor:
@@ -174,7 +172,7 @@ class VectorQuantizer(Quantizer):
 
     def quantize_rows(self, x: Tensor, weight: Tensor, sample_ids: Tensor):
         h = self.to_code_space(x)
-        if self.updating and not self.kmeans_done():
+        if self.updating and not self.initted_seen:
             self._kmeans_init(h.detach(), weight)
         codebook = self.codebook
         indices = nearest_codes(h.detach(), codebook.detach(), self.distance == "cosine", self.chunk_elements)
@@ -186,15 +184,10 @@ class VectorQuantizer(Quantizer):
             "codebook": codebook_loss if self.learning == "gradient" else zero(x.device),
         }
         if self.updating:
-            self._update_statistics(h.detach(), indices, weight, q)
+            update = compiled_update_statistics if self.compiled_bookkeeping else VectorQuantizer._update_statistics
+            update(self, h.detach(), indices, weight, q)
         out = ESTIMATORS[self.estimator](h, q) if torch.is_grad_enabled() else q
         return self.from_code_space(out), indices.T, losses, self.weigh(losses, self.weights)
-
-    def kmeans_done(self) -> bool:
-        """Whether k-means init has run: one host read of `initted` until it has (it runs once)."""
-        if not self.initted_seen:
-            self.initted_seen = bool(self.initted)
-        return self.initted_seen
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -208,8 +201,12 @@ class VectorQuantizer(Quantizer):
     # -- codebook statistics (training forward only) ---------------------
     @torch.no_grad()
     def _kmeans_init(self, h: Tensor, weight: Tensor) -> None:
-        """Initialise from the real vectors of the first training batch, all ranks pooled.
-        It runs once, and may sync: it picks the real rows by a boolean index."""
+        """Initialise from the real vectors of the first training batch, all ranks pooled,
+        unless `initted` (loaded from a checkpoint) says it has run. It runs once, and may
+        sync: it reads `initted` and picks the real rows by a boolean index."""
+        if bool(self.initted):
+            self.initted_seen = True
+            return
         h = h[:, weight > 0]
         pooled = gather_rows(h.transpose(0, 1).contiguous()).transpose(0, 1)  # (G, N_all, d)
         if pooled.shape[1] == 0:
@@ -301,15 +298,22 @@ class VectorQuantizer(Quantizer):
             torch.where(where.unsqueeze(-1), sums, self.embed_sum, out=self.embed_sum)
 
 
+# `model.compile`: the statistics' update in a few fused kernels instead of dozens of launches
+# (compiled on first use; `Quantizer.compile_bookkeeping`). Restarts draw from the generator as
+# eager code does (`fallback_random`), so a run takes the same random draws compiled or not.
+compiled_update_statistics = torch.compile(VectorQuantizer._update_statistics, options={"fallback_random": True})
+
+
 def flatten_ranks(t: Tensor) -> Tensor:
     """(world, G, M, ...) gathered per rank -> (G, world * M, ...)."""
     return t.transpose(0, 1).flatten(1, 2)
 
 
-@functools.cache
+@compile_constant
 def hash_multipliers(dim: int, device: torch.device) -> Tensor:
-    """Odd int64 multipliers, one per coordinate, for hashing a row's bits (made once, not every step)."""
-    return torch.arange(1, dim + 1, device=device) * 0x5851F42D4C957F2D | 1  # wraps around
+    """Odd int64 multipliers, one per coordinate, for hashing a row's bits (made once, not
+    every step), from Python ints: Inductor's C++ miscompiles them as an `arange` product."""
+    return torch.tensor([as_int64(i * 0x5851F42D4C957F2D | 1) for i in range(1, dim + 1)], device=device)
 
 
 @torch.no_grad()

@@ -1,0 +1,112 @@
+"""`model.compile=true` compiles each codebook's statistics update (EMA, usage, dead-code
+restarts: docs/gpu.md), which on a GPU is then a few fused kernels instead of dozens of
+launches. Here, on the CPU: it traces to one graph for every codebook of a quantizer (no
+graph break, no recompilation from step to step), traced it computes exactly what eager
+code does, and Inductor's kernels compute it up to float rounding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
+
+import vqtrain.quantizers.vq as vq
+from quantizer_cases import CONTRACT, select
+from vqtrain.quantizers import Quantizer, VectorQuantizer
+
+
+def has_codebooks(name: str) -> bool:
+    return any(isinstance(m, VectorQuantizer) for m in select(CONTRACT)[name]().modules())
+
+
+WITH_CODEBOOKS = [name for name in select(CONTRACT) if has_codebooks(name)]
+# each kind of bookkeeping: EMA, gradient, groups, cosine, restarts, k-means, SimVQ, levels with dropout
+INDUCTOR_CASES = [
+    "vq_ema",
+    "vq_groups_codebook_dim_gradient",
+    "vq_cosine_rotation",
+    "vq_codebook_dim_kmeans_dead",
+    "vq_dead_code_gradient_cosine",
+    "simvq_groups_cosine_ste",
+    "rvq_dropout_batch_kmeans_dead",
+    "rsimvq_dropout",
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every case compiles anew (Dynamo's cache would otherwise carry graphs between cases)."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def traced(monkeypatch: pytest.MonkeyPatch) -> CompileCounterWithBackend:
+    """The statistics update traced whole (fullgraph: a graph break fails), then run by eager
+    kernels: the same bits as eager code, if the trace is right."""
+    counter = CompileCounterWithBackend("aot_eager")
+    update = torch.compile(VectorQuantizer._update_statistics, backend=counter, fullgraph=True)
+    monkeypatch.setattr(vq, "compiled_update_statistics", update)
+    return counter
+
+
+def eager_and_compiled(name: str) -> tuple[Quantizer, Quantizer]:
+    torch.manual_seed(0)
+    eager = select(CONTRACT)[name]().train()
+    compiled = copy.deepcopy(eager)
+    compiled.compile_bookkeeping()
+    return eager, compiled
+
+
+def training_steps(quantizer: Quantizer, steps: int) -> list:
+    """Forward and backward with padding, each step seeing the updates of the one before
+    (k-means init, EMA, restarts); the generator seeded alike for every quantizer."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 40, quantizer.dim)
+    mask = torch.arange(40) < torch.tensor([[40], [25], [7]])
+    results = []
+    for step in range(steps):
+        torch.manual_seed(10 + step)
+        inputs = (x + 0.1 * step).requires_grad_(True)
+        out = quantizer(inputs, mask)
+        (out.quantized.square().sum() + out.loss).backward()
+        results.append((out.indices, out.quantized, out.loss, inputs.grad))
+    return results
+
+
+def test_compile_bookkeeping_marks_every_level():
+    quantizer = select(CONTRACT)["rvq"]()
+    quantizer.compile_bookkeeping()
+    assert all(level.compiled_bookkeeping for level in quantizer.levels)
+
+
+@pytest.mark.parametrize("name", WITH_CODEBOOKS)
+def test_traced_bookkeeping_is_one_graph_and_exactly_the_eager_one(name: str, monkeypatch: pytest.MonkeyPatch):
+    counter = traced(monkeypatch)
+    eager, compiled = eager_and_compiled(name)
+    for a, b in zip(training_steps(eager, 3), training_steps(compiled, 3), strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)
+    for key, value in eager.state_dict().items():
+        assert torch.equal(compiled.state_dict()[key], value), key
+    assert counter.frame_count == 1  # one graph: every codebook (levels too) and every step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", INDUCTOR_CASES)
+def test_inductor_bookkeeping_equals_the_eager_one(name: str):
+    """As model.compile=true compiles it: fused kernels reorder float sums, so the same
+    codes and the rest up to rounding; restarts take the same random draws."""
+    eager, compiled = eager_and_compiled(name)
+    steps = zip(training_steps(eager, 3), training_steps(compiled, 3), strict=True)
+    for (indices_a, *floats_a), (indices_b, *floats_b) in steps:
+        assert torch.equal(indices_b, indices_a)
+        torch.testing.assert_close(floats_b, floats_a, rtol=1e-4, atol=1e-5)
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert counters["stats"]["unique_graphs"] == 1  # it ran compiled, one graph for all
