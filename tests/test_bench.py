@@ -34,7 +34,19 @@ def test_quantizers_quick(tmp_path):
     (record,) = report["results"]
     assert record["status"] == "ok" and record["impl"] == "vqtrain" and record["median_s"] > 0
     assert record["peak_extra_bytes"] >= 0 and 0 < record["fraction_of_matmul_ceiling"]
+    assert 0 < record["launches"] < record["aten_ops"]  # views and allocations launch nothing
     assert report["matmul"][0]["ceiling_gflops"] > 0 and "GFLOP/s" in stdout
+
+
+@pytest.mark.slow
+def test_quantizers_compiled_bookkeeping_launches_fewer_kernels(tmp_path):
+    records = {}
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"q{len(flags)}.json"
+        bench("quantizers", "--quick", "--cases", r"VQ \(EMA\) K=16$", *flags, "--out", str(out))
+        (records[bool(flags)],) = json.loads(out.read_text())["results"]
+    assert records[True]["status"] == "ok" and "aten_ops" not in records[True]  # a dispatch mode would run it eagerly
+    assert records[True]["launches"] < records[False]["launches"]
 
 
 @pytest.mark.slow
