@@ -55,23 +55,23 @@ def traced(monkeypatch: pytest.MonkeyPatch) -> CompileCounterWithBackend:
     return counter
 
 
-def eager_and_compiled(name: str) -> tuple[Quantizer, Quantizer]:
+def eager_and_compiled(name: str, device: str = "cpu") -> tuple[Quantizer, Quantizer]:
     torch.manual_seed(0)
-    eager = select(CONTRACT)[name]().train()
+    eager = select(CONTRACT)[name]().train().to(device)
     compiled = copy.deepcopy(eager)
     compiled.compile_bookkeeping()
     return eager, compiled
 
 
-def training_steps(quantizer: Quantizer, steps: int) -> list:
+def training_steps(quantizer: Quantizer, steps: int, device: str = "cpu") -> list:
     """Forward and backward with padding, each step seeing the updates of the one before
-    (k-means init, EMA, restarts); the generator seeded alike for every quantizer."""
+    (k-means init, EMA, restarts); the generators seeded alike for every quantizer."""
     torch.manual_seed(1)
-    x = torch.randn(3, 40, quantizer.dim)
-    mask = torch.arange(40) < torch.tensor([[40], [25], [7]])
+    x = torch.randn(3, 40, quantizer.dim).to(device)
+    mask = (torch.arange(40) < torch.tensor([[40], [25], [7]])).to(device)
     results = []
     for step in range(steps):
-        torch.manual_seed(10 + step)
+        torch.manual_seed(10 + step)  # every device's generator
         inputs = (x + 0.1 * step).requires_grad_(True)
         out = quantizer(inputs, mask)
         (out.quantized.square().sum() + out.loss).backward()
@@ -97,13 +97,20 @@ def test_traced_bookkeeping_is_one_graph_and_exactly_the_eager_one(name: str, mo
     assert counter.frame_count == 1  # one graph: every codebook (levels too) and every step
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cpu", marks=pytest.mark.slow),
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    ],
+)
 @pytest.mark.parametrize("name", INDUCTOR_CASES)
-def test_inductor_bookkeeping_equals_the_eager_one(name: str):
-    """As model.compile=true compiles it: fused kernels reorder float sums, so the same
-    codes and the rest up to rounding; restarts take the same random draws."""
-    eager, compiled = eager_and_compiled(name)
-    steps = zip(training_steps(eager, 3), training_steps(compiled, 3), strict=True)
+def test_inductor_bookkeeping_equals_the_eager_one(name: str, device: str):
+    """As model.compile=true compiles it (C++ kernels on a CPU, Triton on a GPU): fused
+    kernels reorder float sums, so the same codes and the rest up to rounding; restarts
+    take the same random draws."""
+    eager, compiled = eager_and_compiled(name, device)
+    steps = zip(training_steps(eager, 3, device), training_steps(compiled, 3, device), strict=True)
     for (indices_a, *floats_a), (indices_b, *floats_b) in steps:
         assert torch.equal(indices_b, indices_a)
         torch.testing.assert_close(floats_b, floats_a, rtol=1e-4, atol=1e-5)
