@@ -51,7 +51,7 @@ def traced(monkeypatch: pytest.MonkeyPatch) -> CompileCounterWithBackend:
     kernels: the same bits as eager code, if the trace is right."""
     counter = CompileCounterWithBackend("aot_eager")
     update = torch.compile(VectorQuantizer._update_statistics, backend=counter, fullgraph=True)
-    monkeypatch.setattr(vq, "compiled_update_statistics", update)
+    monkeypatch.setattr(vq, "compiled_update_statistics", lambda: update)
     return counter
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import random
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,31 +30,16 @@ def l2norm(t: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
     return F.normalize(t, dim=dim, eps=eps)
 
 
-def as_int64(value: int) -> int:
-    """The int64 with the low 64 bits of `value`: what an int64 product wraps around to."""
-    return (value + 2**63) % 2**64 - 2**63
-
-
-def compile_constant(fn: Callable) -> Callable:
-    """`fn` cached on its (hashable) arguments, and taken by torch.compile as the constant it
-    returns: compiled code neither traces it nor calls it again (through `functools.cache`
-    Dynamo would trace it, and warn)."""
-    cached = functools.cache(fn)
-
-    @torch.compiler.assume_constant_result
-    @functools.wraps(fn)
-    def constant(*args):
-        return cached(*args)
-
-    constant.cache_clear = cached.cache_clear
-    return constant
+def _wrap(value: int) -> int:
+    """A 64-bit constant as the int64 that has its bits."""
+    return value - 2**64 if value >= 2**63 else value
 
 
 def _splitmix64(z: Tensor) -> Tensor:
     """SplitMix64's output function on int64 tensors (products wrap around; shifts made logical)."""
-    z = z + as_int64(0x9E3779B97F4A7C15)
-    z = (z ^ ((z >> 30) & (2**34 - 1))) * as_int64(0xBF58476D1CE4E5B9)
-    z = (z ^ ((z >> 27) & (2**37 - 1))) * as_int64(0x94D049BB133111EB)
+    z = z + _wrap(0x9E3779B97F4A7C15)
+    z = (z ^ ((z >> 30) & (2**34 - 1))) * _wrap(0xBF58476D1CE4E5B9)
+    z = (z ^ ((z >> 27) & (2**37 - 1))) * _wrap(0x94D049BB133111EB)
     return z ^ ((z >> 31) & (2**33 - 1))
 
 

@@ -232,7 +232,7 @@ class Quantizer(nn.Module):
         """`model.compile`: torch.compile each codebook's statistics update (EMA, usage,
         restarts), through which no gradient flows. Not the differentiable path: there
         Inductor (torch 2.11) may recompute, in the backward, values from buffers the forward
-        has updated since, and give wrong gradients (tests/test_compile.py)."""
+        has updated since, and give wrong gradients (docs/gpu.md, "Compiled bookkeeping")."""
         for module in self.modules():
             if isinstance(module, Quantizer):
                 module.compiled_bookkeeping = True

@@ -32,6 +32,9 @@ smallest norm: collapse before training starts.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -47,7 +50,7 @@ from vqtrain.quantizers.base import (
     zero,
 )
 from vqtrain.quantizers.search import count_by_code, gather_codes, kmeans, nearest_codes, sum_by_code
-from vqtrain.utils import as_int64, compile_constant, exists, l2norm
+from vqtrain.utils import exists, l2norm
 
 
 def scale_gradient(x: Tensor, weight: Tensor) -> Tensor:
@@ -132,6 +135,9 @@ class VectorQuantizer(Quantizer):
         self.register_buffer("usage_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("initted", torch.tensor(not self.kmeans_init))
         self.initted_seen = not self.kmeans_init  # `initted` as last read on the host: read until it is True
+        if self.dead_code_threshold > 0:  # restarts hash rows by their bits: odd multipliers, one per coordinate
+            multipliers = torch.arange(1, self.code_dim + 1) * 0x5851F42D4C957F2D | 1  # wraps around
+            self.register_buffer("hash_multipliers", multipliers, persistent=False)
 
     def _init_codebook(self, codebook: Tensor) -> None:
         if self.learning == "gradient":
@@ -184,7 +190,7 @@ class VectorQuantizer(Quantizer):
             "codebook": codebook_loss if self.learning == "gradient" else zero(x.device),
         }
         if self.updating:
-            update = compiled_update_statistics if self.compiled_bookkeeping else VectorQuantizer._update_statistics
+            update = compiled_update_statistics() if self.compiled_bookkeeping else VectorQuantizer._update_statistics
             update(self, h.detach(), indices, weight, q)
         out = ESTIMATORS[self.estimator](h, q) if torch.is_grad_enabled() else q
         return self.from_code_space(out), indices.T, losses, self.weigh(losses, self.weights)
@@ -275,10 +281,14 @@ class VectorQuantizer(Quantizer):
         dead = (self.usage / correction < self.dead_code_threshold / self.num_codes) & (self.update_weight > 0)
         # a latent (nearly) on its code would make a twin code: ties then fall to float rounding
         error = torch.where(error > 1e-8 * h.pow(2).sum(-1), error, 0.0)
-        keys, latents = restart_candidates(h, error, self.num_codes)
+        keys, latents = restart_candidates(h, error, self.num_codes, self.hash_multipliers)
         if world_size() > 1:  # every rank's best candidates, merged alike on every rank
             keys, latents = restart_candidates(
-                flatten_ranks(all_gather(latents)), flatten_ranks(all_gather(keys)), self.num_codes, gathered=True
+                flatten_ranks(all_gather(latents)),
+                flatten_ranks(all_gather(keys)),
+                self.num_codes,
+                self.hash_multipliers,
+                gathered=True,
             )
         slot = (dead.cumsum(-1) - 1).clamp_min(0)  # the n-th dead code takes the n-th best candidate
         where = dead & (keys.gather(1, slot) > -torch.inf)
@@ -298,10 +308,13 @@ class VectorQuantizer(Quantizer):
             torch.where(where.unsqueeze(-1), sums, self.embed_sum, out=self.embed_sum)
 
 
-# `model.compile`: the statistics' update in a few fused kernels instead of dozens of launches
-# (compiled on first use; `Quantizer.compile_bookkeeping`). Restarts draw from the generator as
-# eager code does (`fallback_random`), so a run takes the same random draws compiled or not.
-compiled_update_statistics = torch.compile(VectorQuantizer._update_statistics, options={"fallback_random": True})
+@functools.cache
+def compiled_update_statistics() -> Callable[..., None]:
+    """`model.compile`: the statistics' update in a few fused kernels instead of dozens of
+    launches (`Quantizer.compile_bookkeeping`; made on first use, so that importing stays
+    quick). Restarts draw from the generator as eager code does (`fallback_random`): a run
+    takes the same random draws compiled or not."""
+    return torch.compile(VectorQuantizer._update_statistics, options={"fallback_random": True})
 
 
 def flatten_ranks(t: Tensor) -> Tensor:
@@ -309,15 +322,10 @@ def flatten_ranks(t: Tensor) -> Tensor:
     return t.transpose(0, 1).flatten(1, 2)
 
 
-@compile_constant
-def hash_multipliers(dim: int, device: torch.device) -> Tensor:
-    """Odd int64 multipliers, one per coordinate, for hashing a row's bits (made once, not
-    every step), from Python ints: Inductor's C++ miscompiles them as an `arange` product."""
-    return torch.tensor([as_int64(i * 0x5851F42D4C957F2D | 1) for i in range(1, dim + 1)], device=device)
-
-
 @torch.no_grad()
-def restart_candidates(h: Tensor, weight: Tensor, count: int, gathered: bool = False) -> tuple[Tensor, Tensor]:
+def restart_candidates(
+    h: Tensor, weight: Tensor, count: int, hash_multipliers: Tensor, gathered: bool = False
+) -> tuple[Tensor, Tensor]:
     """The `count` best restart candidates per group, drawn from the rows h (G, N, d)
     with weights (G, N): (keys (G, count), latents (G, count, d)), best first; a key
     of -inf marks no candidate (too few rows of weight > 0).
@@ -325,8 +333,8 @@ def restart_candidates(h: Tensor, weight: Tensor, count: int, gathered: bool = F
     A weighted sample without replacement by the Gumbel-top-k trick: key = log w + Gumbel
     noise, the largest keys win. Copies of one latent (equal rows; -0.0 = 0.0) are one
     candidate with the largest of their keys, which is a draw with their summed weight.
-    Copies are found by sorting on a hash of the row's bits, then comparing neighbours
-    exactly. With `gathered`, `weight` holds keys already drawn (candidates of several
+    Copies are found by sorting on a hash of the row's bits (odd int64 `hash_multipliers`
+    (d,), one per coordinate), then comparing neighbours exactly. With `gathered`, `weight` holds keys already drawn (candidates of several
     ranks, merged): only the pooling of copies and the top-k run again."""
     groups, num_rows, dim = h.shape
     h = h + 0.0  # -0.0 -> 0.0: equal values, equal bits
@@ -342,7 +350,7 @@ def restart_candidates(h: Tensor, weight: Tensor, count: int, gathered: bool = F
         h = torch.cat([h, h.new_zeros(groups, count - num_rows, dim)], 1)
         num_rows = count
     bits = h.view(torch.int32).long()
-    row_hash = (bits * hash_multipliers(dim, h.device)).sum(-1)  # wraps around: a hash, exactly equal for equal rows
+    row_hash = (bits * hash_multipliers).sum(-1)  # wraps around: a hash, exactly equal for equal rows
     order = keys.sort(dim=-1, descending=True, stable=True).indices  # copies: the best key first ...
     order = order.gather(1, row_hash.gather(1, order).sort(dim=-1, stable=True).indices)  # ... in runs of one hash
     sorted_rows = h.gather(1, order[..., None].expand(-1, -1, dim))
