@@ -1,8 +1,8 @@
 """`model.compile=true` compiles each codebook's statistics update (EMA, usage, dead-code
 restarts: docs/gpu.md), which on a GPU is then a few fused kernels instead of dozens of
-launches. Here, on the CPU: it traces to one graph for every codebook of a quantizer (no
-graph break, no recompilation from step to step), traced it computes exactly what eager
-code does, and Inductor's kernels compute it up to float rounding."""
+launches. It traces to one graph for every codebook of a quantizer (no graph break, no
+recompilation from step to step); traced, it computes exactly what eager code does; and
+Inductor's kernels (C++ here, Triton where a GPU is) compute it up to float rounding."""
 
 from __future__ import annotations
 
