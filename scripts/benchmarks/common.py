@@ -105,11 +105,12 @@ NO_KERNEL = {
 }
 
 
-def count_launches(step: Callable[[], None], device: str) -> int:
+def count_launches(step: Callable[[], None], device: str) -> int | None:
     """Kernels one call of `step` launches, compiled code included (a dispatch mode, which counts
     aten ops, turns compilation off). CUDA: the kernels, copies and fills the profiler sees on
-    the device. CPU, a stand-in: the aten ops that compute and call no other that does, plus
-    Inductor's kernels (seen if compiled with `torch._inductor.config.cpp.enable_kernel_profile`)."""
+    the device (None if it sees none: no CUPTI). CPU, a stand-in: the aten ops that compute and
+    call no other that does, plus Inductor's kernels (seen if compiled with
+    `torch._inductor.config.cpp.enable_kernel_profile`)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -118,7 +119,7 @@ def count_launches(step: Callable[[], None], device: str) -> int:
         sync(device)
     events = prof.events()
     if device == "cuda":
-        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+        return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events) or None
     inductor = sum(e.name.startswith("graph_") and "cpp_fused" in e.name for e in events)
     return inductor + sum(launches_itself(e) for e in events)
 

@@ -393,7 +393,8 @@ def run(args: argparse.Namespace) -> dict:
     def ops(r: dict | None) -> str | None:
         if r is None or "launches" not in r:
             return None
-        return f"{r['aten_ops']}/{r['syncs']}/{r['launches']}" if "aten_ops" in r else f"-/-/{r['launches']}"
+        counts = [r.get("aten_ops"), r.get("syncs"), r["launches"]]
+        return "/".join("-" if count is None else str(count) for count in counts)
 
     def pct(r: dict | None) -> str | None:
         return f"{100 * r['fraction_of_matmul_ceiling']:.0f}%" if r and "fraction_of_matmul_ceiling" in r else None
