@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch._inductor.config
 
 from scripts.benchmarks.common import (
     GIB,
@@ -64,6 +63,10 @@ def quantizer_cases(quick: bool) -> list[dict]:
     cases = []
     for k in vq_sizes:
         cases.append({"name": f"VQ (EMA) K={k}", "kind": "vq", "size": k, "vq_flops": True})
+    # the default quantizer's bookkeeping (configs/quantizer/vq_tricks.yaml); the reference's
+    # restarts follow its own rule (a code with an EMA cluster size under 2)
+    k = vq_sizes[0]
+    cases.append({"name": f"VQ (k-means, restarts) K={k}", "kind": "vq", "size": k, "vq_flops": True, "restarts": True})
     for k in simvq_sizes:
         cases.append({"name": f"SimVQ K={k}", "kind": "simvq", "size": k})
     cases.append({"name": f"ResidualVQ {rvq[0]}x{rvq[1]}", "kind": "rvq", "size": rvq[1], "levels": rvq[0]})
@@ -78,8 +81,9 @@ def build_quantizer(case: dict, impl: str, dim: int):
     if impl == OURS:
         from vqtrain.quantizers import FSQ, ResidualQuantizer, SimVQ, VectorQuantizer
 
+        restarts = {"kmeans_init": True, "dead_code_threshold": 0.1} if case.get("restarts") else {}
         module = {
-            "vq": lambda: VectorQuantizer(dim, size),
+            "vq": lambda: VectorQuantizer(dim, size, **restarts),
             "simvq": lambda: SimVQ(dim, size),
             "rvq": lambda: ResidualQuantizer(
                 dim, quantizer=partial(VectorQuantizer, codebook_size=size), num_levels=case["levels"]
@@ -93,8 +97,9 @@ def build_quantizer(case: dict, impl: str, dim: int):
     else:
         import vector_quantize_pytorch as vqp
 
+        restarts = {"kmeans_init": True, "threshold_ema_dead_code": 2} if case.get("restarts") else {}
         module = {
-            "vq": lambda: vqp.VectorQuantize(dim=dim, codebook_size=size),
+            "vq": lambda: vqp.VectorQuantize(dim=dim, codebook_size=size, **restarts),
             "simvq": lambda: vqp.SimVQ(dim=dim, codebook_size=size),
             "rvq": lambda: vqp.ResidualVQ(dim=dim, num_quantizers=case["levels"], codebook_size=size),
             "fsq": lambda: vqp.FSQ(levels=case["fsq_levels"], dim=dim),
@@ -164,7 +169,9 @@ def run_case(spec: dict) -> dict:
         module, run = build_quantizer(spec["case"], spec["impl"], dim)
         module = module.to(device).train()
         if spec.get("compile") and spec["impl"] == OURS:
-            torch._inductor.config.cpp.enable_kernel_profile = True  # for count_launches on a CPU
+            import torch._inductor.config as inductor  # (only here: importing it loads Dynamo)
+
+            inductor.cpp.enable_kernel_profile = True  # for count_launches on a CPU
             module.compile_bookkeeping()  # as model.compile=true: compiled in the warm-up
         x = torch.randn(batch, tokens // batch, dim, device=device)
         grad = torch.randn_like(x)
