@@ -178,7 +178,7 @@ class VectorQuantizer(Quantizer):
 
     def quantize_rows(self, x: Tensor, weight: Tensor, sample_ids: Tensor):
         h = self.to_code_space(x)
-        if self.updating and not self.initted_seen:
+        if self.updating and not self.kmeans_done():
             self._kmeans_init(h.detach(), weight)
         codebook = self.codebook
         indices = nearest_codes(h.detach(), codebook.detach(), self.distance == "cosine", self.chunk_elements)
@@ -195,6 +195,12 @@ class VectorQuantizer(Quantizer):
         out = ESTIMATORS[self.estimator](h, q) if torch.is_grad_enabled() else q
         return self.from_code_space(out), indices.T, losses, self.weigh(losses, self.weights)
 
+    def kmeans_done(self) -> bool:
+        """Whether k-means init has run: one host read of `initted` until it has (it runs once)."""
+        if not self.initted_seen:
+            self.initted_seen = bool(self.initted)
+        return self.initted_seen
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.initted_seen = not self.kmeans_init  # read the loaded `initted` again
@@ -207,12 +213,8 @@ class VectorQuantizer(Quantizer):
     # -- codebook statistics (training forward only) ---------------------
     @torch.no_grad()
     def _kmeans_init(self, h: Tensor, weight: Tensor) -> None:
-        """Initialise from the real vectors of the first training batch, all ranks pooled,
-        unless `initted` (loaded from a checkpoint) says it has run. It runs once, and may
-        sync: it reads `initted` and picks the real rows by a boolean index."""
-        if bool(self.initted):
-            self.initted_seen = True
-            return
+        """Initialise from the real vectors of the first training batch, all ranks pooled.
+        It runs once, and may sync: it picks the real rows by a boolean index."""
         h = h[:, weight > 0]
         pooled = gather_rows(h.transpose(0, 1).contiguous()).transpose(0, 1)  # (G, N_all, d)
         if pooled.shape[1] == 0:
@@ -334,8 +336,9 @@ def restart_candidates(
     noise, the largest keys win. Copies of one latent (equal rows; -0.0 = 0.0) are one
     candidate with the largest of their keys, which is a draw with their summed weight.
     Copies are found by sorting on a hash of the row's bits (odd int64 `hash_multipliers`
-    (d,), one per coordinate), then comparing neighbours exactly. With `gathered`, `weight` holds keys already drawn (candidates of several
-    ranks, merged): only the pooling of copies and the top-k run again."""
+    (d,), one per coordinate), then comparing neighbours exactly. With `gathered`,
+    `weight` holds keys already drawn (candidates of several ranks, merged): only the
+    pooling of copies and the top-k run again."""
     groups, num_rows, dim = h.shape
     h = h + 0.0  # -0.0 -> 0.0: equal values, equal bits
     if gathered:
