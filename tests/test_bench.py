@@ -216,3 +216,37 @@ def test_quality_fsdd_masks(tmp_path):
     assert ours["impl"] == "vqtrain" and ref["impl"] == "vector-quantize-pytorch" and ref["reference_masked"]
     assert ours["test_items"] == 8 and ours["test_positions"] == ref["test_positions"] > 0
     assert ours["data_hash"] == ref["data_hash"] and math.isfinite(ours["test_mse"]) and math.isfinite(ref["test_mse"])
+
+
+def gpu_check(tmp_path: Path, **env: str) -> tuple[str, str]:
+    """scripts/gpu_check.sh run as a CPU dry run (its stdout, its summary.txt)."""
+    import os
+
+    out = tmp_path / "gpu-check"
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=os.environ | {"DEVICE": "cpu", "QUICK": "1", "OUT": str(out), "PYTHON": sys.executable, **env},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout, (out / "summary.txt").read_text()
+
+
+STEPS = ("environment", "quantizers", "train", "train-compiled", "quantizers-compiled", "tests", "syncs")
+
+
+def test_gpu_check_skips_the_steps_its_budget_leaves_no_time_for(tmp_path):
+    stdout, summary = gpu_check(tmp_path, BUDGET="0")
+    assert [line.split(":")[0] for line in summary.splitlines() if line.startswith("== ")] == [f"== {s}" for s in STEPS]
+    assert summary.count("SKIPPED: the run's budget of 0 s is spent") == len(STEPS) and stdout == summary
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """Every step of the GPU check runs on a CPU at tiny sizes, and its summary holds the tables."""
+    _, summary = gpu_check(tmp_path)
+    assert summary.count("   ok, ") == len(STEPS), summary
+    for line in ("VQ (EMA) K=16", "lightning", "passed", "vq_tricks  bf16-mixed"):
+        assert line in summary, line
