@@ -1,8 +1,9 @@
-"""`model.compile=true` compiles each codebook's statistics update (EMA, usage, dead-code
-restarts: docs/gpu.md), which on a GPU is then a few fused kernels instead of dozens of
-launches. It traces to one graph for every codebook of a quantizer (no graph break, no
-recompilation from step to step); traced, it computes exactly what eager code does; and
-Inductor's kernels (C++ here, Triton where a GPU is) compute it up to float rounding."""
+"""`model.compile=true` compiles the nets and each codebook's statistics update (EMA, usage,
+dead-code restarts: docs/gpu.md), which on a GPU is then a few fused kernels instead of
+dozens of launches. It traces to one graph for every codebook of a quantizer (no graph
+break, no recompilation from step to step); traced, it computes exactly what eager code
+does; and Inductor's kernels (C++ here, Triton where a GPU is) compute it up to float
+rounding. The masked audio nets compile once for clips of every length."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch._dynamo.utils import counters
 
 import vqtrain.quantizers.vq as vq
 from quantizer_cases import CONTRACT, select
+from vqtrain.nets import ConvDecoder1d, ConvEncoder1d
 from vqtrain.quantizers import Quantizer, VectorQuantizer
 
 
@@ -117,3 +119,21 @@ def test_inductor_bookkeeping_equals_the_eager_one(name: str, device: str):
     for key, value in eager.state_dict().items():
         torch.testing.assert_close(compiled.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert counters["stats"]["unique_graphs"] == 1  # it ran compiled, one graph for all
+
+
+def test_audio_nets_compile_once_for_clips_of_every_length():
+    """A new clip length recompiles a net once, into a graph for any length (Dynamo's
+    automatic dynamic shapes), not once per length: after Dynamo's limit of 8 the nets
+    would run eagerly. Traced, they compute what eager code does."""
+    torch.manual_seed(0)
+    encoder, decoder = ConvEncoder1d(1, 16, hidden_channels=4), ConvDecoder1d(16, 1, hidden_channels=4)
+    counter = CompileCounterWithBackend("eager")
+    compiled_encoder, compiled_decoder = (torch.compile(net, backend=counter) for net in (encoder, decoder))
+    for length in (403, 517, 290, 1000, 64, 777, 96):
+        x, lengths = torch.randn(2, 1, length), torch.tensor([length, length // 3])
+        z = encoder(x, lengths)
+        assert torch.equal(compiled_encoder(x, lengths), z)
+        assert torch.equal(compiled_decoder(z, lengths, length), decoder(z, lengths, length))
+    # each net: a graph for its first length, one for every other; the decoder a third for
+    # lengths its strides (32) divide, where cutting the output to `size` cuts nothing
+    assert counter.frame_count == 5

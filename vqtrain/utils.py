@@ -86,20 +86,23 @@ def mask_time(x: Tensor, lengths: Tensor | None, stride: int = 1) -> Tensor:
 
 class TimeMasks:
     """`mask_time` for one batch, each resolution's mask built once: a masked net re-zeroes
-    the padding after every layer, and a small model's GPU step is bound by its launches."""
+    the padding after every layer, and a small model's GPU step is bound by its launches.
+
+    Masks are kept by stride and rank, and compared by length: a length in a dict key
+    would be hashed, and torch.compile would then specialise a net to every clip length."""
 
     def __init__(self, lengths: Tensor | None):
         self.lengths = lengths
-        self.masks: dict[tuple[int, int, int], Tensor] = {}  # (stride, T, ndim) -> (B, 1, ..., T)
+        self.masks: dict[tuple[int, int], Tensor] = {}  # (stride, ndim) -> (B, 1, ..., T), the latest T
 
     def __call__(self, x: Tensor, stride: int = 1) -> Tensor:
         if not exists(self.lengths):
             return x
-        key = (stride, x.shape[-1], x.ndim)
-        if key not in self.masks:
+        mask = self.masks.get((stride, x.ndim))
+        if mask is None or mask.shape[-1] != x.shape[-1]:
             valid = lengths_to_mask(ceil_div(self.lengths, stride), x.shape[-1])
-            self.masks[key] = valid.view(valid.shape[0], *([1] * (x.ndim - 2)), valid.shape[-1])
-        return torch.where(self.masks[key], x, 0.0)
+            mask = self.masks[stride, x.ndim] = valid.view(valid.shape[0], *([1] * (x.ndim - 2)), valid.shape[-1])
+        return torch.where(mask, x, 0.0)
 
 
 # --- random number generators: saved in checkpoints for exact resumes --------
