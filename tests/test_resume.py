@@ -235,6 +235,29 @@ def test_last_checkpoint_follows_the_run_when_validation_stops_improving(tmp_pat
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 7
 
 
+def test_a_run_resumed_in_its_directory_keeps_one_best_checkpoint(tmp_path: Path):
+    """last.ckpt holds the record of the best validation so far (ModelCheckpoint's state
+    as of the validation it was saved at), so that a run resumed in its directory
+    (resume=auto) keeps the best checkpoint a run never stopped keeps, and no other.
+    Only the first validation sets a record (mode=max on a falling loss); the first
+    run stops at it, where last.ckpt is saved again after the validation."""
+    overrides = [*SHAPES, "trainer.val_check_interval=2", "callbacks.model_checkpoint.mode=max"]
+    fit(tmp_path / "whole", 7, *overrides)
+    fit(tmp_path / "resumed", 2, *overrides)
+    assert best_record(tmp_path / "resumed") == best_record(tmp_path / "whole")
+    fit(tmp_path / "resumed", 7, *overrides)
+    for run in ("whole", "resumed"):
+        assert [path.name for path in (tmp_path / run).glob("step*.ckpt")] == ["step0000002.ckpt"], run
+    assert best_record(tmp_path / "resumed") == best_record(tmp_path / "whole")
+
+
+def best_record(run_dir: Path) -> tuple[float, str]:
+    """ModelCheckpoint's record in a run's last.ckpt: the best score and its file's name."""
+    callbacks = torch.load(run_dir / "last.ckpt", weights_only=True)["callbacks"]
+    (state,) = (value for key, value in callbacks.items() if key.startswith("ModelCheckpoint"))
+    return float(state["best_model_score"]), Path(state["best_model_path"]).name
+
+
 @pytest.mark.slow
 def test_requeued_slurm_job_resumes_in_its_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Two invocations with the same SLURM_JOB_ID (a requeue) share runs/slurm-<id>; the

@@ -18,7 +18,7 @@ import numpy as np
 import soundfile as sf
 import torch
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import Checkpoint, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -77,12 +77,17 @@ def progress_bar(trainer_config) -> list[L.Callback]:
 # --- keeping a run ---------------------------------------------------------------
 
 
-class LastCheckpoint(L.Callback):
+class LastCheckpoint(Checkpoint):
     """`<dirpath>/last.ckpt` after every validation and when training ends: what
     `resume=auto` and the tokenizer read. Lightning 2.6's ModelCheckpoint
     refreshes its last.ckpt only in a step that also saved a top-k checkpoint,
     so a run whose validation loss stopped improving would resume (or be
     tokenized) from an old step.
+
+    A `Checkpoint`, so that Lightning runs it after the other callbacks, and after
+    the ModelCheckpoint listed before it (configs/callbacks/default.yaml): the
+    record of a validation's best is then in the last.ckpt saved at it, and a run
+    resumed from there keeps one best step<N>.ckpt, as one never stopped does.
 
     A run that reaches `max_steps` is saved after its last batch, inside the
     epoch: by `on_train_end` Lightning has closed the epoch as if it were
