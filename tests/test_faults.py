@@ -81,6 +81,8 @@ def test_invalid_model_settings_fail_at_start_naming_the_key(overrides: list[str
         ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 (must be an integer >= 1)"),
         ("seed=-1", "seed=-1 (must be null or an integer in [0, 2^32))"),
         ("data.image_size=30", "data.image_size=30 (must be divisible by 2^model.encoder.num_downsamples = 4)"),
+        # trains, then fails at its first validation, before any checkpoint
+        ("data.image_size=8", "data.image_size=8 (callbacks.signal_quality.metrics: ssim needs images of at least 11"),
     ],
 )
 def test_settings_that_would_silently_misbehave_are_refused(override: str, message: str, tmp_path: Path):

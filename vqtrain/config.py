@@ -112,6 +112,11 @@ def check_config(cfg: DictConfig) -> None:
         stride = None
     if isinstance(image_size, int) and stride and image_size % stride:
         problems.append(f"data.image_size={image_size} (must be divisible by {key} = {stride})")
+    if isinstance(image_size, int) and OmegaConf.select(cfg, "callbacks.signal_quality") is not None:
+        from vqtrain.quality import image_size_problem  # (it imports this module)
+
+        if problem := image_size_problem(OmegaConf.select(cfg, "callbacks.signal_quality.metrics"), image_size):
+            problems.append(problem)
     if problems:
         raise InvalidConfig("invalid config: " + "; ".join(problems))
 

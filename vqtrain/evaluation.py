@@ -9,7 +9,9 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from vqtrain.callbacks import SignalQuality
+from vqtrain.config import InvalidConfig
 from vqtrain.data.common import split_dataset
+from vqtrain.quality import image_size_problem
 from vqtrain.tokenizer import Tokenizer
 
 HEADLINE = (
@@ -49,6 +51,10 @@ def evaluate(
     loader = datamodule.loader(split_dataset(datamodule, split), shuffle=False)
     if metrics is None:
         metrics = OmegaConf.select(cfg, "callbacks.signal_quality.metrics")
+    image_size = OmegaConf.select(cfg, "data.image_size")
+    if tokenizer.modality == "image" and isinstance(image_size, int):
+        if problem := image_size_problem(metrics, image_size):
+            raise InvalidConfig(problem)
     quality = SignalQuality(metrics, sample_rate=getattr(datamodule, "sample_rate", None))
     device = tokenizer.device
     trainer = L.Trainer(

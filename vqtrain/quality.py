@@ -91,6 +91,7 @@ class Quality(Metric):
     name: str
     modality: str | None  # None: both
     needs_sample_rate = False
+    min_image_size = 1  # px: smaller images it cannot score
 
     def update(self, x_hat: Tensor, x: Tensor, lengths: Tensor | None = None) -> None:
         raise NotImplementedError
@@ -148,10 +149,11 @@ class SSIM(MeanOverItems):
 
     name, modality = "ssim", "image"
     border = 5  # (window - 1) // 2
+    min_image_size = 2 * border + 1  # one pixel's window inside the image
 
     def scores(self, x_hat, x, lengths):
-        if min(x.shape[-2:]) <= 2 * self.border:
-            raise ValueError(f"ssim needs images larger than {2 * self.border} px, got {tuple(x.shape[-2:])}")
+        if min(x.shape[-2:]) < self.min_image_size:
+            raise ValueError(f"ssim needs images of at least {self.min_image_size} px, got {tuple(x.shape[-2:])}")
         _, full = structural_similarity_index_measure(x_hat, x, data_range=DATA_RANGE, return_full_image=True)
         b = self.border
         return full[..., b:-b, b:-b].mean((1, 2, 3))
@@ -310,6 +312,19 @@ METRICS = {
 }  # by config name
 DEFAULTS = {"image": ["mse", "psnr", "ssim"], "audio": ["mse", "si_snr", "mel_distance"]}  # cheap: on unless configured
 NETWORKS = ("lpips", "rfid")  # the metrics whose feature network can be injected
+
+
+def image_size_problem(names: list[str] | None, image_size: int) -> str | None:
+    """What stops the metrics `names` (None: the defaults) from scoring images of
+    `image_size` px, said before a run rather than at its first validation."""
+    for name in DEFAULTS["image"] if names is None else names:
+        need = getattr(METRICS.get(name), "min_image_size", 1)
+        if image_size < need:
+            return (
+                f"data.image_size={image_size} (callbacks.signal_quality.metrics: {name} needs images of at "
+                f"least {need} px; leave it out of the metrics or make the images larger)"
+            )
+    return None
 
 
 def build_metrics(
