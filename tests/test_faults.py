@@ -92,6 +92,14 @@ def test_settings_that_would_silently_misbehave_are_refused(override: str, messa
     assert not (tmp_path / "run").exists()
 
 
+def test_an_optimizer_without_decoupled_weight_decay_is_refused_for_simvqs_decayed_map(tmp_path: Path):
+    """Adagrad would take the quantizer's decoupled decay of W as an L2 term, a
+    different update: refused before the first step, not trained differently."""
+    with pytest.raises(ValueError, match="optimizer: Adagrad has no decoupled weight decay"):
+        train(compose([*FAST, "quantizer=simvq_audio", "optimizer=adagrad"], tmp_path / "run"))
+    assert not list((tmp_path / "run").glob("*.ckpt"))
+
+
 def test_every_offending_key_is_named_at_once(tmp_path: Path):
     with pytest.raises(ValueError, match=r"optimizer\.lr=-1 .*; trainer\.max_steps='many'"):
         train(compose([*FAST, "optimizer.lr=-1", "trainer.max_steps=many"], tmp_path))

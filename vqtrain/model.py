@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 
 from vqtrain.checkpoints import CONFIG_KEY, MODALITY_KEY, check_same_nets
+from vqtrain.config import InvalidConfig
 from vqtrain.data.batch import Batch
 from vqtrain.distributed import all_reduce_max, all_reduce_min, all_reduce_sum, is_distributed, rank
 from vqtrain.losses import ReconstructionLoss
@@ -427,6 +428,12 @@ class DiscreteAutoencoder(L.LightningModule):
             for (scale, decay), ps in sorted(by_options.items())
         ]
         optimizer = factory([g for g in groups if g["params"]])
+        if any(g.get("decoupled_weight_decay") for g in groups) and "decoupled_weight_decay" not in optimizer.defaults:
+            raise InvalidConfig(
+                f"optimizer: {type(optimizer).__name__} has no decoupled weight decay, which the quantizer's "
+                "transform_weight_decay asks for (it would decay W as an L2 term): use optimizer=adam or "
+                "adamw, or quantizer.transform_weight_decay=0"
+            )
         for group in optimizer.param_groups:  # before the scheduler reads the base rates
             group["lr"] *= group.pop("lr_scale", 1.0)
         if not self.scheduler:
