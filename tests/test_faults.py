@@ -78,6 +78,7 @@ def test_invalid_model_settings_fail_at_start_naming_the_key(overrides: list[str
         ("trainer.max_steps=0", "trainer.max_steps=0 (must be -1 (no limit) or an integer >= 1)"),
         ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1 (must be null or a finite number >= 0)"),
         ("trainer.val_check_interval=0", "trainer.val_check_interval=0 (must be an integer >= 1"),
+        ("trainer.val_check_interval=0.5", "val_check_interval=0.5 (a fraction of an epoch needs trainer.check_val_"),
         ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 (must be an integer >= 1)"),
         ("seed=-1", "seed=-1 (must be null or an integer in [0, 2^32))"),
         ("data.image_size=30", "data.image_size=30 (must be divisible by 2^model.encoder.num_downsamples = 4)"),

@@ -101,6 +101,12 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=ABSENT)
         if value is not ABSENT and not passes(test, value):
             problems.append(f"{key}={value!r} (must be {allowed})")
+    interval = OmegaConf.select(cfg, "trainer.val_check_interval")
+    if isinstance(interval, float) and OmegaConf.select(cfg, "trainer.check_val_every_n_epoch") is None:
+        problems.append(
+            f"trainer.val_check_interval={interval} (a fraction of an epoch needs "
+            "trainer.check_val_every_n_epoch=1; the default validates every N training steps)"
+        )
     image_size = OmegaConf.select(cfg, "data.image_size")
     downsamples = OmegaConf.select(cfg, "model.encoder.num_downsamples")
     ch_mult = OmegaConf.select(cfg, "model.encoder.ch_mult")
