@@ -327,6 +327,16 @@ def test_nonfinite_input_is_skipped_and_counted_with_policy_skip(poisoned_traini
     assert all(bool(torch.isfinite(v).all()) for v in model.values() if v.is_floating_point())
 
 
+def test_a_validation_with_every_batch_skipped_says_the_model_diverged(tmp_path: Path):
+    """A diverged model (lr 1e30) under nonfinite=skip: its first validation has no
+    finite batch, no loss to log and no best checkpoint to choose; it says so."""
+    overrides = ["optimizer.lr=1e30", "quantizer=fsq", "quantizer.codebook_size=256", "model.nonfinite=skip"]
+    with pytest.raises(
+        FloatingPointError, match=r"validation at step 2: no batch gave a loss, every one was non-finite"
+    ):
+        train(compose([*FAST, *SHAPES, *overrides], tmp_path))
+
+
 class NaNLoss(nn.Module):
     def forward(self, x_hat: torch.Tensor, x: torch.Tensor, *masks: torch.Tensor | None) -> torch.Tensor:
         return (x_hat - x).mean() * float("nan")

@@ -350,6 +350,12 @@ class DiscreteAutoencoder(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.log_usage("val")
+        if not self.latest_usage["val"]["counts"].any():  # (summed over ranks: every rank raises alike)
+            raise FloatingPointError(
+                f"validation at step {self.global_step}: no batch gave a loss, every one was non-finite "
+                "(skipped: model.nonfinite=skip; the model has diverged) or unreadable (data/skipped_items), "
+                "so nothing scores the model or chooses a best checkpoint"
+            )
 
     def on_test_epoch_end(self) -> None:
         self.log_usage("test")
