@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from vqtrain.config import StartupError
@@ -59,10 +60,16 @@ def run_script(main: Callable[[list[str]], None]) -> None:
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
-    """A StartupError as `error: <its message>` on stderr and exit status 1."""
+    """A StartupError, or a value a constructor refused (its message names the key),
+    as `error: <its message>` on stderr and exit status 1."""
     try:
         yield
     except StartupError as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         sys.exit(f"error: {error}")
+    except InstantiationException as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(error.__cause__, (ValueError, TypeError)):
+            raise
+        _, _, where = str(error).partition("full_key: ")  # where in the config the object lives
+        sys.exit(f"error: {error.__cause__}" + (f" (full_key: {where})" if where else ""))
