@@ -76,6 +76,7 @@ def test_invalid_model_settings_fail_at_start_naming_the_key(overrides: list[str
         ("model.scheduler.min_lr_ratio=-0.5", "model.scheduler.min_lr_ratio=-0.5 (must be a number in [0, 1])"),
         ("model.scheduler.warmup_steps=-1", "model.scheduler.warmup_steps=-1 (must be an integer >= 0)"),
         ("trainer.max_steps=0", "trainer.max_steps=0 (must be -1 (no limit) or an integer >= 1)"),
+        ("trainer.max_steps=2.5", "trainer.max_steps=2.5 (must be -1 (no limit) or an integer >= 1)"),
         ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1 (must be null or a finite number >= 0)"),
         ("trainer.val_check_interval=0", "trainer.val_check_interval=0 (must be an integer >= 1"),
         ("trainer.val_check_interval=0.5", "val_check_interval=0.5 (a fraction of an epoch needs trainer.check_val_"),

@@ -28,10 +28,13 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.discriminator_optimizer.lr": (lambda v: 0 < v < math.inf, "a finite number > 0"),
     "model.scheduler.warmup_steps": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
     "model.scheduler.min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "trainer.max_steps": (lambda v: v == -1 or v >= 1, "-1 (no limit) or an integer >= 1"),
-    "trainer.max_epochs": (lambda v: v is None or v == -1 or v >= 1, "null, -1 (no limit) or an integer >= 1"),
+    "trainer.max_steps": (lambda v: isinstance(v, int) and (v == -1 or v >= 1), "-1 (no limit) or an integer >= 1"),
+    "trainer.max_epochs": (
+        lambda v: v is None or isinstance(v, int) and (v == -1 or v >= 1),
+        "null, -1 (no limit) or an integer >= 1",
+    ),
     "trainer.gradient_clip_val": (lambda v: v is None or 0 <= v < math.inf, "null or a finite number >= 0"),
-    "trainer.log_every_n_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "trainer.log_every_n_steps": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "trainer.val_check_interval": (
         lambda v: v >= 1 if isinstance(v, int) else 0 < v <= 1,
         "an integer >= 1 (training steps) or a fraction in (0, 1] of an epoch",
