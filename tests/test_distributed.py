@@ -125,8 +125,11 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], list[
     def run(name: str) -> list[dict[str, Tensor]]:
         if name not in runs:
             out = tmp_path_factory.mktemp(name)
-            # fork: children reuse the imported torch (spawn would re-import for seconds)
-            mp.start_processes(worker, args=(2, free_port(), name, str(out)), nprocs=2, start_method="fork")
+            # fork: children reuse the imported torch (spawn would re-import for seconds); but
+            # not where they compile: a fork inherits the compiler's worker threads and pools
+            # as earlier tests left them, and once hung there (2026-12-05, the whole slow suite)
+            method = "spawn" if "+compiled" in name else "fork"
+            mp.start_processes(worker, args=(2, free_port(), name, str(out)), nprocs=2, start_method=method)
             runs[name] = [torch.load(out / f"rank{r}.pt") for r in range(2)]
         return runs[name]
 
