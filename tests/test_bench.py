@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -220,8 +221,6 @@ def test_quality_fsdd_masks(tmp_path):
 
 def gpu_check(tmp_path: Path, **env: str) -> tuple[str, str]:
     """scripts/gpu_check.sh run as a CPU dry run (its stdout, its summary.txt)."""
-    import os
-
     out = tmp_path / "gpu-check"
     proc = subprocess.run(
         ["bash", str(REPO / "scripts" / "gpu_check.sh")],
